@@ -1,0 +1,154 @@
+"""A stack of blocks trained with a synthetic gradient after every block, or with backprop."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .interface import DNI
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+MODES = ("dni", "backprop")
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class StepResult(NamedTuple):
+    loss: Tensor  #: the task loss (detached)
+    output: Tensor  #: the last block's output (detached)
+    sg_losses: tuple[Optional[Tensor], ...]  #: each interface's SG regression loss, bottom first
+
+
+class DecoupledSequential(nn.Module):
+    """``blocks[0] -> SG -> blocks[1] -> SG -> ... -> blocks[-1]``, each block with its own optimizer.
+
+    In ``mode="dni"``, :meth:`train_step` runs block ``i``, feeds it the synthetic gradient of
+    the SG model after it and steps its optimizer *before* block ``i + 1`` runs. Each SG model
+    is regressed onto the gradient that then comes back through the block above it: the true
+    gradient of the loss for the top SG, bootstrapped targets (the next SG's prediction pushed
+    back through its block) below. cDNI: SG models built with ``context_features`` and a
+    ``context`` (e.g. the labels) passed to :meth:`train_step`. ``mode="backprop"`` trains the
+    same blocks with ordinary backprop, for comparison; the SG models are then left alone.
+
+    Args:
+        blocks: any ``nn.Module`` s (Linear/BN/ReLU, conv blocks, ...), applied in order.
+        synthetic_gradients: one SG model per interface, i.e. after every block but the last
+            (whose output goes to the loss). ``None`` means plain backprop only.
+        optimizer: builds the optimizer of one block from its parameters (default Adam, lr 1e-3).
+        sg_optimizer: the same for each SG model (default: ``optimizer``).
+        mode: ``"dni"`` or ``"backprop"``.
+        sg_loss_weight: weight of the SG regression loss.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        synthetic_gradients: Optional[Sequence[nn.Module]] = None,
+        *,
+        optimizer: OptimizerFactory = default_optimizer,
+        sg_optimizer: Optional[OptimizerFactory] = None,
+        mode: str = "dni",
+        sg_loss_weight: float = 1.0,
+    ):
+        super().__init__()
+        blocks = list(blocks)
+        if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+            raise ValueError("blocks: expected a non-empty sequence of nn.Module")
+        self.blocks = nn.ModuleList(blocks)
+        if synthetic_gradients is not None:
+            synthetic_gradients = list(synthetic_gradients)
+            if len(synthetic_gradients) != len(blocks) - 1:
+                raise ValueError(
+                    f"synthetic_gradients: expected one SG model per block but the last "
+                    f"({len(blocks) - 1}), got {len(synthetic_gradients)}"
+                )
+            self.interfaces = nn.ModuleList(DNI(sg, loss_weight=sg_loss_weight) for sg in synthetic_gradients)
+        else:
+            self.interfaces = None
+        self.mode = mode
+        self.optimizers = [optimizer(b.parameters()) if _has_params(b) else None for b in self.blocks]
+        sg_optimizer = sg_optimizer or optimizer
+        self.sg_optimizers = [
+            sg_optimizer(i.parameters()) if _has_params(i) else None for i in (self.interfaces or ())
+        ]
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if mode == "dni" and self.interfaces is None:
+            raise ValueError("mode: 'dni' needs synthetic_gradients")
+        self._mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Plain composition of the blocks (inference, or a backprop forward)."""
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def train_step(
+        self,
+        x: Tensor,
+        target: Tensor,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        context: Optional[Tensor] = None,
+    ) -> StepResult:
+        """One training step on a batch; every optimizer steps once."""
+        self.train()
+        if self.mode == "backprop":
+            output = self(x)
+            loss = loss_fn(output, target)
+            loss.backward()
+            for opt in self.optimizers:
+                _step(opt)
+            return StepResult(loss.detach(), output.detach(), ())
+        for interface in self.interfaces:
+            interface.last_sg_loss = None
+        h = x
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            out = block(h)
+            if i < last:
+                # Backward of the SG into block i, and (through h) the bootstrapped target of SG i-1.
+                h = self.interfaces[i](out, context)
+            else:
+                loss = loss_fn(out, target)
+                loss.backward()  # the true gradient: block i's and the top SG's target
+            _step(self.optimizers[i])
+            if i > 0:
+                _step(self.sg_optimizers[i - 1])
+        sg_losses = tuple(i.last_sg_loss for i in self.interfaces)
+        return StepResult(loss.detach(), out.detach(), sg_losses)
+
+    def optimizer_state_dict(self) -> dict:
+        """The state of every block's and SG model's optimizer, for checkpoints."""
+        return {
+            "blocks": [None if o is None else o.state_dict() for o in self.optimizers],
+            "synthetic_gradients": [None if o is None else o.state_dict() for o in self.sg_optimizers],
+        }
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        for key, optimizers in (("blocks", self.optimizers), ("synthetic_gradients", self.sg_optimizers)):
+            saved = state.get(key)
+            if saved is None or len(saved) != len(optimizers):
+                raise ValueError(f"state: expected {len(optimizers)} optimizer states under {key!r}")
+            for opt, opt_state in zip(optimizers, saved):
+                if opt is not None:
+                    opt.load_state_dict(opt_state)
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _step(optimizer: Optional[torch.optim.Optimizer]) -> None:
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)

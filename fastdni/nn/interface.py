@@ -1,0 +1,78 @@
+"""The decoupled neural interface: cut a model's graph at an activation and feed the part
+below a synthetic gradient at once (update unlocking)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_positive
+
+
+class _RegressOnArrivingGradient(torch.autograd.Function):
+    """Identity on ``h`` (detached: the graph below ends here) whose backward turns the gradient
+    ``t`` that arrives for ``h`` into the SG regression gradient ``w * 2 (M - t) / B`` for the
+    prediction ``M``, so the same backward pass goes on into the SG model's parameters.
+
+    ``t`` is the true gradient when the loss is above, or the bootstrapped one when another
+    interface's synthetic gradient was pushed back through the block above.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, prediction: Tensor, loss_weight: float, interface: "DNI") -> Tensor:
+        ctx.save_for_backward(prediction)
+        ctx.loss_weight, ctx.interface = loss_weight, interface
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, target: Tensor):
+        (prediction,) = ctx.saved_tensors
+        error = prediction - target
+        batch = prediction.shape[0]
+        ctx.interface.last_sg_loss = ctx.loss_weight * (error * error).sum().detach() / batch
+        return None, error * (2.0 * ctx.loss_weight / batch), None, None
+
+
+class DNI(nn.Module):
+    """A decoupled neural interface that can be placed on any activation tensor of any model.
+
+    In training, ``out = dni(h, context)``:
+
+    1. predicts ``g = M(h, context)`` with the SG model ``M``;
+    2. backpropagates ``g`` into the part of the model below ``h`` at once: its parameters
+       have their ``.grad`` now and their optimizer may step (update unlocking);
+    3. returns ``out``, equal to ``h`` but with the graph below cut away. When a gradient ``t``
+       for ``out`` arrives later (``loss.backward()`` above it: the true gradient; or another
+       interface above pushing its synthetic gradient back: a bootstrapped one), ``M`` is
+       regressed onto it: the SG parameters receive the gradient of
+       ``loss_weight * mean_b ||M(h_b) - t_b||^2``, and :attr:`last_sg_loss` holds its value.
+
+    The SG parameters are not stepped here: give them to an optimizer of their own. In eval
+    mode, or with grad disabled, the interface is the identity.
+    """
+
+    def __init__(self, synthetic_gradient: nn.Module, *, loss_weight: float = 1.0):
+        super().__init__()
+        self.synthetic_gradient = synthetic_gradient
+        self.loss_weight = check_positive("loss_weight", float(loss_weight))
+        self.last_sg_loss: Optional[Tensor] = None
+
+    def forward(self, h: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return h
+        if not isinstance(h, Tensor):
+            raise TypeError(f"h: expected a torch.Tensor, got {type(h).__name__}")
+        prediction = self.synthetic_gradient(h.detach(), context) if context is not None else self.synthetic_gradient(h.detach())
+        if prediction.shape != h.shape:
+            raise ValueError(
+                f"synthetic_gradient: returned shape {tuple(prediction.shape)} for h of shape {tuple(h.shape)}"
+            )
+        if h.requires_grad:
+            h.backward(prediction.detach())
+        if not prediction.requires_grad:  # an SG without trainable parameters (e.g. an oracle)
+            return h.detach().requires_grad_()
+        return _RegressOnArrivingGradient.apply(h.detach(), prediction, self.loss_weight, self)
+
+    def extra_repr(self) -> str:
+        return f"loss_weight={self.loss_weight}"
