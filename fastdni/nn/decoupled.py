@@ -41,6 +41,8 @@ class DecoupledSequential(nn.Module):
         sg_optimizer: the same for each SG model (default: ``optimizer``).
         mode: ``"dni"`` or ``"backprop"``.
         sg_loss_weight: weight of the SG regression loss.
+        gradient_scale: the SG models predict ``gradient_scale * dL/dh`` (see :class:`DNI`);
+            the batch size suits a loss averaged over the batch.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class DecoupledSequential(nn.Module):
         sg_optimizer: Optional[OptimizerFactory] = None,
         mode: str = "dni",
         sg_loss_weight: float = 1.0,
+        gradient_scale: float = 1.0,
     ):
         super().__init__()
         blocks = list(blocks)
@@ -65,7 +68,9 @@ class DecoupledSequential(nn.Module):
                     f"synthetic_gradients: expected one SG model per block but the last "
                     f"({len(blocks) - 1}), got {len(synthetic_gradients)}"
                 )
-            self.interfaces = nn.ModuleList(DNI(sg, loss_weight=sg_loss_weight) for sg in synthetic_gradients)
+            self.interfaces = nn.ModuleList(
+                DNI(sg, loss_weight=sg_loss_weight, gradient_scale=gradient_scale) for sg in synthetic_gradients
+            )
         else:
             self.interfaces = None
         self.mode = mode

@@ -1,0 +1,5 @@
+"""Offline datasets: located beside the repository (``../shared/datasets``) or where the user says."""
+from .paths import DatasetError, default_data_root, resolve_dataset_dir
+from .mnist import MNIST, load_mnist
+
+__all__ = ["DatasetError", "default_data_root", "resolve_dataset_dir", "MNIST", "load_mnist"]

@@ -1,0 +1,1 @@
+"""Experiments reproducing the paper; each module is a CLI (``python -m fastdni.experiments.<name>``)."""

@@ -1,0 +1,71 @@
+"""The MNIST CLI end to end at a tiny budget, its models, and its argument errors."""
+import csv
+import json
+
+import pytest
+import torch
+
+from fastdni.experiments import mnist
+from fastdni.experiments.models import block_output_shapes, cnn_blocks, fcn_blocks, synthetic_gradients
+from fastdni.nn import ConvSyntheticGradient, SyntheticGradient
+
+
+def test_cli_runs_all_modes_and_writes_table_plot_logs(tmp_path, capsys):
+    rc = mnist.main(["--steps", "12", "--eval-every", "6", "--dni-sg-hidden", "64", "--out", str(tmp_path),
+                     "--no-progress", "--checkpoint-every", "6"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| backprop | 12 |" in out and "| dni | 12 |" in out and "| cdni | 12 |" in out
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["mode"] for r in rows] == ["backprop", "dni", "cdni"]
+    assert all(0 <= r["test_error"] <= 100 and len(r["curve"]) == 2 for r in rows)
+    assert (tmp_path / "test_error.png").stat().st_size > 1000
+    with open(tmp_path / "cdni.csv") as f:
+        log = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in log] == [6, 12] and float(log[-1]["sg_loss"]) >= 0
+    assert torch.load(tmp_path / "dni.pt", weights_only=True)["step"] == 12
+
+
+def test_cli_resume_continues_a_run(tmp_path, capsys):
+    args = ["--modes", "cdni", "--steps", "8", "--eval-every", "4", "--out", str(tmp_path), "--no-progress",
+            "--checkpoint-every", "4"]
+    assert mnist.main(args) == 0
+    first = json.loads((tmp_path / "results.json").read_text())[0]
+    assert mnist.main(args + ["--resume"]) == 0  # finished run: nothing left to do, same result
+    assert json.loads((tmp_path / "results.json").read_text())[0]["curve"] == first["curve"]
+    assert mnist.main(args[:3] + ["16"] + args[4:] + ["--resume"]) == 2  # another config: refused
+    assert "different run" in capsys.readouterr().err
+
+
+def test_cli_reports_missing_data(tmp_path, capsys):
+    assert mnist.main(["--data", str(tmp_path), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "missing dataset file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "sgd"], "--modes"),
+    (["--steps", "0"], "--steps"),
+    (["--dni-sg-hidden", "10,x"], "comma-separated"),
+])
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        mnist.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_paper_models_and_their_sg_models():
+    fcn = fcn_blocks(hidden_layers=4)
+    assert len(fcn) == 5 and block_output_shapes(fcn, (784,)) == [(256,)] * 4 + [(10,)]
+    sgs = synthetic_gradients(fcn, (784,), (1024, 1024), context_features=10)
+    assert len(sgs) == 4 and all(isinstance(s, SyntheticGradient) and s.hidden == (1024, 1024) for s in sgs)
+    cnn = cnn_blocks((8, 16))
+    assert block_output_shapes(cnn, (1, 28, 28)) == [(8, 14, 14), (16, 7, 7), (10,)]
+    conv_sgs = synthetic_gradients(cnn, (1, 28, 28), (4,))
+    assert [type(s) for s in conv_sgs] == [ConvSyntheticGradient] * 2
+
+
+def test_cnn_dni_runs_through_the_cli(tmp_path):
+    rc = mnist.main(["--model", "cnn", "--cnn-channels", "4,8", "--dni-sg-hidden", "4", "--modes", "dni", "cdni",
+                     "--steps", "3", "--eval-every", "3", "--batch-size", "32", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 2
