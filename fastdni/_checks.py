@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int32, torch.int64)
 
 
 def check_tensor(
@@ -38,8 +39,8 @@ def check_tensor(
     if shape is not None:
         for got, want in zip(value.shape, shape):
             if want is not None and got != want:
-                shown = tuple("*" if s is None else s for s in shape)
-                raise ValueError(f"{name}: expected shape {shown}, got {tuple(value.shape)}")
+                shown = ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "")
+                raise ValueError(f"{name}: expected shape ({shown}), got {tuple(value.shape)}")
     if like is not None:
         if value.device != like.device:
             raise ValueError(f"{name}: expected device {like.device}, got {value.device}")
@@ -55,9 +56,10 @@ def check_context(context: object, *, batch: int, features: int, like: Tensor) -
     if context.device != like.device:
         raise ValueError(f"context: expected device {like.device}, got {context.device}")
     if not context.dtype.is_floating_point:
-        if context.dtype == torch.bool or context.dim() != 1 or context.shape[0] != batch:
+        # Labels index a row gather, which takes int32/int64 only (a uint8 index would act as a mask).
+        if context.dtype not in LABEL_DTYPES or context.dim() != 1 or context.shape[0] != batch:
             raise ValueError(
-                f"context: integer labels must have shape ({batch},), got {tuple(context.shape)} "
+                f"context: integer labels must be int32/int64 of shape ({batch},), got {tuple(context.shape)} "
                 f"of dtype {context.dtype}"
             )
         if context.numel() and (int(context.min()) < 0 or int(context.max()) >= features):

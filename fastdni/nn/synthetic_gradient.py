@@ -63,7 +63,7 @@ class SyntheticGradient(nn.Module):
         )
 
     def forward(self, h: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        check_tensor("h", h)
+        check_tensor("h", h, like=self.layers[0].weight)
         if h.dim() < 2 or math.prod(h.shape[1:]) != self.features:
             raise ValueError(f"h: expected shape [B, *features] with {self.features} features, got {tuple(h.shape)}")
         return sg_predict(h.reshape(h.shape[0], -1), self.reference_params(), context).view_as(h)
@@ -101,7 +101,7 @@ class ConvSyntheticGradient(nn.Module):
             nn.init.uniform_(self.context_weight, -context_features ** -0.5, context_features ** -0.5)
 
     def forward(self, h: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        check_tensor("h", h, ndim=4)
+        check_tensor("h", h, ndim=4, like=self.convs[0].weight)
         if h.shape[1] != self.channels:
             raise ValueError(f"h: expected {self.channels} channels, got shape {tuple(h.shape)}")
         check_context_presence(context, self.context_weight is not None)
