@@ -28,7 +28,10 @@ from .report import plot_curves, results_table
 MODES = ("backprop", "dni", "cdni")
 MODE_ALIASES = {"bp": "backprop"}
 PAPER = dict(lr=3e-5, sg_lr=3e-5, steps=500_000, eval_every=5_000, lr_schedule="constant")
-DEMO = dict(lr=1e-3, sg_lr=1e-3, steps=4680, eval_every=234, lr_schedule="cosine")
+DEMO = dict(steps=4680, eval_every=234, lr_schedule="cosine")
+# Adam learning rates of the demo, per mode, from a sweep at 5 epochs (docs/mnist.md). DNI's blocks need
+# a 10x smaller rate: without the label its synthetic gradients are noisy, and Adam turns noise into full steps.
+DEMO_LR = {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3), "cdni": dict(lr=1e-3, sg_lr=1e-3)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +135,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cdni-sg-hidden", type=_sizes, default=(), help="hidden sizes of the cDNI SG model (default: linear)")
     p.add_argument("--steps", type=int, default=None, help="training steps per mode (default 4680 = 20 epochs)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of the blocks (default 1e-3)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate of the blocks, all modes (default 1e-3; dni 1e-4)")
     p.add_argument("--sg-lr", type=float, default=None, help="Adam learning rate of the SG models (default 1e-3)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                    help="learning-rate schedule of every optimizer (default cosine decay to 0; --paper: constant)")
@@ -177,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             mode=mode, model=args.model, hidden_layers=args.hidden_layers, width=args.width,
             cnn_channels=tuple(args.cnn_channels),
             sg_hidden=tuple(args.cdni_sg_hidden if mode == "cdni" else args.dni_sg_hidden if mode == "dni" else ()),
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, sg_lr=args.sg_lr,
+            steps=args.steps, batch_size=args.batch_size,
+            lr=args.lr or DEMO_LR[mode]["lr"], sg_lr=args.sg_lr or DEMO_LR[mode]["sg_lr"],
             lr_schedule=args.lr_schedule, seed=args.seed,
         )
         try:
