@@ -10,18 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdni.nn import ConvSyntheticGradient, DecoupledSequential, StepResult, SyntheticGradient
+from helpers import randomise_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 CLASSES = 3
 
-
-def randomise_(module: nn.Module, scale: float = 0.3) -> nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, scale)
-    return module
 
 
 def mlp_blocks() -> list[nn.Module]:

@@ -7,17 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdni.nn import DNI, ConvSyntheticGradient, SyntheticGradient
+from helpers import randomise_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 
-
-def randomise_(module: nn.Module, scale: float = 0.3) -> nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, scale)
-    return module
 
 
 def make_case(kind: str, context: bool):

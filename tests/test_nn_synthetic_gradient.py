@@ -8,18 +8,12 @@ from torch import nn
 
 from fastdni.nn import ConvSyntheticGradient, SyntheticGradient
 from fastdni.reference import SGParams, sg_predict
+from helpers import randomise_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 
-
-def randomise_(module: nn.Module, scale: float = 0.3) -> nn.Module:
-    """Every parameter random (a fresh SG predicts zero, which would hide most mistakes)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, scale)
-    return module
 
 
 # ---------------------------------------------------------------------------- SyntheticGradient

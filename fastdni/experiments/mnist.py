@@ -49,6 +49,7 @@ class RunConfig:
     lr: float = 1e-3
     sg_lr: float = 1e-3
     lr_schedule: str = "cosine"
+    gradient_scale: Optional[float] = None  #: SG models predict this times dL/dh; None: the batch size
     seed: int = 0
 
 
@@ -68,7 +69,8 @@ def build_model(config: RunConfig) -> DecoupledSequential:
         optimizer=partial(torch.optim.Adam, lr=config.lr),
         sg_optimizer=partial(torch.optim.Adam, lr=config.sg_lr),
         mode="backprop" if config.mode == "backprop" else "dni",
-        gradient_scale=config.batch_size,  # the loss is a batch mean: SG models predict per-example gradients
+        # The loss is a batch mean: by default SG models predict per-example gradients.
+        gradient_scale=config.gradient_scale or config.batch_size,
     )
 
 
@@ -140,6 +142,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sg-lr", type=float, default=None, help="Adam learning rate of the SG models (default 1e-3)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                    help="learning-rate schedule of every optimizer (default cosine decay to 0; --paper: constant)")
+    p.add_argument("--gradient-scale", type=float, default=None,
+                   help="SG models predict this times dL/dh (default: the batch size, i.e. per-example gradients)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default 234 = 1 epoch)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's schedule: Adam lr 3e-5 for blocks and SGs, 500k steps (explicit flags still win)")
@@ -183,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sg_hidden=tuple(args.cdni_sg_hidden if mode == "cdni" else args.dni_sg_hidden if mode == "dni" else ()),
             steps=args.steps, batch_size=args.batch_size,
             lr=args.lr or DEMO_LR[mode]["lr"], sg_lr=args.sg_lr or DEMO_LR[mode]["sg_lr"],
-            lr_schedule=args.lr_schedule, seed=args.seed,
+            lr_schedule=args.lr_schedule, gradient_scale=args.gradient_scale, seed=args.seed,
         )
         try:
             rows.append(run(config, data, args.out, eval_every=args.eval_every,

@@ -23,6 +23,7 @@ def plot_curves(rows: Sequence[dict], path: Path, *, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in rows:
@@ -30,6 +31,8 @@ def plot_curves(rows: Sequence[dict], path: Path, *, title: str) -> None:
             steps, errors = zip(*r["curve"])
             ax.plot(steps, errors, label=r["mode"])
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("training step")
     ax.set_ylabel("test error (%)")
     ax.set_title(title)

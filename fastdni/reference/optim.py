@@ -1,5 +1,6 @@
 """Optimizer update rules, written to match ``torch.optim.SGD`` and ``torch.optim.Adam``/``AdamW``
-(single-tensor path, ``maximize=False``) operation for operation, so fp64 results agree to the last bits.
+(single-tensor path, ``maximize=False``) formula for formula; in fp64 they agree to rounding (the tests
+hold them to ``rtol=1e-14``: torch fuses some products, e.g. ``addcmul``).
 
 The functions are pure: they return new tensors and never modify their arguments. The fused
 backends apply the same formulae in place, in fp32 (or fp64) master precision.
