@@ -39,16 +39,16 @@ class RunConfig:
     """Everything that defines one run; a checkpoint only resumes a run with the same config."""
 
     mode: str
+    steps: int
+    lr: float  #: Adam learning rate of the blocks
+    sg_lr: float  #: Adam learning rate of the SG models
+    lr_schedule: str
     model: str = "fcn"
     hidden_layers: int = 3
     width: int = 256
     cnn_channels: tuple[int, ...] = (32, 64)
     sg_hidden: tuple[int, ...] = ()
-    steps: int = 4680
     batch_size: int = 256
-    lr: float = 1e-3
-    sg_lr: float = 1e-3
-    lr_schedule: str = "cosine"
     gradient_scale: Optional[float] = None  #: SG models predict this times dL/dh; None: the batch size
     seed: int = 0
 

@@ -72,7 +72,9 @@ class DNI(nn.Module):
             return h
         if not isinstance(h, Tensor):
             raise TypeError(f"h: expected a torch.Tensor, got {type(h).__name__}")
-        prediction = self.synthetic_gradient(h.detach(), context) if context is not None else self.synthetic_gradient(h.detach())
+        # An SG model without context may be any module taking h alone (e.g. an oracle in tests).
+        args = (h.detach(),) if context is None else (h.detach(), context)
+        prediction = self.synthetic_gradient(*args)
         if prediction.shape != h.shape:
             raise ValueError(
                 f"synthetic_gradient: returned shape {tuple(prediction.shape)} for h of shape {tuple(h.shape)}"

@@ -97,7 +97,9 @@ def context_term(context: Tensor, context_weight: Tensor) -> Tensor:
     """``ctx(c)``: ``c U^T`` for features, the column gather ``U[:, y]^T`` for labels."""
     if context.dtype.is_floating_point:
         return context @ context_weight.T
-    return context_weight.T[context]
+    # index_select, not context_weight.T[context]: the backward of advanced indexing accumulates with
+    # atomics on CPU, which made cDNI runs differ in the last bits from one run to the next.
+    return context_weight.index_select(1, context).T
 
 
 def _forward(h: Tensor, params: SGParams, context: Optional[Tensor]) -> list[Tensor]:
