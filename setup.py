@@ -3,6 +3,9 @@
 Extension layout (filled in by the fused-ops issues; nothing to change here when they land):
   csrc/cpu/*.cpp   always compiled into ``fastdni._C`` (needs torch at build time)
   csrc/cuda/*.cu   added when torch.version.cuda is set and nvcc is found
+The sources register ops with TORCH_LIBRARY; since fastdni._C is a Python extension module, one of them
+must also define PyInit__C (as pytorch/extension-cpp does) so that `import fastdni._C` loads it.
+Checked with a probe op (not committed): CPU + CUDA build, sm_80 and sm_90 cubins, cuBLASLt linked.
 
 Switches (environment):
   FASTDNI_BUILD_EXT=0     build the pure-Python package only
@@ -44,7 +47,7 @@ def extensions():
     from torch.utils import cpp_extension
 
     include_dirs = [os.path.join(ROOT, "csrc")]
-    extra = {"cxx": ["-O3", "-std=c++17"]}
+    extra = {"cxx": ["-O3"]}  # the -std flag is torch's to choose (2.14 needs C++20)
     cuda_sources = _sources("csrc/cuda/*.cu") if _cuda_wanted() else []
     if cuda_sources:
         nvidia = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13")
@@ -57,7 +60,13 @@ def extensions():
             include_dirs=include_dirs,
             extra_compile_args=extra,
             library_dirs=[os.path.join(nvidia, "lib")],
-            extra_link_args=["-l:libcublasLt.so.13", "-Wl,-rpath," + os.path.join(nvidia, "lib")],
+            # No unversioned libcublasLt.so ships in the wheel. rpath: the nvidia wheel beside an installed
+            # fastdni ($ORIGIN/..), then the one this build used (editable installs).
+            extra_link_args=[
+                "-l:libcublasLt.so.13",
+                "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib",
+                "-Wl,-rpath," + os.path.join(nvidia, "lib"),
+            ],
         )
     else:
         ext = cpp_extension.CppExtension("fastdni._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=extra)
