@@ -18,7 +18,6 @@ F64 = torch.float64
 CLASSES = 3
 
 
-
 def mlp_blocks() -> list[nn.Module]:
     return [
         nn.Sequential(nn.Linear(6, 10), nn.Tanh()).double(),

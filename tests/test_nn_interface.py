@@ -14,7 +14,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64
 
 
-
 def make_case(kind: str, context: bool):
     """(block below, SG model, input, context, head above) in fp64."""
     classes = 3

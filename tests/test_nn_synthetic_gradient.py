@@ -15,7 +15,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64
 
 
-
 # ---------------------------------------------------------------------------- SyntheticGradient
 
 
