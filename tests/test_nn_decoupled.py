@@ -192,7 +192,7 @@ def manual_dni_step(blocks, sgs, x, y, context, lr, sg_loss_weight, scale):
     with torch.no_grad():
         expected_blocks = [p - lr * g for block, gs in zip(blocks, block_grads) for p, g in zip(block.parameters(), gs)]
         expected_sgs = [p - lr * g for sg, (_, gs) in zip(sgs, sg_results) for p, g in zip(sg.parameters(), gs)]
-    return loss.detach(), expected_blocks, expected_sgs, [l for l, _ in sg_results], targets
+    return loss.detach(), expected_blocks, expected_sgs, [loss for loss, _ in sg_results], targets
 
 
 @pytest.mark.parametrize("gradient_scale", [1.0, 16.0])
@@ -249,11 +249,11 @@ def test_cdni_trains_with_label_context():
     x = torch.randn(256, 6)
     y = (x @ proj).argmax(1)
     losses = []
-    for step in range(150):
+    for _ in range(150):
         idx = torch.randint(0, 256, (32,))
         result = model.train_step(x[idx], y[idx], F.cross_entropy, context=y[idx])
         losses.append(result.loss.item())
-        assert all(torch.isfinite(l) for l in result.sg_losses)
+        assert all(torch.isfinite(loss) for loss in result.sg_losses)
     assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
     for sg, before in zip(sgs, context_before):
         assert not torch.equal(sg.context_weight.detach(), before)  # the label context is learned
@@ -277,7 +277,7 @@ def test_conv_blocks_with_conv_sgs_reduce_the_loss():
     lower_before = params_of(blocks[:2])
     model = DecoupledSequential(blocks, sgs, optimizer=functools.partial(torch.optim.Adam, lr=3e-3))
     losses = []
-    for step in range(60):
+    for _ in range(60):
         idx = torch.randint(0, n, (32,))
         losses.append(model.train_step(x[idx], y[idx], F.cross_entropy, context=y[idx]).loss.item())
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
@@ -344,7 +344,7 @@ def test_step_result_and_zero_initialised_sgs():
     result = model.train_step(x, y, F.cross_entropy)
     assert result.output.shape == (16, CLASSES)
     assert not result.loss.requires_grad and not result.output.requires_grad
-    assert all(l.dim() == 0 and not l.requires_grad for l in result.sg_losses)
+    assert all(loss.dim() == 0 and not loss.requires_grad for loss in result.sg_losses)
     assert result.sg_losses[1] > 0  # the top SG predicted 0 for a non-zero true gradient
     # Zero-initialised SGs predict 0, so on the first step (Adam) the lower blocks do not move.
     after = [params_of([b]) for b in blocks]

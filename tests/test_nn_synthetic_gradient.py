@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastdni.nn import ConvSyntheticGradient, SyntheticGradient
 from fastdni.reference import SGParams, sg_predict

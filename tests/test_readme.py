@@ -17,4 +17,4 @@ def test_readme_api_example_runs():
     exec(compile(code, str(README), "exec"), namespace)
     losses = [float(loss) for loss, _ in printed]
     assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
-    assert all(len(sg) == 2 and all(float(l) > 0 for l in sg) for _, sg in printed[1:])
+    assert all(len(sg) == 2 and all(float(loss) > 0 for loss in sg) for _, sg in printed[1:])

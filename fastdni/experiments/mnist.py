@@ -114,7 +114,9 @@ def _sizes(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 1024,1024 or 'linear', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints such as 1024,1024 or 'linear', got {text!r}"
+        ) from None
 
 
 def _mode(text: str) -> str:

@@ -117,7 +117,7 @@ def train(
         train_seconds += time.perf_counter() - began
         done = step + 1
         if done % eval_every == 0 or done == steps:
-            sg = [float(l) for l in result.sg_losses if l is not None]
+            sg = [float(loss) for loss in result.sg_losses if loss is not None]
             history.append({
                 "step": done,
                 "train_loss": float(result.loss),
