@@ -1,6 +1,10 @@
 """Offline datasets: located beside the repository (``../shared/datasets``) or where the user says."""
-from .paths import DatasetError, default_data_root, resolve_dataset_dir
 from .mnist import MNIST, load_mnist
+from .paths import DatasetError, default_data_root, resolve_dataset_dir
 from .ptb import PTBChars, bits_per_character, load_ptb_chars
 
-__all__ = ["DatasetError", "default_data_root", "resolve_dataset_dir", "MNIST", "load_mnist", "PTBChars", "load_ptb_chars", "bits_per_character"]
+__all__ = [
+    "DatasetError", "default_data_root", "resolve_dataset_dir",
+    "MNIST", "load_mnist",
+    "PTBChars", "load_ptb_chars", "bits_per_character",
+]
