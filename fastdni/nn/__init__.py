@@ -1,6 +1,10 @@
-"""What a PyTorch user drops in: SG models, the DNI interface, and a decoupled container."""
+"""What a PyTorch user drops in: SG models, the DNI interface, a decoupled container, recurrent boundaries."""
 from .decoupled import DecoupledSequential, StepResult
 from .interface import DNI
+from .recurrent import TruncationDNI, flatten_state, unflatten_state
 from .synthetic_gradient import ConvSyntheticGradient, SyntheticGradient
 
-__all__ = ["SyntheticGradient", "ConvSyntheticGradient", "DNI", "DecoupledSequential", "StepResult"]
+__all__ = [
+    "SyntheticGradient", "ConvSyntheticGradient", "DNI", "DecoupledSequential", "StepResult",
+    "TruncationDNI", "flatten_state", "unflatten_state",
+]

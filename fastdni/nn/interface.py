@@ -17,11 +17,13 @@ class _RegressOnArrivingGradient(torch.autograd.Function):
     model's parameters.
 
     ``t`` is the true gradient when the loss is above, or the bootstrapped one when another
-    interface's synthetic gradient was pushed back through the block above.
+    interface's synthetic gradient was pushed back through the block above. ``interface`` is the
+    :class:`DNI` or :class:`~fastdni.nn.TruncationDNI` that owns ``M``: its ``gradient_scale`` and
+    ``loss_weight`` are read, and its ``last_sg_loss`` is set.
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, prediction: Tensor, interface: "DNI") -> Tensor:
+    def forward(ctx, h: Tensor, prediction: Tensor, interface: nn.Module) -> Tensor:
         ctx.save_for_backward(prediction)
         ctx.interface = interface
         return h.view_as(h)
