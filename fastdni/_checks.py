@@ -71,6 +71,13 @@ def check_context(context: object, *, batch: int, features: int, like: Tensor) -
     return check_tensor("context", context, shape=(batch, features), like=like)
 
 
+def check_int(name: str, value: object, minimum: int) -> int:
+    """An int (not a bool) of at least ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
     if not (value > 0 or (allow_zero and value == 0)):
         bound = ">= 0" if allow_zero else "> 0"

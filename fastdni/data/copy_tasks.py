@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_int
+
 
 class SequenceBatch(NamedTuple):
     inputs: Tensor  #: float ``[T, B, input_channels]``
@@ -33,17 +35,11 @@ class SequenceBatch(NamedTuple):
     mask: Tensor  #: bool ``[T, B]``, True where the step is scored
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    return value
-
-
 class CopyTask:
     """Batches of the copy task from a seeded generator; :meth:`state_dict` makes a run resumable."""
 
     def __init__(self, bits: int = 8, seed: int = 0):
-        self.bits = _check_positive_int("bits", bits)
+        self.bits = check_int("bits", bits, 1)
         self.generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -58,15 +54,26 @@ class CopyTask:
         return torch.randint(0, 2, (length, batch_size, self.bits), generator=self.generator).float()
 
     def batch(self, batch_size: int, length: int) -> SequenceBatch:
-        _check_positive_int("batch_size", batch_size)
-        n = _check_positive_int("length", length)
+        return self._layout(batch_size, length, repeats=1)
+
+    def _layout(self, batch_size: int, length: int, repeats: int) -> SequenceBatch:
+        """Pattern, delimiter, then the pattern ``repeats`` times as the target. The channels past
+        ``bits`` beyond the delimiter (repeat count in, end marker out) exist only when the subclass
+        declares them."""
+        check_int("batch_size", batch_size, 1)
+        n = check_int("length", length, 1)
         x = self._patterns(n, batch_size)
-        inputs = torch.zeros(2 * n + 1, batch_size, self.input_channels)
+        end_marker = self.output_channels > self.bits
+        steps = n + 1 + n * repeats + int(end_marker)
+        inputs = torch.zeros(steps, batch_size, self.input_channels)
         inputs[:n, :, : self.bits] = x
         inputs[n, :, self.bits] = 1.0
-        targets = torch.zeros(2 * n + 1, batch_size, self.output_channels)
-        targets[n + 1 :] = x
-        mask = torch.zeros(2 * n + 1, batch_size, dtype=torch.bool)
+        targets = torch.zeros(steps, batch_size, self.output_channels)
+        targets[n + 1 : n + 1 + n * repeats, :, : self.bits] = x.repeat(repeats, 1, 1)
+        if end_marker:
+            inputs[n, :, self.bits + 1] = repeats / self.max_repeats
+            targets[steps - 1, :, self.bits] = 1.0
+        mask = torch.zeros(steps, batch_size, dtype=torch.bool)
         mask[n + 1 :] = True
         return SequenceBatch(inputs, targets, mask)
 
@@ -82,7 +89,7 @@ class RepeatCopyTask(CopyTask):
 
     def __init__(self, bits: int = 8, max_repeats: int = 4, seed: int = 0):
         super().__init__(bits, seed)
-        self.max_repeats = _check_positive_int("max_repeats", max_repeats)
+        self.max_repeats = check_int("max_repeats", max_repeats, 1)
 
     @property
     def input_channels(self) -> int:
@@ -93,24 +100,13 @@ class RepeatCopyTask(CopyTask):
         return self.bits + 1
 
     def batch(self, batch_size: int, length: int, repeats: Optional[int] = None) -> SequenceBatch:
-        _check_positive_int("batch_size", batch_size)
-        n = _check_positive_int("length", length)
+        check_int("batch_size", batch_size, 1)  # before R is drawn: bad input leaves the generator as it was
+        check_int("length", length, 1)
         if repeats is None:
             repeats = int(torch.randint(1, self.max_repeats + 1, (1,), generator=self.generator))
         elif not (isinstance(repeats, int) and 1 <= repeats <= self.max_repeats):
             raise ValueError(f"repeats: expected an int in 1..{self.max_repeats}, got {repeats!r}")
-        x = self._patterns(n, batch_size)
-        steps = n + 1 + n * repeats + 1
-        inputs = torch.zeros(steps, batch_size, self.input_channels)
-        inputs[:n, :, : self.bits] = x
-        inputs[n, :, self.bits] = 1.0
-        inputs[n, :, self.bits + 1] = repeats / self.max_repeats
-        targets = torch.zeros(steps, batch_size, self.output_channels)
-        targets[n + 1 : steps - 1, :, : self.bits] = x.repeat(repeats, 1, 1)
-        targets[steps - 1, :, self.bits] = 1.0
-        mask = torch.zeros(steps, batch_size, dtype=torch.bool)
-        mask[n + 1 :] = True
-        return SequenceBatch(inputs, targets, mask)
+        return self._layout(batch_size, length, repeats)
 
 
 def bits_per_step(logits: Tensor, batch: SequenceBatch) -> Tensor:
@@ -127,8 +123,8 @@ class Curriculum:
     experiments report."""
 
     def __init__(self, start_length: int = 1, threshold: float = 0.15, window: int = 10):
-        self.length = _check_positive_int("start_length", start_length)
-        self.window = _check_positive_int("window", window)
+        self.length = check_int("start_length", start_length, 1)
+        self.window = check_int("window", window, 1)
         if not threshold > 0:
             raise ValueError(f"threshold: expected bits per step > 0, got {threshold!r}")
         self.threshold = threshold

@@ -6,7 +6,7 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .interface import DNI
+from .interface import DNI, has_trainable_params
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 MODES = ("dni", "backprop")
@@ -74,10 +74,10 @@ class DecoupledSequential(nn.Module):
         else:
             self.interfaces = None
         self.mode = mode
-        self.optimizers = [optimizer(b.parameters()) if _has_params(b) else None for b in self.blocks]
+        self.optimizers = [optimizer(b.parameters()) if has_trainable_params(b) else None for b in self.blocks]
         sg_optimizer = sg_optimizer or optimizer
         self.sg_optimizers = [
-            sg_optimizer(i.parameters()) if _has_params(i) else None for i in (self.interfaces or ())
+            sg_optimizer(i.parameters()) if has_trainable_params(i) else None for i in (self.interfaces or ())
         ]
 
     @property
@@ -147,10 +147,6 @@ class DecoupledSequential(nn.Module):
             for opt, opt_state in zip(optimizers, saved):
                 if opt is not None:
                     opt.load_state_dict(opt_state)
-
-
-def _has_params(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
 
 
 def _step(optimizer: Optional[torch.optim.Optimizer]) -> None:

@@ -10,6 +10,10 @@ from torch import Tensor, nn
 from .._checks import check_positive
 
 
+def has_trainable_params(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
 class _RegressOnArrivingGradient(torch.autograd.Function):
     """Identity on ``h`` (detached: the graph below ends here) whose backward turns the gradient
     ``t`` that arrives for ``h`` into the SG regression gradient ``w * 2 (M - s t) / B`` for the

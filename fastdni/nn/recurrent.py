@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_positive
-from .interface import _RegressOnArrivingGradient
+from .interface import _RegressOnArrivingGradient, has_trainable_params
 
 State = Union[Tensor, tuple[Tensor, ...]]
 
@@ -90,7 +90,7 @@ class TruncationDNI(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return state
         flat = flatten_state(state, self.batch_dim).detach()
-        if any(p.requires_grad for p in self.synthetic_gradient.parameters()):
+        if has_trainable_params(self.synthetic_gradient):
             flat = _RegressOnArrivingGradient.apply(flat, self._predict(flat), self)
         else:  # nothing to train (e.g. an oracle SG): just cut the graph
             flat = flat.requires_grad_()

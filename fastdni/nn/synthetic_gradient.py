@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_context, check_context_presence, check_tensor
+from .._checks import check_context, check_context_presence, check_int, check_tensor
 from ..reference import SGParams, context_term, sg_predict
 
 
@@ -34,8 +34,7 @@ class SyntheticGradient(nn.Module):
         super().__init__()
         (features,) = _check_sizes("features", (features,))
         hidden = _check_sizes("hidden", hidden)
-        if not isinstance(context_features, int) or context_features < 0:
-            raise ValueError(f"context_features: expected an int >= 0, got {context_features!r}")
+        check_int("context_features", context_features, 0)
         self.features, self.hidden, self.context_features = features, hidden, context_features
         sizes = (features, *hidden, features)
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
@@ -87,8 +86,7 @@ class ConvSyntheticGradient(nn.Module):
         hidden_channels = _check_sizes("hidden_channels", hidden_channels)
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd int >= 1 (keeps the spatial size), got {kernel_size!r}")
-        if not isinstance(context_features, int) or context_features < 0:
-            raise ValueError(f"context_features: expected an int >= 0, got {context_features!r}")
+        check_int("context_features", context_features, 0)
         self.channels, self.context_features = channels, context_features
         sizes = (channels, *hidden_channels, channels)
         self.convs = nn.ModuleList(
