@@ -3,16 +3,17 @@
 Everything here is functional (no module state, no in-place updates), works in fp32 and
 fp64, and states its formula in the docstring. Start with :func:`dni_layer_step`.
 """
-from .activations import ACTIVATIONS, activate, activation_derivative
-from .layer import LayerGrads, layer_backward, layer_forward
+from .activations import ACTIVATIONS, NEEDS_PRE, activate, activation_derivative, activation_derivative_from_output
+from .layer import LayerGrads, layer_backward, layer_forward, layer_grads_from_delta
 from .optim import AdamState, SGDState, adam_update, sgd_momentum_update
 from .step import DNILayerStep, dni_layer_step
-from .synthetic import SGParams, SGRegression, context_term, init_sg_params, sg_predict, sg_regression
+from .synthetic import SGParams, SGRegression, context_term, init_sg_params, sg_backward, sg_forward, sg_predict, sg_regression
 
 __all__ = [
-    "ACTIVATIONS", "activate", "activation_derivative",
-    "LayerGrads", "layer_forward", "layer_backward",
-    "SGParams", "SGRegression", "init_sg_params", "sg_predict", "sg_regression", "context_term",
+    "ACTIVATIONS", "NEEDS_PRE", "activate", "activation_derivative", "activation_derivative_from_output",
+    "LayerGrads", "layer_forward", "layer_backward", "layer_grads_from_delta",
+    "SGParams", "SGRegression", "init_sg_params", "sg_forward", "sg_backward", "sg_predict", "sg_regression",
+    "context_term",
     "SGDState", "AdamState", "sgd_momentum_update", "adam_update",
     "DNILayerStep", "dni_layer_step",
 ]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 ACTIVATIONS = ("identity", "relu", "tanh", "gelu")
+NEEDS_PRE = ("gelu",)  #: activations whose derivative cannot be formed from the output alone
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -56,3 +57,16 @@ def activation_derivative(pre: Tensor, activation: str) -> Tensor:
     cdf = 0.5 * (1.0 + torch.erf(pre * _INV_SQRT2))
     pdf = torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
     return cdf + pre * pdf
+
+
+def activation_derivative_from_output(h: Tensor, pre: Tensor, activation: str) -> Tensor:
+    """``act'(pre)`` from what a fused forward keeps: the output ``h`` alone for identity, relu
+    (``1[h > 0]``) and tanh (``1 - h^2``); gelu needs ``pre`` (:data:`NEEDS_PRE`)."""
+    check_activation(activation)
+    if activation in NEEDS_PRE:
+        return activation_derivative(pre, activation)
+    if activation == "identity":
+        return torch.ones_like(h)
+    if activation == "relu":
+        return (h > 0).to(h.dtype)
+    return 1.0 - h * h

@@ -63,5 +63,10 @@ def layer_backward(
     check_tensor("pre", pre, shape=(x.shape[0], weight.shape[0]), like=x)
     check_tensor("grad_h", grad_h, shape=tuple(pre.shape), like=x)
     delta = grad_h * activation_derivative(pre, activation)
+    return layer_grads_from_delta(x, weight, delta, need_input_grad=need_input_grad)
+
+
+def layer_grads_from_delta(x: Tensor, weight: Tensor, delta: Tensor, *, need_input_grad: bool = True) -> LayerGrads:
+    """``dW = delta^T x``, ``db = sum_b delta_b``, ``dx = delta W`` for ``delta = dL/dpre``."""
     grad_input = delta @ weight if need_input_grad else None
     return LayerGrads(weight=delta.T @ x, bias=delta.sum(0), input=grad_input)

@@ -102,8 +102,10 @@ def context_term(context: Tensor, context_weight: Tensor) -> Tensor:
     return context_weight.index_select(1, context).T
 
 
-def _forward(h: Tensor, params: SGParams, context: Optional[Tensor]) -> list[Tensor]:
-    """All layer inputs ``z_0 .. z_{L-1}`` followed by the output ``a_L``."""
+def sg_forward(h: Tensor, params: SGParams, context: Optional[Tensor] = None) -> list[Tensor]:
+    """Every layer input ``z_0 = h, z_1 .. z_{L-1}`` followed by the output ``a_L = M(h, c)``.
+
+    The hidden ``z_l`` are what the regression's backward needs (the fused forward saves them)."""
     check_sg(h, params, context)
     activations = [h]
     last = len(params.weights) - 1
@@ -117,38 +119,54 @@ def _forward(h: Tensor, params: SGParams, context: Optional[Tensor]) -> list[Ten
 
 def sg_predict(h: Tensor, params: SGParams, context: Optional[Tensor] = None) -> Tensor:
     """The synthetic gradient ``M(h, c)``, ``[B, N]``."""
-    return _forward(h, params, context)[-1]
+    return sg_forward(h, params, context)[-1]
 
 
-def sg_regression(h: Tensor, params: SGParams, target: Tensor, context: Optional[Tensor] = None) -> SGRegression:
-    """Loss of ``M(h, c)`` against ``target`` and its gradients w.r.t. every SG parameter.
-
-    Backward, with ``g_L = dl/da_L = 2 (M - t) / B``:
+def sg_backward(
+    grad_output: Tensor,
+    activations: Sequence[Tensor],
+    params: SGParams,
+    context: Optional[Tensor] = None,
+    *,
+    need_input_grad: bool = False,
+) -> tuple[SGParams, Optional[Tensor]]:
+    """Backward of ``M`` from ``g_L = grad_output``, given the layer inputs ``z_0 .. z_{L-1}``
+    (:func:`sg_forward` without its last entry).
 
     .. math::
         dW_l = g_l^T z_{l-1}, \\quad db_l = \\sum_b g_{l,b}, \\quad
         g_{l-1} = (g_l W_l) \\odot 1[z_{l-1} > 0], \\quad
-        dU = g_1^T c \\;(\\text{labels: } dU[:, y_b] \\mathrel{+}= g_{1,b})
+        dU = g_1^T c \\;(\\text{labels: } dU[:, y_b] \\mathrel{+}= g_{1,b}), \\quad
+        dh = g_1 W_1
+
+    Returns the parameter gradients and ``dh`` (``None`` unless ``need_input_grad``).
     """
-    z = _forward(h, params, context)
-    prediction = z.pop()
-    check_tensor("target", target, shape=tuple(prediction.shape), like=h)
-    error = prediction - target
-    batch = h.shape[0]
-    loss = (error * error).sum() / batch
-    g = error * (2.0 / batch)
+    g = grad_output
     grad_w: list[Tensor] = []
     grad_b: list[Tensor] = []
     for layer in reversed(range(len(params.weights))):
-        grad_w.append(g.T @ z[layer])
+        grad_w.append(g.T @ activations[layer])
         grad_b.append(g.sum(0))
         if layer > 0:  # z[layer] = relu(a_layer), so its mask is z > 0
-            g = (g @ params.weights[layer]) * (z[layer] > 0).to(g.dtype)
+            g = (g @ params.weights[layer]) * (activations[layer] > 0).to(g.dtype)
     grad_u = None
     if context is not None:
         if context.dtype.is_floating_point:
             grad_u = g.T @ context
         else:
             grad_u = torch.zeros_like(params.context_weight).index_add_(1, context, g.T)
-    grads = SGParams(tuple(reversed(grad_w)), tuple(reversed(grad_b)), grad_u)
+    grad_h = g @ params.weights[0] if need_input_grad else None
+    return SGParams(tuple(reversed(grad_w)), tuple(reversed(grad_b)), grad_u), grad_h
+
+
+def sg_regression(h: Tensor, params: SGParams, target: Tensor, context: Optional[Tensor] = None) -> SGRegression:
+    """Loss of ``M(h, c)`` against ``target`` and its gradients w.r.t. every SG parameter
+    (:func:`sg_backward` from ``g_L = dl/da_L = 2 (M - t) / B``)."""
+    z = sg_forward(h, params, context)
+    prediction = z.pop()
+    check_tensor("target", target, shape=tuple(prediction.shape), like=h)
+    error = prediction - target
+    batch = h.shape[0]
+    loss = (error * error).sum() / batch
+    grads, _ = sg_backward(error * (2.0 / batch), z, params, context)
     return SGRegression(loss=loss, prediction=prediction, grads=grads)

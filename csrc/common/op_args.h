@@ -1,0 +1,99 @@
+// Host-side parsing and checking of the op arguments, shared by every compiled backend: one error
+// message per mistake, naming the argument, whichever backend the caller reached.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "common/dni_math.h"
+
+namespace fastdni {
+
+inline Activation parse_activation(std::string_view name) {
+  if (name == "identity") return Activation::kIdentity;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "tanh") return Activation::kTanh;
+  if (name == "gelu") return Activation::kGelu;
+  TORCH_CHECK(false, "activation: expected one of identity, relu, tanh, gelu, got '", name, "'");
+}
+
+inline bool needs_pre(Activation act) { return act == Activation::kGelu; }
+
+// A 2-d (or 1-d) floating tensor with the given sizes (-1: any), on x's device and of x's dtype.
+inline void check_tensor(const char* name, const at::Tensor& t, std::initializer_list<int64_t> sizes, const at::Tensor& like) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK(t.device() == like.device(), name, ": expected device ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == static_cast<int64_t>(sizes.size()), name, ": expected a ", sizes.size(), "-d tensor, got shape ", t.sizes());
+  int64_t i = 0;
+  for (int64_t want : sizes) {
+    TORCH_CHECK(want < 0 || t.size(i) == want, name, ": expected size ", want, " in dim ", i, ", got shape ", t.sizes());
+    ++i;
+  }
+}
+
+// Tensors updated in place must be contiguous: a strided view would need a copy written back.
+inline void check_updatable(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor (it is updated in place), got strides ", t.strides());
+}
+
+inline int64_t state_per_param(std::string_view optimizer, c10::ArrayRef<double> hyper) {
+  if (optimizer == "adam") return 2;
+  return hyper.size() > 1 && hyper[1] != 0.0 ? 1 : 0;
+}
+
+// The hyper list layout is documented in fastdni/ops/optim.py.
+template <typename T>
+OptimizerStep<T> parse_optimizer(std::string_view optimizer, c10::ArrayRef<double> hyper) {
+  OptimizerStep<T> o{};
+  if (optimizer == "adam") {
+    TORCH_CHECK(hyper.size() == 7, "hyper: expected 7 values (lr, beta1, beta2, eps, weight_decay, decoupled, step) for 'adam', got ", hyper.size());
+    const double lr = hyper[0], beta1 = hyper[1], beta2 = hyper[2], step = hyper[6];
+    TORCH_CHECK(step >= 1, "hyper: Adam's step counts from 1, got ", step);
+    o.kind = OptimizerKind::kAdam;
+    o.lr = T(lr);
+    o.beta2 = T(beta2);
+    o.lerp_weight = T(1.0 - beta1);
+    o.one_minus_beta2 = T(1.0 - beta2);
+    o.eps = T(hyper[3]);
+    o.weight_decay = T(hyper[4]);
+    o.decoupled_factor = T(1.0 - lr * hyper[4]);
+    o.decoupled_weight_decay = hyper[5] != 0.0;
+    o.step_size = T(lr / (1.0 - std::pow(beta1, step)));
+    o.bias_correction2_sqrt = T(std::sqrt(1.0 - std::pow(beta2, step)));
+    return o;
+  }
+  TORCH_CHECK(optimizer == "sgd", "optimizer: expected 'adam' or 'sgd', got '", optimizer, "'");
+  TORCH_CHECK(hyper.size() == 6, "hyper: expected 6 values (lr, momentum, dampening, weight_decay, nesterov, first_step) for 'sgd', got ", hyper.size());
+  o.kind = OptimizerKind::kSgd;
+  o.lr = T(hyper[0]);
+  o.momentum = T(hyper[1]);
+  o.one_minus_dampening = T(1.0 - hyper[2]);
+  o.weight_decay = T(hyper[3]);
+  o.nesterov = hyper[4] != 0.0;
+  o.first_step = hyper[5] != 0.0;
+  return o;
+}
+
+// Checks `state` against the parameters it belongs to and returns it grouped per parameter.
+inline std::vector<std::vector<at::Tensor>> split_state(at::TensorList state, const std::vector<at::Tensor>& params,
+                                                        std::string_view optimizer, c10::ArrayRef<double> hyper) {
+  const int64_t per = state_per_param(optimizer, hyper);
+  TORCH_CHECK(static_cast<int64_t>(state.size()) == per * static_cast<int64_t>(params.size()), "state: expected ",
+              per * params.size(), " tensors for ", params.size(), " parameters with '", optimizer, "', got ", state.size());
+  std::vector<std::vector<at::Tensor>> grouped(params.size());
+  for (size_t i = 0; i < state.size(); ++i) {
+    const at::Tensor& p = params[i / per];
+    TORCH_CHECK(state[i].sizes() == p.sizes() && state[i].scalar_type() == p.scalar_type() && state[i].device() == p.device(),
+                "state[", i, "]: expected a tensor like its parameter (shape ", p.sizes(), ", ", p.scalar_type(), "), got shape ",
+                state[i].sizes(), ", ", state[i].scalar_type());
+    check_updatable("state", state[i]);
+    grouped[i / per].push_back(state[i]);
+  }
+  return grouped;
+}
+
+}  // namespace fastdni

@@ -1,0 +1,114 @@
+// dni_forward on CPU: the layer GEMM with its bias folded in (addmm), the activation as one pass over
+// its output, then each SG layer the same way, the cDNI context term joining the first SG layer's pass.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "common/dni_math.h"
+#include "common/op_args.h"
+#include "cpu/ops.h"
+
+namespace fastdni::cpu {
+namespace {
+
+constexpr int64_t kGrain = 4096;
+
+// out = act(out) in place, or into `h` (gelu, whose pre-activation is kept).
+void activate_(const at::Tensor& pre, const at::Tensor& h, Activation act) {
+  if (act == Activation::kIdentity) return;
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "fastdni_activate", [&] {
+    const scalar_t* in = pre.data_ptr<scalar_t>();
+    scalar_t* out = h.data_ptr<scalar_t>();
+    at::parallel_for(0, pre.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) out[i] = activate(act, in[i]);
+    });
+  });
+}
+
+// a[b, :] += U[:, y_b] for labels (the one-hot GEMM as a gather), then relu in the same pass.
+void add_label_context_relu_(const at::Tensor& a, const at::Tensor& context_weight, const at::Tensor& labels, bool relu) {
+  const at::Tensor y = labels.to(at::kLong).contiguous();
+  const at::Tensor u = context_weight.contiguous();
+  const int64_t rows = a.size(0), cols = a.size(1), classes = u.size(1);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastdni_label_context", [&] {
+    scalar_t* out = a.data_ptr<scalar_t>();
+    const scalar_t* w = u.data_ptr<scalar_t>();
+    const int64_t* label = y.data_ptr<int64_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / cols), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* row = out + b * cols;
+        const scalar_t* column = w + label[b];
+        for (int64_t j = 0; j < cols; ++j) {
+          const scalar_t v = row[j] + column[j * classes];
+          row[j] = relu && v < scalar_t(0) ? scalar_t(0) : v;
+        }
+      }
+    });
+  });
+}
+
+void check_labels(const at::Tensor& labels, int64_t rows, int64_t classes) {
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == rows, "context: integer labels must have shape (", rows, "), got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, "context: labels must be int32 or int64, got ",
+              labels.scalar_type());
+  if (labels.numel() > 0) {
+    const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < classes, "context: labels must lie in [0, ", classes, "), got values in [", lo, ", ", hi, "]");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dni_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights,
+    at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context,
+    std::string_view activation) {
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-d tensor, got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ", x.scalar_type());
+  const int64_t rows = x.size(0), features = weight.size(0);
+  check_tensor("weight", weight, {-1, x.size(1)}, x);
+  check_tensor("bias", bias, {features}, x);
+  TORCH_CHECK(sg_weights.size() == sg_biases.size(), "sg_biases: expected one per SG weight (", sg_weights.size(), "), got ",
+              sg_biases.size());
+
+  at::Tensor pre = at::addmm(bias, x, weight.t());
+  at::Tensor h = needs_pre(act) ? at::empty_like(pre) : pre;
+  activate_(pre, h, act);
+  at::Tensor saved_pre = needs_pre(act) ? pre : at::empty({0}, x.options());
+  if (sg_weights.empty()) {
+    TORCH_CHECK(!context.has_value(), "context: given, but there is no SG model to condition");
+    return {h, saved_pre, at::empty({0}, x.options()), {}};
+  }
+
+  std::vector<at::Tensor> hidden;
+  at::Tensor z = h;
+  const size_t last = sg_weights.size() - 1;
+  for (size_t l = 0; l < sg_weights.size(); ++l) {
+    const int64_t out = l == last ? features : sg_weights[l].size(0);
+    check_tensor("sg_weights", sg_weights[l], {out, z.size(1)}, x);
+    check_tensor("sg_biases", sg_biases[l], {out}, x);
+    at::Tensor a = at::addmm(sg_biases[l], z, sg_weights[l].t());
+    const bool relu = l != last;
+    if (l == 0 && context.has_value()) {
+      TORCH_CHECK(context_weight.has_value(), "context: given, but the SG model has no context_weight");
+      const at::Tensor& u = *context_weight;
+      check_tensor("context_weight", u, {out, -1}, x);
+      if (at::isFloatingType(context->scalar_type())) {
+        check_tensor("context", *context, {rows, u.size(1)}, x);
+        a.addmm_(*context, u.t());
+        if (relu) a.relu_();
+      } else {
+        check_labels(*context, rows, u.size(1));
+        add_label_context_relu_(a, u, *context, relu);
+      }
+    } else {
+      TORCH_CHECK(l != 0 || !context_weight.has_value(), "context: the SG model has a context_weight, so a context is required");
+      if (relu) a.relu_();
+    }
+    if (relu) hidden.push_back(a);
+    z = a;
+  }
+  return {h, saved_pre, z, hidden};
+}
+
+}  // namespace fastdni::cpu

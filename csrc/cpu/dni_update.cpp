@@ -1,0 +1,50 @@
+// dni_update_ on CPU: one pass forms delta = prediction / grad_scale * act'(.) (and, from it, the bias
+// gradient); dx = delta W reads the pre-update W; then dW = delta^T x is produced tile by tile, each tile
+// consumed by the optimizer while hot, so dW never exists whole.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "common/dni_math.h"
+#include "common/op_args.h"
+#include "cpu/fused_step.h"
+#include "cpu/ops.h"
+
+namespace fastdni::cpu {
+
+at::Tensor dni_update_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& h,
+                       const at::Tensor& pre, const at::Tensor& prediction, at::TensorList state, std::string_view optimizer,
+                       c10::ArrayRef<double> hyper, double grad_scale, std::string_view activation, bool need_input_grad) {
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-d tensor, got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ", x.scalar_type());
+  const int64_t rows = x.size(0), features = weight.size(0);
+  check_tensor("weight", weight, {-1, x.size(1)}, x);
+  check_tensor("bias", bias, {features}, x);
+  check_tensor("h", h, {rows, features}, x);
+  check_tensor("prediction", prediction, {rows, features}, x);
+  if (needs_pre(act)) check_tensor("pre", pre, {rows, features}, x);
+  check_updatable("weight", weight);
+  check_updatable("bias", bias);
+  TORCH_CHECK(grad_scale > 0, "grad_scale: expected a positive value, got ", grad_scale);
+  const auto grouped = split_state(state, {weight, bias}, optimizer, hyper);
+
+  const at::Tensor h_c = h.contiguous(), pred_c = prediction.contiguous();
+  const at::Tensor pre_c = needs_pre(act) ? pre.contiguous() : h_c;
+  at::Tensor delta = at::empty({rows, features}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdni_delta", [&] {
+    const scalar_t* g = pred_c.data_ptr<scalar_t>();
+    const scalar_t* hv = h_c.data_ptr<scalar_t>();
+    const scalar_t* pv = pre_c.data_ptr<scalar_t>();
+    scalar_t* d = delta.data_ptr<scalar_t>();
+    const auto scale = static_cast<scalar_t>(grad_scale);
+    at::parallel_for(0, delta.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) d[i] = g[i] * activation_derivative(act, hv[i], pv[i]) / scale;
+    });
+  });
+  at::Tensor grad_input = need_input_grad ? at::mm(delta, weight) : at::empty({0}, x.options());
+  gemm_grad_step_(delta, x, weight, grouped[0], optimizer, hyper);
+  elementwise_step_(delta.sum(0), bias, grouped[1], optimizer, hyper);
+  return grad_input;
+}
+
+}  // namespace fastdni::cpu

@@ -1,0 +1,22 @@
+// The two primitives every CPU op is built from: a weight update whose gradient is a GEMM, applied
+// tile by tile while the tile is hot in cache (so the gradient is never written whole), and the same
+// update for a gradient already in memory (biases, label-context weights).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string_view>
+#include <vector>
+
+namespace fastdni::cpu {
+
+// param[N, K] -= update(grad_out^T @ input) with grad_out [B, N], input [B, K]; state: the optimizer's
+// tensors for param (contiguous, like param).
+void gemm_grad_step_(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& param,
+                     const std::vector<at::Tensor>& state, std::string_view optimizer, c10::ArrayRef<double> hyper);
+
+// param -= update(grad), elementwise; grad contiguous and shaped like param.
+void elementwise_step_(const at::Tensor& grad, const at::Tensor& param, const std::vector<at::Tensor>& state,
+                       std::string_view optimizer, c10::ArrayRef<double> hyper);
+
+}  // namespace fastdni::cpu

@@ -1,0 +1,126 @@
+// sg_regression_ on CPU: one pass forms the error, the loss and the output gradient; then, layer by
+// layer from the top, the gradient for the layer below is taken with the pre-update weight, and the
+// weight is stepped on its gradient GEMM tile by tile (gemm_grad_step_).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "common/op_args.h"
+#include "cpu/fused_step.h"
+#include "cpu/ops.h"
+
+namespace fastdni::cpu {
+namespace {
+
+// g = (2 w / B) (prediction - s target); returns w * sum(e^2) / B, accumulated in double.
+at::Tensor error_and_loss(const at::Tensor& prediction, const at::Tensor& target, double target_scale, double loss_weight,
+                          at::Tensor& grad) {
+  const at::Tensor p = prediction.contiguous(), t = target.contiguous();
+  grad = at::empty_like(p);
+  const int64_t batch = p.size(0);
+  double sum = 0;
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "fastdni_sg_error", [&] {
+    const scalar_t* pv = p.data_ptr<scalar_t>();
+    const scalar_t* tv = t.data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const auto scale = static_cast<scalar_t>(target_scale);
+    const auto factor = static_cast<scalar_t>(2.0 * loss_weight / batch);
+    sum = at::parallel_reduce(0, p.numel(), 4096, 0.0, [&](int64_t begin, int64_t end, double acc) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t e = pv[i] - scale * tv[i];
+        g[i] = e * factor;
+        acc += static_cast<double>(e) * static_cast<double>(e);
+      }
+      return acc;
+    }, std::plus<double>());
+  });
+  return at::scalar_tensor(loss_weight * sum / batch, p.options());
+}
+
+// dU[:, y_b] += g[b, :], summed over b in order (deterministic), for label contexts.
+at::Tensor label_context_grad(const at::Tensor& grad, const at::Tensor& labels, const at::Tensor& context_weight) {
+  const at::Tensor y = labels.to(at::kLong).contiguous();
+  at::Tensor out = at::zeros_like(context_weight);
+  const int64_t rows = grad.size(0), cols = grad.size(1), classes = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastdni_label_context_grad", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const int64_t* label = y.data_ptr<int64_t>();
+    scalar_t* du = out.data_ptr<scalar_t>();
+    at::parallel_for(0, cols, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t b = 0; b < rows; ++b) {
+        for (int64_t j = begin; j < end; ++j) du[j * classes + label[b]] += g[b * cols + j];
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor sg_regression_(const at::Tensor& h, at::TensorList sg_hidden, const at::Tensor& prediction, const at::Tensor& target,
+                          at::TensorList sg_weights, at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
+                          const std::optional<at::Tensor>& context, at::TensorList state, std::string_view optimizer,
+                          c10::ArrayRef<double> hyper, double target_scale, double loss_weight) {
+  TORCH_CHECK(h.dim() == 2, "h: expected a 2-d tensor, got shape ", h.sizes());
+  TORCH_CHECK(at::isFloatingType(h.scalar_type()), "h: expected a floating-point tensor, got ", h.scalar_type());
+  const int64_t rows = h.size(0), features = h.size(1);
+  const size_t layers = sg_weights.size();
+  TORCH_CHECK(layers >= 1, "sg_weights: expected at least one SG layer");
+  TORCH_CHECK(sg_biases.size() == layers, "sg_biases: expected ", layers, " tensors, got ", sg_biases.size());
+  TORCH_CHECK(sg_hidden.size() == layers - 1, "sg_hidden: expected ", layers - 1, " tensors, got ", sg_hidden.size());
+  TORCH_CHECK(context.has_value() == context_weight.has_value(),
+              context.has_value() ? "context: given, but the SG model has no context_weight"
+                                  : "context: the SG model has a context_weight, so a context is required");
+  check_tensor("prediction", prediction, {rows, features}, h);
+  check_tensor("target", target, {rows, features}, h);
+  TORCH_CHECK(loss_weight > 0, "loss_weight: expected a positive value, got ", loss_weight);
+
+  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> inputs{h};
+  for (size_t l = 0; l < layers; ++l) {
+    const int64_t out = l + 1 == layers ? features : sg_weights[l].size(0);
+    check_tensor("sg_weights", sg_weights[l], {out, inputs.back().size(1)}, h);
+    check_tensor("sg_biases", sg_biases[l], {out}, h);
+    check_updatable("sg_weights", sg_weights[l]);
+    check_updatable("sg_biases", sg_biases[l]);
+    params.push_back(sg_weights[l]);
+    params.push_back(sg_biases[l]);
+    if (l + 1 < layers) {
+      check_tensor("sg_hidden", sg_hidden[l], {rows, out}, h);
+      inputs.push_back(sg_hidden[l]);
+    }
+  }
+  if (context_weight.has_value()) {
+    check_tensor("context_weight", *context_weight, {sg_weights[0].size(0), -1}, h);
+    check_updatable("context_weight", *context_weight);
+    if (at::isFloatingType(context->scalar_type())) {
+      check_tensor("context", *context, {rows, context_weight->size(1)}, h);
+    } else {
+      TORCH_CHECK(context->dim() == 1 && context->size(0) == rows, "context: integer labels must have shape (", rows, "), got ",
+                  context->sizes());
+    }
+    params.push_back(*context_weight);
+  }
+  const auto grouped = split_state(state, params, optimizer, hyper);
+
+  at::Tensor grad;
+  at::Tensor loss = error_and_loss(prediction, target, target_scale, loss_weight, grad);
+  for (size_t l = layers; l-- > 0;) {
+    at::Tensor below;
+    if (l > 0) {  // with the pre-update weight, masked by relu'(z) = 1[z > 0]
+      below = at::mm(grad, sg_weights[l]);
+      below.mul_(inputs[l].gt(0));
+    } else if (context_weight.has_value()) {
+      if (at::isFloatingType(context->scalar_type())) {
+        gemm_grad_step_(grad, *context, *context_weight, grouped.back(), optimizer, hyper);
+      } else {
+        elementwise_step_(label_context_grad(grad, *context, *context_weight), *context_weight, grouped.back(), optimizer, hyper);
+      }
+    }
+    gemm_grad_step_(grad, inputs[l], sg_weights[l], grouped[2 * l], optimizer, hyper);
+    elementwise_step_(grad.sum(0), sg_biases[l], grouped[2 * l + 1], optimizer, hyper);
+    grad = below;
+  }
+  return loss;
+}
+
+}  // namespace fastdni::cpu

@@ -1,0 +1,149 @@
+"""The fused ops as Python functions: argument checks, then the chosen backend.
+
+``backend``:
+
+- ``"reference"``: :mod:`.reference_backend` (pure PyTorch, the oracle);
+- ``"cpu"``: the C++ kernels of ``csrc/cpu`` (ATen GEMMs with fused epilogues);
+- ``"auto"``: ``torch.ops.fastdni``, i.e. the compiled kernel for the tensors' device where this
+  install has one, else the reference.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .._checks import check_positive, check_tensor
+from ..reference import SGParams
+from ..reference.activations import check_activation
+from ..reference.layer import check_layer
+from ..reference.synthetic import check_sg
+from . import reference_backend, registration  # noqa: F401  (registration: fake, fallback, autograd)
+from ._extension import HAS_CPU_KERNELS, LOAD_ERROR
+from .optim import check_optimizer_args
+from .reference_backend import ordered_params
+
+BACKENDS = ("auto", "reference", "cpu")
+_OPS = torch.ops.fastdni
+
+
+class ForwardResult(NamedTuple):
+    h: Tensor  #: ``act(x W^T + b)``, ``[B, N]``
+    pre: Tensor  #: the pre-activation where ``act'`` needs it (gelu), else empty
+    prediction: Tensor  #: the synthetic gradient ``M(h, c)``, ``[B, N]`` (empty without an SG)
+    sg_hidden: list[Tensor]  #: the SG's hidden activations, kept for the regression
+
+
+def check_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: ``"reference"`` or ``"compiled"`` (``torch.ops.fastdni``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if backend == "cpu":
+        if not HAS_CPU_KERNELS:
+            raise RuntimeError(f"backend: 'cpu' needs the compiled extension fastdni._C, which did not load ({LOAD_ERROR})")
+        if device.type != "cpu":
+            raise ValueError(f"backend: 'cpu' runs on CPU tensors, got tensors on {device}")
+    return "compiled"
+
+
+def _check_contiguous(name: str, tensors: Sequence[Optional[Tensor]]) -> None:
+    # Updated in place by the ops: a non-contiguous view would need a copy that is then written back.
+    for i, t in enumerate(tensors):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}[{i}]: expected a contiguous tensor (it is updated in place), got strides {t.stride()}")
+
+
+def dni_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    sg: Optional[SGParams] = None,
+    context: Optional[Tensor] = None,
+    *,
+    activation: str = "relu",
+    backend: str = "auto",
+) -> ForwardResult:
+    """``h = act(x W^T + b)`` and, with an SG model ``sg``, its prediction ``M(h, context)``.
+
+    Differentiable w.r.t. ``x``, the layer's and the SG's parameters (backprop mode)."""
+    check_layer(x, weight, bias)
+    check_activation(activation)
+    sg = sg or SGParams((), (), None)
+    if sg.weights:
+        check_sg(x.new_empty(x.shape[0], weight.shape[0]), sg, context)
+    run = check_backend(backend, x.device)
+    args = (x, weight, bias, list(sg.weights), list(sg.biases), sg.context_weight, context, activation)
+    out = reference_backend.dni_forward(*args) if run == "reference" else _OPS.dni_forward(*args)
+    return ForwardResult(out[0], out[1], out[2], list(out[3]))
+
+
+def dni_update_(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    forward: ForwardResult,
+    optimizer: str,
+    hyper: Sequence[float],
+    state: Sequence[Tensor],
+    *,
+    grad_scale: float = 1.0,
+    activation: str = "relu",
+    need_input_grad: bool = False,
+    backend: str = "auto",
+) -> Optional[Tensor]:
+    """Step ``weight`` and ``bias`` in place on the synthetic gradient ``forward.prediction / grad_scale``.
+
+    Returns ``dx`` (computed with the pre-update weight) when ``need_input_grad``, else ``None``."""
+    check_layer(x, weight, bias)
+    check_activation(activation)
+    check_tensor("forward.h", forward.h, shape=(x.shape[0], weight.shape[0]), like=x)
+    check_tensor("forward.prediction", forward.prediction, shape=tuple(forward.h.shape), like=x)
+    check_positive("grad_scale", grad_scale)
+    check_optimizer_args(optimizer, hyper, state, [weight, bias])
+    _check_contiguous("params", [weight, bias])
+    _check_contiguous("state", state)
+    run = check_backend(backend, x.device)
+    args = (x, weight, bias, forward.h, forward.pre, forward.prediction, list(state), optimizer, [float(v) for v in hyper],
+            float(grad_scale), activation, bool(need_input_grad))
+    with torch.no_grad():
+        dx = reference_backend.dni_update_(*args) if run == "reference" else _OPS.dni_update_(*args)
+    return dx if need_input_grad else None
+
+
+def sg_regression_(
+    h: Tensor,
+    forward: ForwardResult,
+    target: Tensor,
+    sg: SGParams,
+    optimizer: str,
+    hyper: Sequence[float],
+    state: Sequence[Tensor],
+    context: Optional[Tensor] = None,
+    *,
+    target_scale: float = 1.0,
+    loss_weight: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Regress the SG model onto ``target_scale * target`` and step its parameters in place.
+
+    ``h`` is the SG's input and ``forward`` the :func:`dni_forward` result that predicted from it.
+    Returns ``loss_weight * mean_b ||M(h_b) - target_scale * target_b||^2``."""
+    check_sg(h, sg, context)
+    check_tensor("forward.prediction", forward.prediction, shape=tuple(h.shape), like=h)
+    check_tensor("target", target, shape=tuple(h.shape), like=h)
+    if len(forward.sg_hidden) != len(sg.weights) - 1:
+        raise ValueError(f"forward.sg_hidden: expected {len(sg.weights) - 1} tensors for this SG, got {len(forward.sg_hidden)}")
+    check_positive("target_scale", target_scale, allow_zero=True)
+    check_positive("loss_weight", loss_weight)
+    params = ordered_params(sg)
+    check_optimizer_args(optimizer, hyper, state, params)
+    _check_contiguous("sg params", params)
+    _check_contiguous("state", state)
+    run = check_backend(backend, h.device)
+    args = (h, list(forward.sg_hidden), forward.prediction, target, list(sg.weights), list(sg.biases), sg.context_weight,
+            context, list(state), optimizer, [float(v) for v in hyper], float(target_scale), float(loss_weight))
+    with torch.no_grad():
+        return reference_backend.sg_regression_(*args) if run == "reference" else _OPS.sg_regression_(*args)

@@ -1,0 +1,99 @@
+"""The "reference" backend: each op composed from :mod:`fastdni.reference`, updating in place.
+
+It is what the compiled backends are tested against, and the implementation ``torch.ops.fastdni``
+falls back to (``CompositeExplicitAutograd``) on a device without a compiled kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torch import Tensor
+
+from ..reference import (
+    NEEDS_PRE,
+    SGParams,
+    activation_derivative_from_output,
+    layer_forward,
+    layer_grads_from_delta,
+    sg_backward,
+    sg_forward,
+)
+from .optim import optimizer_step_, state_per_param
+
+
+def dni_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    sg_weights: Sequence[Tensor],
+    sg_biases: Sequence[Tensor],
+    context_weight: Optional[Tensor],
+    context: Optional[Tensor],
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    h, pre = layer_forward(x, weight, bias, activation)
+    saved_pre = pre if activation in NEEDS_PRE else h.new_empty(0)
+    if not sg_weights:
+        return h, saved_pre, h.new_empty(0), []
+    z = sg_forward(h, SGParams(tuple(sg_weights), tuple(sg_biases), context_weight), context)
+    return h, saved_pre, z[-1], z[1:-1]
+
+
+def dni_update_(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    h: Tensor,
+    pre: Tensor,
+    prediction: Tensor,
+    state: Sequence[Tensor],
+    optimizer: str,
+    hyper: Sequence[float],
+    grad_scale: float,
+    activation: str,
+    need_input_grad: bool,
+) -> Tensor:
+    delta = prediction * activation_derivative_from_output(h, pre, activation) / grad_scale
+    grads = layer_grads_from_delta(x, weight, delta, need_input_grad=need_input_grad)
+    per = state_per_param(optimizer, hyper)
+    optimizer_step_(optimizer, hyper, weight, grads.weight, state[:per])
+    optimizer_step_(optimizer, hyper, bias, grads.bias, state[per:])
+    return grads.input if need_input_grad else x.new_empty(0)
+
+
+def sg_regression_(
+    h: Tensor,
+    sg_hidden: Sequence[Tensor],
+    prediction: Tensor,
+    target: Tensor,
+    sg_weights: Sequence[Tensor],
+    sg_biases: Sequence[Tensor],
+    context_weight: Optional[Tensor],
+    context: Optional[Tensor],
+    state: Sequence[Tensor],
+    optimizer: str,
+    hyper: Sequence[float],
+    target_scale: float,
+    loss_weight: float,
+) -> Tensor:
+    error = prediction - target_scale * target
+    batch = h.shape[0]
+    loss = loss_weight * (error * error).sum() / batch
+    params = SGParams(tuple(sg_weights), tuple(sg_biases), context_weight)
+    grads, _ = sg_backward(error * (2.0 * loss_weight / batch), [h, *sg_hidden], params, context)
+    per = state_per_param(optimizer, hyper)
+    for i, (param, grad) in enumerate(zip(ordered_params(params), ordered_params(grads))):
+        optimizer_step_(optimizer, hyper, param, grad, state[i * per:(i + 1) * per])
+    return loss
+
+
+def ordered_params(params: SGParams) -> list[Tensor]:
+    """The order of an SG's parameters in the ops' ``state``: ``W_1, b_1, ..., W_L, b_L`` then ``U``."""
+    out = [t for pair in zip(params.weights, params.biases) for t in pair]
+    if params.context_weight is not None:
+        out.append(params.context_weight)
+    return out
+
+
+
+__all__ = ["dni_forward", "dni_update_", "sg_regression_", "ordered_params"]

@@ -1,0 +1,47 @@
+"""The ``torch.ops.fastdni`` schemas, each declared once, here.
+
+One DNI layer step ``x [B, K] -> h [B, N]`` with an SG model of ``L`` layers is three ops, in the
+order a layer needs them (why this split is minimal: ``docs/ops.md``):
+
+``dni_forward``
+    ``h = act(x W^T + b)`` and the SG prediction ``M(h, c)``. Returns ``pre`` only for activations
+    whose derivative needs it (gelu; an empty tensor otherwise: ``act'`` follows from ``h``) and the
+    SG's hidden activations ``z_1 .. z_{L-1}`` (empty for a linear SG), which the regression needs.
+    With no SG layers it is the plain layer and ``prediction`` is empty. Differentiable.
+``dni_update_``
+    ``delta = prediction / grad_scale * act'(pre)``; ``dW = delta^T x`` and ``db`` go straight into
+    the optimizer step on ``weight``, ``bias`` and their ``state`` (in place). Returns
+    ``dx = delta W`` with the pre-update ``W`` when ``need_input_grad`` (the bootstrapped target of the
+    SG below), else an empty tensor.
+``sg_regression_``
+    ``e = prediction - target_scale * target``, returns ``loss = loss_weight * mean_b ||e_b||^2`` and
+    steps every SG parameter on its gradient, in place.
+
+Optimizer arguments (``optimizer``, ``hyper``, ``state``): see :mod:`fastdni.ops.optim`.
+"""
+import torch
+
+NAMESPACE = "fastdni"
+
+SCHEMAS = {
+    "dni_forward": (
+        "dni_forward(Tensor x, Tensor weight, Tensor bias, Tensor[] sg_weights, Tensor[] sg_biases, "
+        "Tensor? context_weight, Tensor? context, str activation) "
+        "-> (Tensor h, Tensor pre, Tensor prediction, Tensor[] sg_hidden)"
+    ),
+    "dni_update_": (
+        "dni_update_(Tensor x, Tensor(a!) weight, Tensor(b!) bias, Tensor h, Tensor pre, Tensor prediction, "
+        "Tensor(c!)[] state, str optimizer, float[] hyper, float grad_scale, str activation, "
+        "bool need_input_grad) -> Tensor"
+    ),
+    "sg_regression_": (
+        "sg_regression_(Tensor h, Tensor[] sg_hidden, Tensor prediction, Tensor target, "
+        "Tensor(a!)[] sg_weights, Tensor(b!)[] sg_biases, Tensor(c!)? context_weight, Tensor? context, "
+        "Tensor(d!)[] state, str optimizer, float[] hyper, float target_scale, float loss_weight) -> Tensor"
+    ),
+}
+
+# Kept alive for the life of the process: dropping the Library object would deregister the schemas.
+_LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    _LIBRARY.define(_schema)
