@@ -1,10 +1,11 @@
 """What a PyTorch user drops in: SG models, the DNI interface, a decoupled container, recurrent boundaries."""
 from .decoupled import DecoupledSequential, StepResult
+from .fused import DecoupledMLP
 from .interface import DNI
 from .recurrent import TruncationDNI, flatten_state, unflatten_state
 from .synthetic_gradient import ConvSyntheticGradient, SyntheticGradient
 
 __all__ = [
-    "SyntheticGradient", "ConvSyntheticGradient", "DNI", "DecoupledSequential", "StepResult",
+    "SyntheticGradient", "ConvSyntheticGradient", "DNI", "DecoupledSequential", "DecoupledMLP", "StepResult",
     "TruncationDNI", "flatten_state", "unflatten_state",
 ]

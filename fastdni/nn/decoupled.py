@@ -22,7 +22,39 @@ class StepResult(NamedTuple):
     sg_losses: tuple[Optional[Tensor], ...]  #: each interface's SG regression loss, bottom first
 
 
-class DecoupledSequential(nn.Module):
+class DecoupledTrainer(nn.Module):
+    """What the decoupled containers share: one optimizer per block (``optimizers``) and per SG model
+    (``sg_optimizers``, ``None`` where there is nothing to train), saved and restored together."""
+
+    optimizers: list[Optional[torch.optim.Optimizer]]
+    sg_optimizers: list[Optional[torch.optim.Optimizer]]
+
+    def optimizer_state_dict(self) -> dict:
+        """The state of every block's and SG model's optimizer, for checkpoints."""
+        return {
+            "blocks": [None if o is None else o.state_dict() for o in self.optimizers],
+            "synthetic_gradients": [None if o is None else o.state_dict() for o in self.sg_optimizers],
+        }
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        for key, optimizers in (("blocks", self.optimizers), ("synthetic_gradients", self.sg_optimizers)):
+            saved = state.get(key)
+            if saved is None or len(saved) != len(optimizers):
+                raise ValueError(f"state: expected {len(optimizers)} optimizer states under {key!r}")
+            for opt, opt_state in zip(optimizers, saved):
+                if opt is not None:
+                    opt.load_state_dict(opt_state)
+
+
+def check_mode(mode: str, has_synthetic_gradients: bool) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if mode == "dni" and not has_synthetic_gradients:
+        raise ValueError("mode: 'dni' needs synthetic_gradients")
+    return mode
+
+
+class DecoupledSequential(DecoupledTrainer):
     """``blocks[0] -> SG -> blocks[1] -> SG -> ... -> blocks[-1]``, each block with its own optimizer.
 
     In ``mode="dni"``, :meth:`train_step` runs block ``i``, feeds it the synthetic gradient of
@@ -86,11 +118,7 @@ class DecoupledSequential(nn.Module):
 
     @mode.setter
     def mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-        if mode == "dni" and self.interfaces is None:
-            raise ValueError("mode: 'dni' needs synthetic_gradients")
-        self._mode = mode
+        self._mode = check_mode(mode, self.interfaces is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         """Plain composition of the blocks (inference, or a backprop forward)."""
@@ -112,7 +140,7 @@ class DecoupledSequential(nn.Module):
             loss = loss_fn(output, target)
             loss.backward()
             for opt in self.optimizers:
-                _step(opt)
+                step_optimizer(opt)
             return StepResult(loss.detach(), output.detach(), ())
         for interface in self.interfaces:
             interface.last_sg_loss = None
@@ -126,30 +154,15 @@ class DecoupledSequential(nn.Module):
             else:
                 loss = loss_fn(out, target)
                 loss.backward()  # the true gradient: block i's and the top SG's target
-            _step(self.optimizers[i])
+            step_optimizer(self.optimizers[i])
             if i > 0:
-                _step(self.sg_optimizers[i - 1])
+                step_optimizer(self.sg_optimizers[i - 1])
         sg_losses = tuple(i.last_sg_loss for i in self.interfaces)
         return StepResult(loss.detach(), out.detach(), sg_losses)
 
-    def optimizer_state_dict(self) -> dict:
-        """The state of every block's and SG model's optimizer, for checkpoints."""
-        return {
-            "blocks": [None if o is None else o.state_dict() for o in self.optimizers],
-            "synthetic_gradients": [None if o is None else o.state_dict() for o in self.sg_optimizers],
-        }
 
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        for key, optimizers in (("blocks", self.optimizers), ("synthetic_gradients", self.sg_optimizers)):
-            saved = state.get(key)
-            if saved is None or len(saved) != len(optimizers):
-                raise ValueError(f"state: expected {len(optimizers)} optimizer states under {key!r}")
-            for opt, opt_state in zip(optimizers, saved):
-                if opt is not None:
-                    opt.load_state_dict(opt_state)
-
-
-def _step(optimizer: Optional[torch.optim.Optimizer]) -> None:
+def step_optimizer(optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """``step()`` then ``zero_grad``, for a block that may have no optimizer."""
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

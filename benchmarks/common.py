@@ -1,0 +1,338 @@
+"""One DNI layer step as a benchmark problem, and the four ways of running it that ``dni_step.py`` compares.
+
+The problem (:func:`make_problem`): a layer ``x [B, K] -> h [B, N] = relu(x W^T + b)`` with
+``K = N = width``, fp32, no context, its SG model ``M`` either
+
+- ``"linear"``: one layer ``N -> N``, or
+- ``"mlp"``: ``N -> H -> N`` with ``H = width`` (one hidden layer as wide as the layer, ReLU),
+
+Adam (``lr=1e-3, betas=(0.9, 0.999), eps=1e-8``, no weight decay) on every parameter (layer and SG),
+the input gradient ``dx`` computed (``need_input_grad=True``: the bootstrapped target of the SG
+below) and the SG regressed onto a random target (``target_scale = loss_weight = grad_scale = 1``).
+The SG's output layer is random (``0.01 * randn``) rather than the zero of :func:`init_sg_params`,
+as for a trained SG (a zero SG predicts zero, which would make the layer's update trivially sparse),
+and the Adam moments start from small random values (a step in mid-training), identically for
+every variant.
+
+ONE step is: forward (layer + SG prediction), the layer's Adam step on the synthetic gradient (and
+``dx`` with the pre-update ``W``), the SG's regression and Adam step. The variants:
+
+``fused``
+    the three public ops :func:`fastdni.ops.dni_forward`, :func:`~fastdni.ops.dni_update_`,
+    :func:`~fastdni.ops.sg_regression_` with ``backend="cpu"`` (what a user calls; their Python
+    argument checks included). ``raw=True`` calls ``torch.ops.fastdni.*`` directly instead, to see
+    what the checks cost.
+``eager``
+    the same math as a user would write it in plain PyTorch: ``addmm`` forwards, the explicit
+    gradients of :mod:`fastdni.reference` (``layer_backward``, ``sg_backward``) assigned to ``.grad``,
+    then ``torch.optim.Adam(..., foreach=True).step()`` on all parameters.
+``compiled``
+    ``torch.compile`` of the eager step function, ``opt.step()`` included (Inductor, default mode);
+    if that cannot be compiled, the math is compiled and ``opt.step()`` stays eager
+    (:attr:`Variant.note` says which).
+``gemm_floor``
+    only the GEMMs of the step, ``torch.mm(..., out=...)`` into preallocated outputs on the same
+    shapes (:func:`gemm_shapes`): the time below which no implementation that calls the same BLAS
+    can go.
+
+All four do the same GEMMs (:func:`gemm_shapes`, hence the same :func:`step_flops`); ``fused``,
+``eager`` and ``compiled`` also the same elementwise work (bias, relu, ``delta``, error, loss,
+column sums, Adam), which the floor leaves out. With ``W = width``: a linear SG has 5 GEMMs of
+``2 B W^2`` flops each (``x W^T``, ``h Ws^T``, ``dW = delta^T x``, ``dx = delta W``,
+``dWs = g^T h``), an MLP SG 8 (the SG's two forward GEMMs, ``dW2 = g^T z``, ``g W2`` back through
+the SG, ``dW1 = g1^T h``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+import fastdni.ops as ops
+from fastdni.reference import SGParams, init_sg_params, layer_backward, sg_backward
+
+SG_KINDS = ("linear", "mlp")
+ADAM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+VARIANTS = ("fused", "eager", "compiled", "gemm_floor")
+
+
+def sg_hidden(sg: str, width: int) -> tuple[int, ...]:
+    """The SG's hidden sizes: ``()`` for ``"linear"``, ``(width,)`` for ``"mlp"``."""
+    if sg not in SG_KINDS:
+        raise ValueError(f"sg: expected one of {SG_KINDS}, got {sg!r}")
+    return () if sg == "linear" else (width,)
+
+
+@dataclass
+class Problem:
+    """The inputs and the initial parameters and Adam moments of one step; variants copy them."""
+
+    batch: int
+    width: int
+    sg: str
+    dtype: torch.dtype
+    x: Tensor  #: ``[B, K]``, read only
+    target: Tensor  #: ``[B, N]``, the SG's regression target, read only
+    params: list[Tensor]  #: ``W, b, Ws_1, bs_1, ..., Ws_L, bs_L``
+    exp_avg: list[Tensor] = field(default_factory=list)  #: Adam's first moments, one per parameter
+    exp_avg_sq: list[Tensor] = field(default_factory=list)  #: and second moments
+
+    @property
+    def sg_layers(self) -> int:
+        return (len(self.params) - 2) // 2
+
+    def clone_params(self) -> list[Tensor]:
+        return [p.clone() for p in self.params]
+
+
+def make_problem(batch: int, width: int, sg: str = "linear", *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Problem:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, width, generator=gen, dtype=dtype)
+    weight = torch.randn(width, width, generator=gen, dtype=dtype) / math.sqrt(width)
+    bias = torch.randn(width, generator=gen, dtype=dtype) * 0.1
+    sgp = init_sg_params(width, sg_hidden(sg, width), dtype=dtype, generator=gen)
+    sg_weights = list(sgp.weights[:-1]) + [torch.randn(sgp.weights[-1].shape, generator=gen, dtype=dtype) * 0.01]
+    sg_biases = list(sgp.biases[:-1]) + [torch.randn(sgp.biases[-1].shape, generator=gen, dtype=dtype) * 0.01]
+    params = [weight, bias] + [t for pair in zip(sg_weights, sg_biases) for t in pair]
+    target = torch.randn(batch, width, generator=gen, dtype=dtype) * 0.01
+    exp_avg = [torch.randn(p.shape, generator=gen, dtype=dtype) * 1e-3 for p in params]
+    exp_avg_sq = [torch.rand(p.shape, generator=gen, dtype=dtype) * 1e-6 for p in params]
+    return Problem(batch, width, sg, dtype, x, target, params, exp_avg, exp_avg_sq)
+
+
+# --------------------------------------------------------------------------------------------------
+# Work counts
+
+
+def gemm_shapes(problem: Problem) -> list[tuple[str, int, int, int]]:
+    """``(name, m, n, k)`` of every GEMM of one step (``C[m, n] = A[m, k] B[k, n]``), in step order."""
+    B, N = problem.batch, problem.width
+    sizes = [N, *sg_hidden(problem.sg, N), N]  # SG layer l maps sizes[l] -> sizes[l + 1]
+    L = len(sizes) - 1
+    out = [("h = x W^T", B, N, N)]
+    out += [(f"a{l + 1} = z{l} Ws{l + 1}^T", B, sizes[l + 1], sizes[l]) for l in range(L)]
+    out += [("dW = delta^T x", N, N, B), ("dx = delta W", B, N, N)]
+    for l in reversed(range(L)):
+        out.append((f"dWs{l + 1} = g{l + 1}^T z{l}", sizes[l + 1], sizes[l], B))
+        if l > 0:
+            out.append((f"g{l} = g{l + 1} Ws{l + 1}", B, sizes[l], sizes[l + 1]))
+    return out
+
+
+def step_flops(problem: Problem) -> int:
+    """GEMM flops of one step (``2 m n k`` each); the elementwise work is O(B W + W^2) and left out."""
+    return sum(2 * m * n * k for _, m, n, k in gemm_shapes(problem))
+
+
+def compulsory_bytes(problem: Problem) -> int:
+    """Bytes one step must move to or from memory at the least, whatever the implementation.
+
+    Read ``x`` and the target; write ``h`` and ``dx`` (the step's outputs to the layers above and
+    below); read and write every parameter and its two Adam moments (layer and SG). Everything else
+    (``pre``, the prediction, ``delta``, the SG's hidden activations, gradients) is an intermediate a
+    perfectly fused step could keep in cache, so it is not counted.
+    """
+    elem = torch.empty((), dtype=problem.dtype).element_size()
+    activations = problem.x.numel() + problem.target.numel() + 2 * problem.batch * problem.width  # x, target, h, dx
+    params = sum(p.numel() for p in problem.params)
+    return elem * (activations + 2 * 3 * params)  # param, exp_avg, exp_avg_sq: read + write each
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants
+
+
+class Variant(NamedTuple):
+    name: str
+    step: Callable[[], object]  #: one full step; fused/eager/compiled return ``(h, dx, loss)``
+    params: list[Tensor]  #: this variant's own parameters, updated in place by ``step``
+    note: str = ""
+
+
+def _moments(problem: Problem) -> tuple[list[Tensor], list[Tensor]]:
+    return [m.clone() for m in problem.exp_avg], [v.clone() for v in problem.exp_avg_sq]
+
+
+def make_fused(problem: Problem, *, raw: bool = False) -> Variant:
+    """The three fused ops with ``backend="cpu"``; ``raw``: ``torch.ops.fastdni.*`` without the wrappers."""
+    if not ops.HAS_CPU_KERNELS:
+        raise RuntimeError("the fused variant needs the compiled CPU kernels (fastdni._C)")
+    params = problem.clone_params()
+    m, v = _moments(problem)
+    state = [t for pair in zip(m, v) for t in pair]  # per parameter: exp_avg, exp_avg_sq
+    layer_state, sg_state = state[:4], state[4:]
+    weight, bias = params[:2]
+    sg = SGParams(tuple(params[2::2]), tuple(params[3::2]), None)
+    x, target = problem.x, problem.target
+    lr, (beta1, beta2), eps = ADAM["lr"], ADAM["betas"], ADAM["eps"]
+    count = [0]
+
+    if raw:
+        fw = torch.ops.fastdni.dni_forward.default
+        up = torch.ops.fastdni.dni_update_.default
+        reg = torch.ops.fastdni.sg_regression_.default
+        sg_w, sg_b = list(sg.weights), list(sg.biases)
+
+        def step():
+            count[0] += 1
+            hyper = [lr, beta1, beta2, eps, 0.0, 0.0, float(count[0])]
+            h, pre, prediction, hidden = fw(x, weight, bias, sg_w, sg_b, None, None, "relu")
+            dx = up(x, weight, bias, h, pre, prediction, layer_state, "adam", hyper, 1.0, "relu", True)
+            loss = reg(h, hidden, prediction, target, sg_w, sg_b, None, None, sg_state, "adam", hyper, 1.0, 1.0)
+            return h, dx, loss
+
+        return Variant("fused_raw", step, params, "torch.ops.fastdni.* called directly")
+
+    def step():
+        count[0] += 1
+        hyper = [lr, beta1, beta2, eps, 0.0, 0.0, float(count[0])]
+        f = ops.dni_forward(x, weight, bias, sg, activation="relu", backend="cpu")
+        dx = ops.dni_update_(x, weight, bias, f, "adam", hyper, layer_state, activation="relu", need_input_grad=True, backend="cpu")
+        loss = ops.sg_regression_(f.h, f, target, sg, "adam", hyper, sg_state, backend="cpu")
+        return f.h, dx, loss
+
+    return Variant("fused", step, params, "fastdni.ops wrappers, backend='cpu'")
+
+
+def _adam(problem: Problem, params: list[Tensor]) -> torch.optim.Adam:
+    opt = torch.optim.Adam(params, foreach=True, **ADAM)
+    m, v = _moments(problem)
+    for p, mp, vp in zip(params, m, v):
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": mp, "exp_avg_sq": vp}
+    return opt
+
+
+def _eager_math(x: Tensor, target: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward, the layer's and the SG's gradients (assigned to ``.grad``); returns ``(h, dx, loss)``."""
+    weight, bias, sg_w, sg_b = params[0], params[1], params[2::2], params[3::2]
+    batch = x.shape[0]
+    pre = torch.addmm(bias, x, weight.t())
+    h = torch.relu(pre)
+    z = [h]
+    for i, (w, b) in enumerate(zip(sg_w, sg_b)):
+        a = torch.addmm(b, z[-1], w.t())
+        z.append(torch.relu(a) if i < len(sg_w) - 1 else a)
+    prediction = z.pop()
+    grads = layer_backward(x, weight, pre, prediction, "relu", need_input_grad=True)
+    error = prediction - target
+    loss = (error * error).sum() / batch
+    sg_grads, _ = sg_backward(error * (2.0 / batch), z, SGParams(tuple(sg_w), tuple(sg_b), None))
+    weight.grad, bias.grad = grads.weight, grads.bias
+    for p, g in zip(sg_w, sg_grads.weights):
+        p.grad = g
+    for p, g in zip(sg_b, sg_grads.biases):
+        p.grad = g
+    return h, grads.input, loss
+
+
+def make_eager(problem: Problem) -> Variant:
+    """Plain eager PyTorch: explicit gradients, then ``torch.optim.Adam(foreach=True).step()``."""
+    params = [p.clone().requires_grad_() for p in problem.params]
+    opt = _adam(problem, params)
+    x, target = problem.x, problem.target
+
+    def step():
+        with torch.no_grad():
+            out = _eager_math(x, target, params)
+            opt.step()
+        return out
+
+    return Variant("eager", step, params, "explicit grads + torch.optim.Adam(foreach=True)")
+
+
+def make_compiled(problem: Problem, *, whole: bool = True) -> Variant:
+    """``torch.compile`` of the eager step: with ``opt.step()`` (``whole``) or of the math alone."""
+    params = [p.clone().requires_grad_() for p in problem.params]
+    opt = _adam(problem, params)
+    x, target = problem.x, problem.target
+    if whole:
+        @torch.compile(dynamic=False)
+        def step():
+            with torch.no_grad():
+                out = _eager_math(x, target, params)
+                opt.step()
+            return out
+
+        return Variant("compiled", step, params, "torch.compile(step incl. opt.step())")
+
+    math_fn = torch.compile(_eager_math, dynamic=False)
+
+    def step():
+        with torch.no_grad():
+            out = math_fn(x, target, params)
+            opt.step()
+        return out
+
+    return Variant("compiled", step, params, "torch.compile(math), opt.step() eager")
+
+
+def make_gemm_floor(problem: Problem) -> Variant:
+    """Only the step's GEMMs (:func:`gemm_shapes`), ``torch.mm`` into preallocated outputs."""
+    gen = torch.Generator().manual_seed(1)
+    B, N, dtype = problem.batch, problem.width, problem.dtype
+    params = problem.clone_params()
+    weight, sg_w = params[0], params[2::2]
+    sizes = [N, *sg_hidden(problem.sg, N), N]
+    L = len(sizes) - 1
+    x = problem.x
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)
+    h = torch.empty(B, N, dtype=dtype)
+    a = [torch.empty(B, sizes[l + 1], dtype=dtype) for l in range(L)]
+    delta, dW, dx = rnd(B, N), torch.empty(N, N, dtype=dtype), torch.empty(B, N, dtype=dtype)
+    g = [rnd(B, sizes[l + 1]) * 0.01 for l in range(L)]  # the SG's back-propagated gradients (inputs here)
+    g_below = [torch.empty(B, sizes[l], dtype=dtype) for l in range(L)]
+    dWs = [torch.empty(sizes[l + 1], sizes[l], dtype=dtype) for l in range(L)]
+    z = [h, *a[:-1]]  # the SG layers' inputs
+    mm = torch.mm
+
+    def step():
+        mm(x, weight.t(), out=h)
+        for l in range(L):
+            mm(z[l], sg_w[l].t(), out=a[l])
+        mm(delta.t(), x, out=dW)
+        mm(delta, weight, out=dx)
+        for l in reversed(range(L)):
+            mm(g[l].t(), z[l], out=dWs[l])
+            if l > 0:
+                mm(g[l], sg_w[l], out=g_below[l])
+        return h, dx
+
+    return Variant("gemm_floor", step, params, "torch.mm(out=) on the step's GEMM shapes")
+
+
+def make_variant(name: str, problem: Problem, **kwargs) -> Variant:
+    makers = {"fused": make_fused, "eager": make_eager, "compiled": make_compiled, "gemm_floor": make_gemm_floor}
+    if name == "fused_raw":
+        return make_fused(problem, raw=True)
+    return makers[name](problem, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak memory
+
+
+def peak_alloc_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Peak bytes allocated by ``fn()`` above what was live when it started, on the c10 CPU allocator.
+
+    Read from ``torch.profiler`` with ``profile_memory=True``: every allocation and free of the c10 CPU
+    allocator (ATen tensors, whether made by PyTorch, Inductor's generated code or the fastdni C++
+    kernels) is recorded; the running sum of their sizes, in time order, peaks at the step's
+    transient working set. Returns ``None`` when the profiler gave no memory events. Memory that
+    does not go through c10 (MKL's or oneDNN's internal scratch, malloc in Python) is not seen.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        fn()
+    events = [(e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"]
+    if not events:
+        return None
+    events.sort(key=lambda t: t[0])
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
