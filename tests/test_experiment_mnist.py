@@ -1,5 +1,6 @@
 """The MNIST CLI end to end at a tiny budget, its models, and its argument errors."""
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 from fastdni.experiments import mnist
 from fastdni.experiments.models import block_output_shapes, cnn_blocks, fcn_blocks, synthetic_gradients
-from fastdni.nn import ConvSyntheticGradient, SyntheticGradient
+from fastdni.nn import ConvSyntheticGradient, DecoupledMLP, DecoupledSequential, SyntheticGradient
+from fastdni.ops import HAS_CPU_KERNELS
 
 
 def test_cli_runs_all_modes_and_writes_table_plot_logs(tmp_path, capsys):
@@ -69,3 +71,26 @@ def test_cnn_dni_runs_through_the_cli(tmp_path):
                      "--steps", "3", "--eval-every", "3", "--batch-size", "32", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     assert len(json.loads((tmp_path / "results.json").read_text())) == 2
+
+
+def test_fcn_runs_on_the_fused_ops_and_bn_model_on_autograd():
+    config = mnist.RunConfig(mode="dni", steps=1, lr=1e-3, sg_lr=1e-3, lr_schedule="constant")
+    assert isinstance(mnist.build_model(config), DecoupledMLP)
+    assert isinstance(mnist.build_model(dataclasses.replace(config, model="fcn-bn")), DecoupledSequential)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="no fastdni._C: only the reference backend")
+@pytest.mark.parametrize("mode", ["dni", "cdni"])
+def test_fused_and_reference_backends_give_the_same_learning_curve(tmp_path, mode):
+    curves = {}
+    for backend in ("cpu", "reference"):
+        out = tmp_path / backend
+        assert mnist.main(["--modes", mode, "--backend", backend, "--steps", "40", "--eval-every", "10",
+                           "--dni-sg-hidden", "128", "--out", str(out), "--no-progress", "--checkpoint-every", "0"]) == 0
+        with open(out / f"{mode}.csv") as f:
+            curves[backend] = [(float(r["train_loss"]), float(r["sg_loss"]), float(r["test_error"])) for r in csv.DictReader(f)]
+    assert len(curves["cpu"]) == 4
+    for (loss, sg_loss, error), (loss_ref, sg_loss_ref, error_ref) in zip(curves["cpu"], curves["reference"]):
+        assert loss == pytest.approx(loss_ref, rel=1e-3) and sg_loss == pytest.approx(sg_loss_ref, rel=1e-3)
+        # Rounding-level differences flip the argmax of a few near-tied test images (early logits are close).
+        assert abs(error - error_ref) <= 0.2

@@ -3,6 +3,11 @@
     python -m fastdni.experiments.mnist                  # the demo: bp vs dni vs cdni, FCN, small budget
     python -m fastdni.experiments.mnist --paper          # the paper's schedule (Adam 3e-5, 500k steps)
     python -m fastdni.experiments.mnist --model cnn --modes dni --steps 2000
+    python -m fastdni.experiments.mnist --backend reference    # the same run on the pure-PyTorch oracle
+
+Models: ``fcn`` (default) is the paper's FCN without BatchNorm, hidden layers Linear -> ReLU, each
+layer step run by the fused ops (:class:`fastdni.nn.DecoupledMLP`, ``--backend``); ``fcn-bn`` is the
+paper's FCN with BatchNorm and ``cnn`` a small CNN, both on autograd (:class:`fastdni.nn.DecoupledSequential`).
 
 Writes ``<out>/<mode>.csv`` (learning curve), ``<mode>.pt`` (checkpoint, see ``--resume``),
 ``results.json``, ``test_error.png``, and prints a results table.
@@ -15,14 +20,15 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..data import DatasetError, load_mnist
-from ..nn import DecoupledSequential
+from ..nn import DecoupledMLP, DecoupledSequential
+from ..ops import BACKENDS
 from ..train import CheckpointError, train
-from .models import cnn_blocks, fcn_blocks, synthetic_gradients
+from .models import NUM_CLASSES, cnn_blocks, fcn_blocks, synthetic_gradients
 from .report import plot_curves, results_table
 
 MODES = ("backprop", "dni", "cdni")
@@ -44,6 +50,7 @@ class RunConfig:
     sg_lr: float  #: Adam learning rate of the SG models
     lr_schedule: str
     model: str = "fcn"
+    backend: str = "auto"  #: fused-op backend of the fcn model
     hidden_layers: int = 3
     width: int = 256
     cnn_channels: tuple[int, ...] = (32, 64)
@@ -53,31 +60,34 @@ class RunConfig:
     seed: int = 0
 
 
-def build_model(config: RunConfig) -> DecoupledSequential:
+MODELS = ("fcn", "fcn-bn", "cnn")
+
+
+def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledSequential]:
     torch.manual_seed(config.seed)
+    optimizers = dict(optimizer=partial(torch.optim.Adam, lr=config.lr), sg_optimizer=partial(torch.optim.Adam, lr=config.sg_lr))
+    mode = "backprop" if config.mode == "backprop" else "dni"
+    # The loss is a batch mean: by default SG models predict per-example gradients.
+    gradient_scale = config.gradient_scale or config.batch_size
+    context = 10 if config.mode == "cdni" else 0
     if config.model == "fcn":
+        return DecoupledMLP(784, (config.width,) * config.hidden_layers, NUM_CLASSES, sg_hidden=config.sg_hidden,
+                            context_features=context, mode=mode, gradient_scale=gradient_scale, backend=config.backend,
+                            **optimizers)
+    if config.model == "fcn-bn":
         blocks, input_shape = fcn_blocks(config.hidden_layers, config.width), (784,)
     else:
         blocks, input_shape = cnn_blocks(config.cnn_channels), (1, 28, 28)
     sgs = None
     if config.mode != "backprop":
-        context = 10 if config.mode == "cdni" else 0
         sgs = synthetic_gradients(blocks, input_shape, config.sg_hidden, context_features=context)
-    return DecoupledSequential(
-        blocks,
-        sgs,
-        optimizer=partial(torch.optim.Adam, lr=config.lr),
-        sg_optimizer=partial(torch.optim.Adam, lr=config.sg_lr),
-        mode="backprop" if config.mode == "backprop" else "dni",
-        # The loss is a batch mean: by default SG models predict per-example gradients.
-        gradient_scale=config.gradient_scale or config.batch_size,
-    )
+    return DecoupledSequential(blocks, sgs, mode=mode, gradient_scale=gradient_scale, **optimizers)
 
 
 def run(config: RunConfig, data, out: Path, *, eval_every: int, checkpoint_every: int, resume: bool, progress: bool) -> dict:
     """Train one configuration; returns its summary row."""
     model = build_model(config)
-    shape = (-1, 784) if config.model == "fcn" else (-1, 1, 28, 28)
+    shape = (-1, 1, 28, 28) if config.model == "cnn" else (-1, 784)
     result = train(
         model,
         (data.train_images.reshape(shape), data.train_labels),
@@ -130,7 +140,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastdni.experiments.mnist", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", type=_mode, default=list(MODES), help="backprop (bp), dni, cdni")
-    p.add_argument("--model", choices=("fcn", "cnn"), default="fcn")
+    p.add_argument("--model", choices=MODELS, default="fcn",
+                   help="fcn: Linear+ReLU layers on the fused ops (default); fcn-bn: with BatchNorm; cnn (both on autograd)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="fused-op backend of the fcn model (auto: the compiled kernels where built, else reference)")
     p.add_argument("--hidden-layers", type=int, default=3, help="FCN hidden layers (paper: 3-6)")
     p.add_argument("--width", type=int, default=256, help="FCN hidden units (paper: 256)")
     p.add_argument("--cnn-channels", type=_sizes, default=(32, 64), help="CNN conv block channels")
@@ -162,7 +175,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.dni_sg_hidden is None:
-        args.dni_sg_hidden = (1024, 1024) if args.model == "fcn" else (64,)
+        args.dni_sg_hidden = (64,) if args.model == "cnn" else (1024, 1024)
     for name in ("steps", "batch_size", "eval_every", "hidden_layers", "width"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
@@ -184,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     for mode in dict.fromkeys(args.modes):
         config = RunConfig(
-            mode=mode, model=args.model, hidden_layers=args.hidden_layers, width=args.width,
+            mode=mode, model=args.model, backend=args.backend, hidden_layers=args.hidden_layers, width=args.width,
             cnn_channels=tuple(args.cnn_channels),
             sg_hidden=tuple(args.cdni_sg_hidden if mode == "cdni" else args.dni_sg_hidden if mode == "dni" else ()),
             steps=args.steps, batch_size=args.batch_size,
