@@ -1,0 +1,29 @@
+"""`pip wheel .` gives a wheel whose installed copy (compiled ops included) passes the smoke test.
+
+The full check, a fresh venv with torch installed beside the wheel, is scripts/check_wheel.sh; here the
+wheel is unpacked with `pip install --target` and imported ahead of the source tree, which is the
+part that can break (missing package data, the extension not in the wheel, a wrong rpath).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastdni.ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fastdni.ops.HAS_CPU_KERNELS, reason="this install was built without the extension")
+def test_wheel_installs_and_passes_the_smoke_test(tmp_path):
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
+    (wheel,) = (tmp_path / "dist").glob("fastdni-*.whl")
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    out = subprocess.run([sys.executable, "-m", "fastdni.smoke_test"], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert f"from {tmp_path / 'site'}" in out and "compiled CPU kernels: True" in out and "smoke test passed" in out
