@@ -4,7 +4,7 @@ The problem (:func:`make_problem`): a layer ``x [B, K] -> h [B, N] = relu(x W^T 
 ``K = N = width``, fp32, no context, its SG model ``M`` either
 
 - ``"linear"``: one layer ``N -> N``, or
-- ``"mlp"``: ``N -> H -> N`` with ``H = width`` (one hidden layer as wide as the layer, ReLU),
+- ``"mlp"``: ``N -> H -> N`` with ``H = width`` (one hidden layer as wide as the layer, ReLU);
 
 Adam (``lr=1e-3, betas=(0.9, 0.999), eps=1e-8``, no weight decay) on every parameter (layer and SG),
 the input gradient ``dx`` computed (``need_input_grad=True``: the bootstrapped target of the SG
@@ -25,11 +25,14 @@ ONE step is: forward (layer + SG prediction), the layer's Adam step on the synth
 ``eager``
     the same math as a user would write it in plain PyTorch: ``addmm`` forwards, the explicit
     gradients of :mod:`fastdni.reference` (``layer_backward``, ``sg_backward``) assigned to ``.grad``,
-    then ``torch.optim.Adam(..., foreach=True).step()`` on all parameters.
+    then ``torch.optim.Adam(..., foreach=True).step()`` on all parameters and
+    ``zero_grad(set_to_none=True)`` (as a training loop would; it frees the gradients).
 ``compiled``
-    ``torch.compile`` of the eager step function, ``opt.step()`` included (Inductor, default mode);
-    if that cannot be compiled, the math is compiled and ``opt.step()`` stays eager
-    (:attr:`Variant.note` says which).
+    ``torch.compile`` of the eager step function, ``opt.step()`` included (Inductor, default mode,
+    ``dynamic=False``). It runs as two graphs, the math and the optimizer: ``torch.optim`` puts a
+    graph break at the start of ``step()`` on purpose (see ``_use_grad_for_differentiable``), and
+    ``zero_grad`` is not traced (it runs eagerly). If the whole step cannot be compiled, the math is
+    compiled and ``opt.step()`` stays eager (:attr:`Variant.note` says which).
 ``gemm_floor``
     only the GEMMs of the step, ``torch.mm(..., out=...)`` into preallocated outputs on the same
     shapes (:func:`gemm_shapes`): the time below which no implementation that calls the same BLAS
@@ -44,7 +47,10 @@ the SG, ``dW1 = g1^T h``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -110,15 +116,15 @@ def make_problem(batch: int, width: int, sg: str = "linear", *, seed: int = 0, d
 def gemm_shapes(problem: Problem) -> list[tuple[str, int, int, int]]:
     """``(name, m, n, k)`` of every GEMM of one step (``C[m, n] = A[m, k] B[k, n]``), in step order."""
     B, N = problem.batch, problem.width
-    sizes = [N, *sg_hidden(problem.sg, N), N]  # SG layer l maps sizes[l] -> sizes[l + 1]
+    sizes = [N, *sg_hidden(problem.sg, N), N]  # SG layer j maps sizes[j] -> sizes[j + 1]
     L = len(sizes) - 1
     out = [("h = x W^T", B, N, N)]
-    out += [(f"a{l + 1} = z{l} Ws{l + 1}^T", B, sizes[l + 1], sizes[l]) for l in range(L)]
+    out += [(f"a{j + 1} = z{j} Ws{j + 1}^T", B, sizes[j + 1], sizes[j]) for j in range(L)]
     out += [("dW = delta^T x", N, N, B), ("dx = delta W", B, N, N)]
-    for l in reversed(range(L)):
-        out.append((f"dWs{l + 1} = g{l + 1}^T z{l}", sizes[l + 1], sizes[l], B))
-        if l > 0:
-            out.append((f"g{l} = g{l + 1} Ws{l + 1}", B, sizes[l], sizes[l + 1]))
+    for j in reversed(range(L)):
+        out.append((f"dWs{j + 1} = g{j + 1}^T z{j}", sizes[j + 1], sizes[j], B))
+        if j > 0:
+            out.append((f"g{j} = g{j + 1} Ws{j + 1}", B, sizes[j], sizes[j + 1]))
     return out
 
 
@@ -156,17 +162,34 @@ def _moments(problem: Problem) -> tuple[list[Tensor], list[Tensor]]:
     return [m.clone() for m in problem.exp_avg], [v.clone() for v in problem.exp_avg_sq]
 
 
+class FusedArgs(NamedTuple):
+    """A private copy of the problem's parameters and Adam state, in the fused ops' argument layout."""
+
+    params: list[Tensor]  #: ``weight, bias, Ws_1, bs_1, ...`` (the tensors below, in the problem's order)
+    weight: Tensor
+    bias: Tensor
+    sg: SGParams
+    layer_state: list[Tensor]  #: ``exp_avg(W), exp_avg_sq(W), exp_avg(b), exp_avg_sq(b)``
+    sg_state: list[Tensor]  #: the same for ``Ws_1, bs_1, ...``
+    hyper: list[float]  #: Adam's ``hyper`` for the first step (``step = 1``)
+
+
+def fused_args(problem: Problem) -> FusedArgs:
+    params = problem.clone_params()
+    m, v = _moments(problem)
+    state = [t for pair in zip(m, v) for t in pair]  # per parameter: exp_avg, exp_avg_sq
+    sg = SGParams(tuple(params[2::2]), tuple(params[3::2]), None)
+    hyper = [ADAM["lr"], *ADAM["betas"], ADAM["eps"], ADAM["weight_decay"], 0.0, 1.0]
+    return FusedArgs(params, params[0], params[1], sg, state[:4], state[4:], hyper)
+
+
 def make_fused(problem: Problem, *, raw: bool = False) -> Variant:
     """The three fused ops with ``backend="cpu"``; ``raw``: ``torch.ops.fastdni.*`` without the wrappers."""
     if not ops.HAS_CPU_KERNELS:
         raise RuntimeError("the fused variant needs the compiled CPU kernels (fastdni._C)")
-    params = problem.clone_params()
-    m, v = _moments(problem)
-    state = [t for pair in zip(m, v) for t in pair]  # per parameter: exp_avg, exp_avg_sq
-    layer_state, sg_state = state[:4], state[4:]
-    weight, bias = params[:2]
-    sg = SGParams(tuple(params[2::2]), tuple(params[3::2]), None)
-    x, target = problem.x, problem.target
+    args = fused_args(problem)
+    params, x, target, weight, bias, sg = args.params, problem.x, problem.target, args.weight, args.bias, args.sg
+    layer_state, sg_state = args.layer_state, args.sg_state
     lr, (beta1, beta2), eps = ADAM["lr"], ADAM["betas"], ADAM["eps"]
     count = [0]
 
@@ -238,6 +261,7 @@ def make_eager(problem: Problem) -> Variant:
         with torch.no_grad():
             out = _eager_math(x, target, params)
             opt.step()
+        opt.zero_grad(set_to_none=True)
         return out
 
     return Variant("eager", step, params, "explicit grads + torch.optim.Adam(foreach=True)")
@@ -254,6 +278,7 @@ def make_compiled(problem: Problem, *, whole: bool = True) -> Variant:
             with torch.no_grad():
                 out = _eager_math(x, target, params)
                 opt.step()
+            opt.zero_grad(set_to_none=True)
             return out
 
         return Variant("compiled", step, params, "torch.compile(step incl. opt.step())")
@@ -264,6 +289,7 @@ def make_compiled(problem: Problem, *, whole: bool = True) -> Variant:
         with torch.no_grad():
             out = math_fn(x, target, params)
             opt.step()
+        opt.zero_grad(set_to_none=True)
         return out
 
     return Variant("compiled", step, params, "torch.compile(math), opt.step() eager")
@@ -280,24 +306,24 @@ def make_gemm_floor(problem: Problem) -> Variant:
     x = problem.x
     rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)
     h = torch.empty(B, N, dtype=dtype)
-    a = [torch.empty(B, sizes[l + 1], dtype=dtype) for l in range(L)]
+    a = [torch.empty(B, sizes[j + 1], dtype=dtype) for j in range(L)]
     delta, dW, dx = rnd(B, N), torch.empty(N, N, dtype=dtype), torch.empty(B, N, dtype=dtype)
-    g = [rnd(B, sizes[l + 1]) * 0.01 for l in range(L)]  # the SG's back-propagated gradients (inputs here)
-    g_below = [torch.empty(B, sizes[l], dtype=dtype) for l in range(L)]
-    dWs = [torch.empty(sizes[l + 1], sizes[l], dtype=dtype) for l in range(L)]
+    g = [rnd(B, sizes[j + 1]) * 0.01 for j in range(L)]  # the SG's back-propagated gradients (inputs here)
+    g_below = [torch.empty(B, sizes[j], dtype=dtype) for j in range(L)]
+    dWs = [torch.empty(sizes[j + 1], sizes[j], dtype=dtype) for j in range(L)]
     z = [h, *a[:-1]]  # the SG layers' inputs
     mm = torch.mm
 
     def step():
         mm(x, weight.t(), out=h)
-        for l in range(L):
-            mm(z[l], sg_w[l].t(), out=a[l])
+        for j in range(L):
+            mm(z[j], sg_w[j].t(), out=a[j])
         mm(delta.t(), x, out=dW)
         mm(delta, weight, out=dx)
-        for l in reversed(range(L)):
-            mm(g[l].t(), z[l], out=dWs[l])
-            if l > 0:
-                mm(g[l], sg_w[l], out=g_below[l])
+        for j in reversed(range(L)):
+            mm(g[j].t(), z[j], out=dWs[j])
+            if j > 0:
+                mm(g[j], sg_w[j], out=g_below[j])
         return h, dx
 
     return Variant("gemm_floor", step, params, "torch.mm(out=) on the step's GEMM shapes")
@@ -314,25 +340,43 @@ def make_variant(name: str, problem: Problem, **kwargs) -> Variant:
 # Peak memory
 
 
-def peak_alloc_bytes(fn: Callable[[], object]) -> Optional[int]:
-    """Peak bytes allocated by ``fn()`` above what was live when it started, on the c10 CPU allocator.
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (Kineto logs two lines to it per profile, from C++)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
-    Read from ``torch.profiler`` with ``profile_memory=True``: every allocation and free of the c10 CPU
-    allocator (ATen tensors, whether made by PyTorch, Inductor's generated code or the fastdni C++
-    kernels) is recorded; the running sum of their sizes, in time order, peaks at the step's
-    transient working set. Returns ``None`` when the profiler gave no memory events. Memory that
-    does not go through c10 (MKL's or oneDNN's internal scratch, malloc in Python) is not seen.
+
+def peak_alloc_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Peak bytes that ``fn()`` holds allocated at once on the c10 CPU allocator, its outputs included.
+
+    Read from ``torch.profiler`` with ``profile_memory=True``, which records every allocation and free
+    of the c10 CPU allocator, i.e. of every ATen tensor, whether PyTorch, Inductor's generated code or
+    the fastdni C++ kernels made it. The running sum of the sizes of the blocks ``fn`` allocates
+    (minus those it frees again), in time order, peaks at the step's transient working set (what it
+    needs on top of the persistent parameters, moments and inputs). Not seen: memory that bypasses c10
+    (MKL/oneDNN internal scratch, Python objects) and, possibly, tensors allocated on OpenMP worker
+    threads, which do not carry the profiler's thread-local state (e.g. the fused dW GEMM's per-thread
+    tile scratch, ~64 KiB each). ``None`` if the profiler gave no memory records.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        fn()
-    events = [(e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"]
-    if not events:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    try:
+        records = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:  # the profiler's internals moved
         return None
-    events.sort(key=lambda t: t[0])
     live = peak = 0
-    for _, delta in events:
-        live += delta
+    for _, nbytes in sorted(records):
+        live += nbytes
         peak = max(peak, live)
     return peak

@@ -21,7 +21,7 @@ constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 template <typename T>
 FASTDNI_HOST_DEVICE T activate(Activation act, T pre) {
   switch (act) {
-    case Activation::kRelu: return pre > T(0) ? pre : T(0);
+    case Activation::kRelu: return pre < T(0) ? T(0) : pre;  // NaN stays NaN, as torch.relu
     case Activation::kTanh: return std::tanh(pre);
     case Activation::kGelu: return pre * T(0.5) * (T(1) + std::erf(pre * T(kInvSqrt2)));
     default: return pre;

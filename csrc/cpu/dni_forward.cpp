@@ -46,16 +46,6 @@ void add_label_context_relu_(const at::Tensor& a, const at::Tensor& context_weig
   });
 }
 
-void check_labels(const at::Tensor& labels, int64_t rows, int64_t classes) {
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == rows, "context: integer labels must have shape (", rows, "), got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, "context: labels must be int32 or int64, got ",
-              labels.scalar_type());
-  if (labels.numel() > 0) {
-    const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < classes, "context: labels must lie in [0, ", classes, "), got values in [", lo, ", ", hi, "]");
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dni_forward(

@@ -95,8 +95,7 @@ at::Tensor sg_regression_(const at::Tensor& h, at::TensorList sg_hidden, const a
     if (at::isFloatingType(context->scalar_type())) {
       check_tensor("context", *context, {rows, context_weight->size(1)}, h);
     } else {
-      TORCH_CHECK(context->dim() == 1 && context->size(0) == rows, "context: integer labels must have shape (", rows, "), got ",
-                  context->sizes());
+      check_labels(*context, rows, context_weight->size(1));
     }
     params.push_back(*context_weight);
   }

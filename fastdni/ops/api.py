@@ -14,8 +14,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._checks import check_positive, check_tensor
-from ..reference import SGParams
+from .._checks import check_context_presence, check_positive, check_tensor
+from ..reference import NEEDS_PRE, SGParams
 from ..reference.activations import check_activation
 from ..reference.layer import check_layer
 from ..reference.synthetic import check_sg
@@ -74,6 +74,8 @@ def dni_forward(
     sg = sg or SGParams((), (), None)
     if sg.weights:
         check_sg(x.new_empty(x.shape[0], weight.shape[0]), sg, context)
+    else:
+        check_context_presence(context, False)
     run = check_backend(backend, x.device)
     args = (x, weight, bias, list(sg.weights), list(sg.biases), sg.context_weight, context, activation)
     out = reference_backend.dni_forward(*args) if run == "reference" else _OPS.dni_forward(*args)
@@ -101,6 +103,8 @@ def dni_update_(
     check_activation(activation)
     check_tensor("forward.h", forward.h, shape=(x.shape[0], weight.shape[0]), like=x)
     check_tensor("forward.prediction", forward.prediction, shape=tuple(forward.h.shape), like=x)
+    if activation in NEEDS_PRE:
+        check_tensor("forward.pre", forward.pre, shape=tuple(forward.h.shape), like=x)
     check_positive("grad_scale", grad_scale)
     check_optimizer_args(optimizer, hyper, state, [weight, bias])
     _check_contiguous("params", [weight, bias])
@@ -136,6 +140,8 @@ def sg_regression_(
     check_tensor("target", target, shape=tuple(h.shape), like=h)
     if len(forward.sg_hidden) != len(sg.weights) - 1:
         raise ValueError(f"forward.sg_hidden: expected {len(sg.weights) - 1} tensors for this SG, got {len(forward.sg_hidden)}")
+    for i, (z, w) in enumerate(zip(forward.sg_hidden, sg.weights)):
+        check_tensor(f"forward.sg_hidden[{i}]", z, shape=(h.shape[0], w.shape[0]), like=h)
     check_positive("target_scale", target_scale, allow_zero=True)
     check_positive("loss_weight", loss_weight)
     params = ordered_params(sg)

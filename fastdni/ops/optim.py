@@ -37,6 +37,10 @@ def check_optimizer_args(optimizer: str, hyper: Sequence[float], state: Sequence
     fields = HYPER_FIELDS[optimizer]
     if len(hyper) != len(fields):
         raise ValueError(f"hyper: expected {len(fields)} values ({', '.join(fields)}) for {optimizer!r}, got {len(hyper)}")
+    if optimizer == "adam" and not (hyper[6] >= 1 and float(hyper[6]).is_integer()):
+        raise ValueError(f"hyper: Adam's step must be an integer >= 1 (steps count from 1), got {hyper[6]!r}")
+    if not hyper[0] >= 0:
+        raise ValueError(f"hyper: lr must be >= 0, got {hyper[0]!r}")
     want = len(params) * state_per_param(optimizer, hyper)
     if len(state) != want:
         raise ValueError(f"state: expected {want} tensors for {len(params)} parameters with {optimizer!r}, got {len(state)}")

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
+from .._checks import check_context_presence
 from ..reference import (
     NEEDS_PRE,
     SGParams,
@@ -34,6 +35,7 @@ def dni_forward(
     h, pre = layer_forward(x, weight, bias, activation)
     saved_pre = pre if activation in NEEDS_PRE else h.new_empty(0)
     if not sg_weights:
+        check_context_presence(context, False)
         return h, saved_pre, h.new_empty(0), []
     z = sg_forward(h, SGParams(tuple(sg_weights), tuple(sg_biases), context_weight), context)
     return h, saved_pre, z[-1], z[1:-1]

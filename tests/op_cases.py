@@ -1,0 +1,265 @@
+"""Shared cases of the fused-op tests (test_dni_forward, test_dni_update, test_sg_regression,
+test_ops_registration): the per-dtype tolerance table, seeded input builders, optimizer configurations
+and the argument lists of the raw ``torch.ops.fastdni`` calls.
+
+Importable because pytest puts ``tests/`` on ``sys.path``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Optional, Sequence
+
+import pytest
+import torch
+from torch import Tensor
+
+import fastdni.ops as ops
+from fastdni.ops import ForwardResult
+from fastdni.ops.optim import state_per_param
+from fastdni.reference import SGParams, init_sg_params
+
+# CPU backend vs reference (and vs torch.optim), per dtype. Both compute the same formulae; they differ in
+# the order of floating-point operations (tiled/blocked GEMMs, double-accumulated loss, fused epilogues).
+# Inputs are scaled so that every result is O(1) (weights ~ 1/sqrt(fan_in)), so atol and rtol mean the
+# same thing. Measured on these cases, the worst error is ~2e-15 (fp64) and ~4e-7 (fp32) relative to a
+# result's largest entry, i.e. at most ~0.6% (fp64) and ~5% (fp32) of the tolerances below: room for
+# other BLAS builds and thread counts, while any wrong term (an O(1) relative error) still fails by far.
+OP_TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+}
+OP_DTYPES = tuple(OP_TOLERANCES)
+DTYPE_IDS = {torch.float32: "fp32", torch.float64: "fp64"}
+
+requires_cpu = pytest.mark.skipif(
+    not ops.HAS_CPU_KERNELS, reason="the C++ extension fastdni._C is not built (pure-Python install)"
+)
+# Parametrising over the backends: the "cpu" one only where the extension is built.
+BACKEND_PARAMS = [pytest.param("reference"), pytest.param("cpu", marks=requires_cpu)]
+
+ACTIVATIONS = ("identity", "relu", "tanh", "gelu")
+SG_SHAPES = {"linear": (), "mlp1": (7,), "mlp2": (7, 9)}  #: SG hidden widths by name
+CONTEXTS = ("none", "labels64", "labels32", "float")
+
+# Small non-square defaults: B != K != N != C.
+BATCH, IN_FEATURES, FEATURES, CLASSES = 6, 5, 4, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One input configuration; :func:`make_inputs` builds its tensors from ``seed``."""
+
+    dtype: torch.dtype = torch.float64
+    activation: str = "relu"
+    sg: Optional[str] = "mlp1"  #: a key of SG_SHAPES, or None: no SG model
+    context: str = "none"  #: one of CONTEXTS
+    batch: int = BATCH
+    in_features: int = IN_FEATURES
+    features: int = FEATURES
+    classes: int = CLASSES
+    sg_hidden: Optional[tuple[int, ...]] = None  #: overrides SG_SHAPES[sg] (large cases)
+    seed: int = 0
+
+    @property
+    def hidden(self) -> tuple[int, ...]:
+        return self.sg_hidden if self.sg_hidden is not None else SG_SHAPES[self.sg]
+
+
+@dataclasses.dataclass
+class Inputs:
+    x: Tensor
+    weight: Tensor
+    bias: Tensor
+    sg: Optional[SGParams]
+    context: Optional[Tensor]
+    target: Tensor  #: a regression target, ``[B, N]``
+    activation: str
+
+
+def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+
+def make_inputs(case: Case) -> Inputs:
+    """Seeded inputs for ``case``; every SG parameter random (a fresh SG predicts 0, hiding mistakes)."""
+    if case.context != "none" and case.sg is None:
+        raise ValueError("a context needs an SG model")
+    gen = torch.Generator().manual_seed(case.seed)
+    B, K, N, C, dt = case.batch, case.in_features, case.features, case.classes, case.dtype
+    x = _randn(gen, B, K, dtype=dt)
+    weight = _randn(gen, N, K, dtype=dt, scale=K ** -0.5)
+    bias = _randn(gen, N, dtype=dt, scale=0.1)
+    sg = context = None
+    if case.sg is not None:
+        use_context = case.context != "none"
+        shapes = init_sg_params(N, case.hidden, C if use_context else 0, dtype=dt, generator=torch.Generator())
+        sg = SGParams(
+            tuple(_randn(gen, *w.shape, dtype=dt, scale=w.shape[1] ** -0.5) for w in shapes.weights),
+            tuple(_randn(gen, *b.shape, dtype=dt, scale=0.1) for b in shapes.biases),
+            None if shapes.context_weight is None else _randn(gen, *shapes.context_weight.shape, dtype=dt, scale=0.5),
+        )
+        if case.context == "float":
+            context = _randn(gen, B, C, dtype=dt)
+        elif case.context.startswith("labels"):
+            labels = torch.randint(0, C, (B,), generator=gen)
+            k = min(B, C)
+            labels[:k] = torch.arange(k)  # every class present (where the batch allows)
+            context = labels.to(torch.int64 if case.context == "labels64" else torch.int32)
+    target = _randn(gen, B, N, dtype=dt)
+    return Inputs(x, weight, bias, sg, context, target, case.activation)
+
+
+def case_id(case: Case) -> str:
+    parts = [DTYPE_IDS[case.dtype], case.activation, case.sg or "nosg"]
+    if case.context != "none":
+        parts.append(case.context)
+    if (case.batch, case.in_features, case.features) != (BATCH, IN_FEATURES, FEATURES):
+        parts.append(f"B{case.batch}K{case.in_features}N{case.features}")
+    return "-".join(parts)
+
+
+# --- optimizers -------------------------------------------------------------------------------------
+
+# (optimizer, hyper): see fastdni/ops/optim.py for the layouts.
+OPTIMIZERS = {
+    "adam-step1": ("adam", [1e-2, 0.9, 0.999, 1e-8, 0.0, 0.0, 1.0]),
+    "adam-step4": ("adam", [1e-2, 0.8, 0.99, 1e-6, 0.0, 0.0, 4.0]),
+    "adam-l2-step1": ("adam", [1e-2, 0.9, 0.999, 1e-8, 0.1, 0.0, 1.0]),
+    "adam-l2-step3": ("adam", [1e-2, 0.9, 0.999, 1e-8, 0.1, 0.0, 3.0]),
+    "adamw-step1": ("adam", [1e-2, 0.9, 0.999, 1e-8, 0.1, 1.0, 1.0]),
+    "adamw-step7": ("adam", [1e-2, 0.5, 0.9, 1e-6, 0.05, 1.0, 7.0]),
+    "sgd": ("sgd", [0.1, 0.0, 0.0, 0.0, 0.0, 0.0]),
+    "sgd-wd-first": ("sgd", [0.1, 0.0, 0.0, 0.05, 0.0, 1.0]),
+    "sgd-momentum-first": ("sgd", [0.1, 0.9, 0.0, 0.0, 0.0, 1.0]),
+    "sgd-momentum": ("sgd", [0.1, 0.9, 0.0, 0.0, 0.0, 0.0]),
+    "sgd-dampening-first": ("sgd", [0.1, 0.9, 0.3, 0.01, 0.0, 1.0]),
+    "sgd-dampening": ("sgd", [0.1, 0.9, 0.3, 0.01, 0.0, 0.0]),
+    "sgd-nesterov-first": ("sgd", [0.1, 0.9, 0.0, 0.01, 1.0, 1.0]),
+    "sgd-nesterov": ("sgd", [0.1, 0.9, 0.0, 0.01, 1.0, 0.0]),
+}
+ADAM = OPTIMIZERS["adam-l2-step3"]
+SGD_MOMENTUM = OPTIMIZERS["sgd-dampening"]
+
+
+def make_state(optimizer: str, hyper: Sequence[float], params: Sequence[Tensor], seed: int = 1) -> list[Tensor]:
+    """Random optimizer state for ``params`` (a mid-run state: Adam's second moment non-negative)."""
+    gen = torch.Generator().manual_seed(seed)
+    per = state_per_param(optimizer, hyper)
+    state = []
+    for p in params:
+        if optimizer == "adam":
+            state.append(_randn(gen, *p.shape, dtype=p.dtype, scale=0.1))
+            state.append(torch.rand(*p.shape, generator=gen, dtype=p.dtype) * 0.01)
+        else:
+            state += [_randn(gen, *p.shape, dtype=p.dtype, scale=0.1) for _ in range(per)]
+    return state
+
+
+# torch.optim configurations, for the multi-step equivalence tests: (class, kwargs).
+TORCH_OPTIMIZERS = {
+    "Adam": (torch.optim.Adam, dict(lr=1e-2)),
+    "Adam-l2": (torch.optim.Adam, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    "AdamW": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "SGD": (torch.optim.SGD, dict(lr=0.1)),
+    "SGD-wd": (torch.optim.SGD, dict(lr=0.1, weight_decay=0.05)),
+    "SGD-momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    "SGD-dampening": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01)),
+    "SGD-nesterov": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+}
+TORCH_OPTIMIZER_STEPS = 3
+
+
+def make_torch_optimizer(name: str, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+    cls, kwargs = TORCH_OPTIMIZERS[name]
+    return cls(list(params), foreach=False, **kwargs)  # single-tensor path: the fused ops' formulae
+
+
+def optimizer_states(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor]:
+    """A torch.optim optimizer's state tensors for ``params``, in the fused ops' order."""
+    out = []
+    for p in params:
+        s = opt.state[p]
+        out += [s[k] for k in ("exp_avg", "exp_avg_sq", "momentum_buffer") if s.get(k) is not None]
+    return out
+
+
+# --- copies and layouts -------------------------------------------------------------------------------
+
+def clone_sg(sg: Optional[SGParams]) -> Optional[SGParams]:
+    if sg is None:
+        return None
+    return SGParams(
+        tuple(w.clone() for w in sg.weights),
+        tuple(b.clone() for b in sg.biases),
+        None if sg.context_weight is None else sg.context_weight.clone(),
+    )
+
+
+def clone_all(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [t.clone() for t in tensors]
+
+
+def noncontiguous(t: Tensor) -> Tensor:
+    """The same values as ``t`` in a strided (non-contiguous) view; floats and integer labels alike."""
+    out = torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out
+
+
+def reference_forward(inp: Inputs) -> ForwardResult:
+    return ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend="reference")
+
+
+# --- the raw torch.ops.fastdni argument lists -----------------------------------------------------------
+
+def forward_op_args(inp: Inputs) -> tuple:
+    sg = inp.sg or SGParams((), (), None)
+    return (inp.x, inp.weight, inp.bias, list(sg.weights), list(sg.biases), sg.context_weight, inp.context, inp.activation)
+
+
+def update_op_args(inp: Inputs, forward: ForwardResult, optimizer: str, hyper: Sequence[float], state: Sequence[Tensor],
+                   *, grad_scale: float = 1.0, need_input_grad: bool = True) -> tuple:
+    return (inp.x, inp.weight, inp.bias, forward.h, forward.pre, forward.prediction, list(state), optimizer,
+            [float(v) for v in hyper], float(grad_scale), inp.activation, bool(need_input_grad))
+
+
+def regression_op_args(inp: Inputs, forward: ForwardResult, optimizer: str, hyper: Sequence[float],
+                       state: Sequence[Tensor], *, target_scale: float = 1.0, loss_weight: float = 1.0) -> tuple:
+    sg = inp.sg
+    return (forward.h, list(forward.sg_hidden), forward.prediction, inp.target, list(sg.weights), list(sg.biases),
+            sg.context_weight, inp.context, list(state), optimizer, [float(v) for v in hyper], float(target_scale),
+            float(loss_weight))
+
+
+# --- comparisons ----------------------------------------------------------------------------------------
+
+def assert_all_close(actual: Sequence[Tensor], expected: Sequence[Tensor], names: Sequence[str], **overrides) -> None:
+    """Pairwise ``assert_close`` at :data:`OP_TOLERANCES` for the expected tensor's dtype, naming the pair."""
+    assert len(actual) == len(expected) == len(names), (len(actual), len(expected), len(names))
+    for a, e, name in zip(actual, expected, names):
+        kwargs = dict(OP_TOLERANCES[e.dtype])
+        kwargs.update(overrides)
+        torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}", **kwargs)
+
+
+def sg_names(sg: SGParams, prefix: str = "sg") -> list[str]:
+    names = [f"{prefix}.{kind}[{i}]" for i in range(len(sg.weights)) for kind in ("weights", "biases")]
+    if sg.context_weight is not None:
+        names.append(f"{prefix}.context_weight")
+    return names
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Run with ``n`` intra-op threads (the suites run single-threaded: the conftest's ``single_thread``;
+    the tests of the parallel paths, tiles split across threads and label scatters, ask for 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+ARG_ERRORS = (ValueError, TypeError)  #: what the Python wrappers raise for a bad argument

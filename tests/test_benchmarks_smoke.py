@@ -1,0 +1,82 @@
+"""The benchmark of one DNI layer step (``benchmarks/dni_step.py``) compares equal work.
+
+Its variants (``benchmarks/common.py``) must compute the same step: ``fused`` (the C++ ops),
+``eager`` (explicit gradients + ``torch.optim.Adam``) and ``compiled`` (``torch.compile`` of eager)
+the same parameter updates and outputs after one step, and ``gemm_floor`` the same GEMMs as the
+eager step (counted by ``FlopCounterMode``). Plus one tiny row of the script's own logic (what
+``--quick`` runs), timing nothing meaningful.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastdni.ops as ops
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import common  # noqa: E402
+import dni_step  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="fastdni._C (the fused CPU kernels) did not load")
+
+BATCH, WIDTH = 8, 16
+UPDATE_TOL = dict(rtol=1e-4, atol=1e-7)  # Adam updates are ~lr = 1e-3: atol is 1e-4 of a step
+OUTPUT_TOL = dict(rtol=1e-5, atol=1e-6)  # fp32, different GEMM blocking
+
+
+def _assert_same_step(problem: common.Problem, got: common.Variant, got_out, want: common.Variant, want_out) -> None:
+    assert len(got.params) == len(want.params) == len(problem.params)
+    for i, (g, w, p0) in enumerate(zip(got.params, want.params, problem.params)):
+        assert not torch.equal(w, p0), f"{want.name} did not update parameter {i}"
+        torch.testing.assert_close(g.detach() - p0, w - p0, **UPDATE_TOL, msg=lambda m, i=i: f"{got.name} param {i}: {m}")
+    for name, g, w in zip(("h", "dx", "loss"), got_out, want_out):
+        torch.testing.assert_close(g.detach(), w, **OUTPUT_TOL, msg=lambda m, name=name: f"{got.name} {name}: {m}")
+
+
+@pytest.mark.parametrize("sg", common.SG_KINDS)
+def test_eager_matches_fused_and_gemm_floor_has_its_flops(sg):
+    problem = common.make_problem(BATCH, WIDTH, sg)
+    fused, eager, raw, floor = (common.make_variant(n, problem) for n in ("fused", "eager", "fused_raw", "gemm_floor"))
+    fused_out = fused.step()
+    with FlopCounterMode(display=False) as eager_flops:
+        eager_out = eager.step()
+    _assert_same_step(problem, eager, eager_out, fused, fused_out)
+    _assert_same_step(problem, raw, raw.step(), fused, fused_out)
+    with FlopCounterMode(display=False) as floor_flops:
+        floor.step()
+    assert eager_flops.get_total_flops() == floor_flops.get_total_flops() == common.step_flops(problem)
+
+
+def test_dni_step_row_compiled_matches_fused():
+    """One row of ``dni_step.py``'s logic; its first-step check compares eager and compiled with fused."""
+    try:
+        row = dni_step.run_row(BATCH, WIDTH, "mlp", reps=1, min_block_s=0.0, budget_s=0.0, bandwidth=1e10)
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler for Inductor here
+        pytest.skip(f"torch.compile cannot compile here: {error}")
+    assert set(row["errors"]) == {"eager", "compiled"}
+    assert row["max_err"] < dni_step.MATCH_TOL, row["errors"]
+    assert set(row["time"]) == set(common.VARIANTS) and all(t > 0 for t in row["time"].values())
+    assert row["flops"] == common.step_flops(common.make_problem(BATCH, WIDTH, "mlp"))
+    assert row["memory"]["fused"] is None or row["memory"]["fused"] > 0
+    assert set(row["targets"]) == {"floor", "2x", "comp"}
+    table = dni_step.markdown([row], "header")
+    assert table.count("\n|") == 3 and "mlp" in table
+
+
+def test_compiled_step_matches_fused():
+    problem = common.make_problem(BATCH, WIDTH, "linear")
+    fused = common.make_fused(problem)
+    torch._dynamo.reset()
+    compiled = common.make_compiled(problem)
+    try:
+        compiled_out = compiled.step()
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        pytest.skip(f"torch.compile cannot compile here: {error}")
+    _assert_same_step(problem, compiled, compiled_out, fused, fused.step())
+    assert all(p.grad is None for p in compiled.params)  # the step ends with zero_grad(set_to_none=True)
