@@ -27,7 +27,7 @@ def main() -> int:
         print(f"{backend:>9}: loss {float(result.loss):.4f}, SG losses {[round(float(s), 6) for s in result.sg_losses]}")
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     for backend, p in zip(backends[1:], params[1:]):
-        torch.testing.assert_close(p, params[0], rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend} != reference: {m}")
+        torch.testing.assert_close(p, params[0], rtol=1e-4, atol=1e-5, msg=lambda m, b=backend: f"{b} != reference: {m}")
     print("smoke test passed")
     return 0
 
