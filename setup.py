@@ -47,7 +47,9 @@ def extensions():
     from torch.utils import cpp_extension
 
     include_dirs = [os.path.join(ROOT, "csrc")]
-    extra = {"cxx": ["-O3"]}  # the -std flag is torch's to choose (2.14 needs C++20)
+    # -std is torch's to choose (2.14 needs C++20). No -ffast-math: the ops must match torch.optim to rounding;
+    # -fno-math-errno only lets sqrt vectorise (nothing reads errno).
+    extra = {"cxx": ["-O3", "-fno-math-errno"]}
     cuda_sources = _sources("csrc/cuda/*.cu") if _cuda_wanted() else []
     if cuda_sources:
         nvidia = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13")

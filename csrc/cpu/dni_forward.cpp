@@ -12,16 +12,14 @@ namespace {
 
 constexpr int64_t kGrain = 4096;
 
-// out = act(out) in place, or into `h` (gelu, whose pre-activation is kept).
-void activate_(const at::Tensor& pre, const at::Tensor& h, Activation act) {
-  if (act == Activation::kIdentity) return;
-  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "fastdni_activate", [&] {
-    const scalar_t* in = pre.data_ptr<scalar_t>();
-    scalar_t* out = h.data_ptr<scalar_t>();
-    at::parallel_for(0, pre.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) out[i] = activate(act, in[i]);
-    });
-  });
+// act(pre) with ATen's vectorised kernels: in place, or into a new tensor for gelu (whose pre is kept).
+at::Tensor activate(const at::Tensor& pre, Activation act) {
+  switch (act) {
+    case Activation::kRelu: return pre.relu_();
+    case Activation::kTanh: return pre.tanh_();
+    case Activation::kGelu: return at::gelu(pre);
+    default: return pre;
+  }
 }
 
 // a[b, :] += U[:, y_b] for labels (the one-hot GEMM as a gather), then relu in the same pass.
@@ -62,8 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dni_forw
               sg_biases.size());
 
   at::Tensor pre = at::addmm(bias, x, weight.t());
-  at::Tensor h = needs_pre(act) ? at::empty_like(pre) : pre;
-  activate_(pre, h, act);
+  at::Tensor h = activate(pre, act);
   at::Tensor saved_pre = needs_pre(act) ? pre : at::empty({0}, x.options());
   if (sg_weights.empty()) {
     TORCH_CHECK(!context.has_value(), "context: given, but there is no SG model to condition");

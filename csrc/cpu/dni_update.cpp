@@ -8,6 +8,7 @@
 #include "common/op_args.h"
 #include "cpu/fused_step.h"
 #include "cpu/ops.h"
+#include "cpu/vector_loops.h"
 
 namespace fastdni::cpu {
 
@@ -37,8 +38,8 @@ at::Tensor dni_update_(const at::Tensor& x, const at::Tensor& weight, const at::
     const scalar_t* pv = pre_c.data_ptr<scalar_t>();
     scalar_t* d = delta.data_ptr<scalar_t>();
     const auto scale = static_cast<scalar_t>(grad_scale);
-    at::parallel_for(0, delta.numel(), 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) d[i] = g[i] * activation_derivative(act, hv[i], pv[i]) / scale;
+    at::parallel_for(0, delta.numel(), 16384, [&](int64_t begin, int64_t end) {
+      delta_loop(g + begin, hv + begin, pv + begin, d + begin, end - begin, act, scale);
     });
   });
   at::Tensor grad_input = need_input_grad ? at::mm(delta, weight) : at::empty({0}, x.options());

@@ -7,6 +7,7 @@
 #include "common/op_args.h"
 #include "cpu/fused_step.h"
 #include "cpu/ops.h"
+#include "cpu/vector_loops.h"
 
 namespace fastdni::cpu {
 namespace {
@@ -24,13 +25,8 @@ at::Tensor error_and_loss(const at::Tensor& prediction, const at::Tensor& target
     scalar_t* g = grad.data_ptr<scalar_t>();
     const auto scale = static_cast<scalar_t>(target_scale);
     const auto factor = static_cast<scalar_t>(2.0 * loss_weight / batch);
-    sum = at::parallel_reduce(0, p.numel(), 4096, 0.0, [&](int64_t begin, int64_t end, double acc) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t e = pv[i] - scale * tv[i];
-        g[i] = e * factor;
-        acc += static_cast<double>(e) * static_cast<double>(e);
-      }
-      return acc;
+    sum = at::parallel_reduce(0, p.numel(), 16384, 0.0, [&](int64_t begin, int64_t end, double acc) {
+      return acc + error_loop(pv + begin, tv + begin, g + begin, end - begin, scale, factor);
     }, std::plus<double>());
   });
   return at::scalar_tensor(loss_weight * sum / batch, p.options());
