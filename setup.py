@@ -48,8 +48,10 @@ def extensions():
 
     include_dirs = [os.path.join(ROOT, "csrc")]
     # -std is torch's to choose (2.14 needs C++20). No -ffast-math: the ops must match torch.optim to rounding;
-    # -fno-math-errno only lets sqrt vectorise (nothing reads errno).
-    extra = {"cxx": ["-O3", "-fno-math-errno"]}
+    # -fno-math-errno only lets sqrt vectorise (nothing reads errno). -fopenmp: at::parallel_for is a header
+    # template, compiled into this library; without OpenMP it silently runs every loop on one thread.
+    extra = {"cxx": ["-O3", "-fno-math-errno", "-fopenmp"]}
+    link = ["-fopenmp"]
     cuda_sources = _sources("csrc/cuda/*.cu") if _cuda_wanted() else []
     if cuda_sources:
         nvidia = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13")
@@ -64,14 +66,15 @@ def extensions():
             library_dirs=[os.path.join(nvidia, "lib")],
             # No unversioned libcublasLt.so ships in the wheel. rpath: the nvidia wheel beside an installed
             # fastdni ($ORIGIN/..), then the one this build used (editable installs).
-            extra_link_args=[
+            extra_link_args=link + [
                 "-l:libcublasLt.so.13",
                 "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib",
                 "-Wl,-rpath," + os.path.join(nvidia, "lib"),
             ],
         )
     else:
-        ext = cpp_extension.CppExtension("fastdni._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=extra)
+        ext = cpp_extension.CppExtension("fastdni._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=extra,
+                                         extra_link_args=link)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

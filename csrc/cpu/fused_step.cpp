@@ -3,6 +3,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "common/dni_math.h"
@@ -12,11 +14,23 @@
 namespace fastdni::cpu {
 namespace {
 
-// The gradient is produced in tiles of about this many bytes: a tile, and the param and state tiles its
-// optimizer step reads and writes, stay within a core's L2 (1-2 MiB on current x86 parts).
-constexpr int64_t kTileBytes = 128 * 1024;
-// Tiles span at most this many columns, so each tile's GEMM repacks little of `input` (B x cols) per flop.
-constexpr int64_t kTileCols = 256;
+// Tiled path: panels of whole rows of the gradient, of about this many bytes, so that a panel and the param
+// and state rows its optimizer step streams through stay within a core's L2 (1-2 MiB on current x86 parts).
+constexpr int64_t kPanelBytes = 256 * 1024;
+// ... used only for batches up to this size: beyond it the GEMM dominates, and one library GEMM over the
+// whole gradient runs 5-15% faster than its panels (measured, docs/performance.md), more than the memory
+// pass the panels save.
+constexpr int64_t kMaxTiledBatch = 128;
+
+// Whether writing the whole gradient would cost a trip to DRAM: with it, param and state (4 arrays) not
+// fitting in the last-level cache. Below that the gradient round-trips through cache almost for free.
+bool gradient_spills(int64_t numel, int64_t elem) {
+  static const int64_t llc = [] {
+    const long size = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return size > 0 ? static_cast<int64_t>(size) : int64_t{32} << 20;
+  }();
+  return 4 * numel * elem > llc;
+}
 
 template <typename T>
 T* state_ptr(const std::vector<at::Tensor>& state, size_t i) {
@@ -33,33 +47,27 @@ T* offset(T* ptr, int64_t by) {
 void gemm_grad_step_(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& param,
                      const std::vector<at::Tensor>& state, std::string_view optimizer, c10::ArrayRef<double> hyper) {
   const int64_t rows = param.size(0), cols = param.size(1);
-  const int64_t threads = at::get_num_threads();
-  // 2-d tiles (tile_rows x tile_cols) of param, of ~kTileBytes, and at least one per thread.
-  const int64_t tile_cols = std::min(cols, kTileCols);
-  int64_t tile_rows = std::max<int64_t>(1, kTileBytes / (tile_cols * param.element_size()));
-  const int64_t col_tiles = (cols + tile_cols - 1) / tile_cols;
-  if (((rows + tile_rows - 1) / tile_rows) * col_tiles < threads) {
-    tile_rows = std::max<int64_t>(1, (rows * col_tiles + threads - 1) / threads / col_tiles);
+  if (input.size(0) > kMaxTiledBatch || !gradient_spills(param.numel(), param.element_size())) {
+    elementwise_step_(at::mm(grad_out.t(), input), param, state, optimizer, hyper);
+    return;
   }
-  const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
+  const int64_t threads = at::get_num_threads();
+  int64_t panel = std::max<int64_t>(1, kPanelBytes / (cols * param.element_size()));
+  panel = std::min(panel, (rows + threads - 1) / threads);  // at least one panel per thread
+  const int64_t panels = (rows + panel - 1) / panel;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fastdni_gemm_grad_step", [&] {
     const auto o = parse_optimizer<scalar_t>(optimizer, hyper);
     scalar_t* p = param.data_ptr<scalar_t>();
     scalar_t* s0 = state_ptr<scalar_t>(state, 0);
     scalar_t* s1 = state_ptr<scalar_t>(state, 1);
-    at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
-      // One scratch tile per thread; inside a parallel region the BLAS call runs on this thread alone.
-      at::Tensor scratch = at::empty({tile_rows, tile_cols}, param.options());
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      // One scratch panel per thread; inside a parallel region the BLAS call runs on this thread alone.
+      at::Tensor scratch = at::empty({panel, cols}, param.options());
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t row0 = (t / col_tiles) * tile_rows, col0 = (t % col_tiles) * tile_cols;
-        const int64_t n = std::min(tile_rows, rows - row0), k = std::min(tile_cols, cols - col0);
-        at::Tensor grad = scratch.narrow(0, 0, n).narrow(1, 0, k);
-        at::mm_out(grad, grad_out.narrow(1, row0, n).t(), input.narrow(1, col0, k));
-        const scalar_t* g = grad.data_ptr<scalar_t>();
-        for (int64_t r = 0; r < n; ++r) {  // the tile's rows: contiguous runs of k in param and state
-          const int64_t at = (row0 + r) * cols + col0;
-          optimizer_loop(p + at, offset(s0, at), offset(s1, at), g + r * grad.stride(0), k, o);
-        }
+        const int64_t row0 = t * panel, n = std::min(panel, rows - row0), at = row0 * cols;
+        at::Tensor grad = scratch.narrow(0, 0, n);
+        at::mm_out(grad, grad_out.narrow(1, row0, n).t(), input);
+        optimizer_loop(p + at, offset(s0, at), offset(s1, at), grad.data_ptr<scalar_t>(), n * cols, o);
       }
     });
   });

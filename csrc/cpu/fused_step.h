@@ -1,6 +1,8 @@
-// The two primitives every CPU op is built from: a weight update whose gradient is a GEMM, applied
-// tile by tile while the tile is hot in cache (so the gradient is never written whole), and the same
-// update for a gradient already in memory (biases, label-context weights).
+// The two primitives every CPU op is built from: a weight update whose gradient is a GEMM, and the same
+// update for a gradient already in memory (biases, label-context weights). Where writing the whole weight
+// gradient would go to DRAM and the batch is small, the GEMM runs in panels of rows, each consumed by the
+// optimizer while it is hot in L2, so the gradient is never written whole; otherwise one library GEMM
+// produces it and one vectorised pass steps the optimizer (docs/performance.md has the measurements).
 #pragma once
 
 #include <ATen/ATen.h>
