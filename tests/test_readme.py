@@ -13,8 +13,8 @@ def test_readme_api_example_runs():
     x = torch.randn(256, 784, generator=g)
     y = (x[:, :10].argmax(1))  # a learnable labelling
     printed = []
-    namespace = {"batches": [(x, y)] * 30, "print": lambda *args: printed.append(args)}
+    namespace = {"batches": [(x, y)] * 80, "print": lambda *args: printed.append(args)}
     exec(compile(code, str(README), "exec"), namespace)
     losses = [float(loss) for loss, _ in printed]
-    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+    assert len(losses) == 80 and losses[-1] < 0.5 * losses[0]
     assert all(len(sg) == 2 and all(float(loss) > 0 for loss in sg) for _, sg in printed[1:])

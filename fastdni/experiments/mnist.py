@@ -35,9 +35,15 @@ MODES = ("backprop", "dni", "cdni")
 MODE_ALIASES = {"bp": "backprop"}
 PAPER = dict(lr=3e-5, sg_lr=3e-5, steps=500_000, eval_every=5_000, lr_schedule="constant")
 DEMO = dict(steps=4680, eval_every=234, lr_schedule="cosine")
-# Adam learning rates of the demo, per mode, from a sweep at 5 epochs (docs/mnist.md). DNI's blocks need
-# a 10x smaller rate: without the label its synthetic gradients are noisy, and Adam turns noise into full steps.
-DEMO_LR = {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3), "cdni": dict(lr=1e-3, sg_lr=1e-3)}
+# Adam learning rates of the demo per mode, from sweeps (docs/mnist.md): at 5 epochs for the models with
+# BatchNorm, at 20 epochs for the fused fcn. DNI's blocks need a smaller rate: without the label its synthetic
+# gradients are noisy, and Adam turns noise into full steps. Without BatchNorm the SG models want a higher rate.
+DEMO_LR_BN = {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3), "cdni": dict(lr=1e-3, sg_lr=1e-3)}
+DEMO_LR = {
+    "fcn": {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3), "cdni": dict(lr=1e-3, sg_lr=3e-3)},
+    "fcn-bn": DEMO_LR_BN,
+    "cnn": DEMO_LR_BN,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +159,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="training steps per mode (default 4680 = 20 epochs)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate of the blocks, all modes (default 1e-3; dni 1e-4)")
-    p.add_argument("--sg-lr", type=float, default=None, help="Adam learning rate of the SG models (default 1e-3)")
+                   help="Adam learning rate of the blocks, all modes (default: per model and mode, DEMO_LR)")
+    p.add_argument("--sg-lr", type=float, default=None, help="Adam learning rate of the SG models (default: per model and mode, DEMO_LR)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                    help="learning-rate schedule of every optimizer (default cosine decay to 0; --paper: constant)")
     p.add_argument("--gradient-scale", type=float, default=None,
@@ -201,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cnn_channels=tuple(args.cnn_channels),
             sg_hidden=tuple(args.cdni_sg_hidden if mode == "cdni" else args.dni_sg_hidden if mode == "dni" else ()),
             steps=args.steps, batch_size=args.batch_size,
-            lr=args.lr or DEMO_LR[mode]["lr"], sg_lr=args.sg_lr or DEMO_LR[mode]["sg_lr"],
+            lr=args.lr or DEMO_LR[args.model][mode]["lr"], sg_lr=args.sg_lr or DEMO_LR[args.model][mode]["sg_lr"],
             lr_schedule=args.lr_schedule, gradient_scale=args.gradient_scale, seed=args.seed,
         )
         try:
