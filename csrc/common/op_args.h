@@ -35,6 +35,14 @@ inline void check_tensor(const char* name, const at::Tensor& t, std::initializer
   }
 }
 
+// The layer's x [B, K], weight [N, K], bias [N]: the checks every op that takes a layer starts with.
+inline void check_layer(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-d tensor, got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ", x.scalar_type());
+  check_tensor("weight", weight, {-1, x.size(1)}, x);
+  check_tensor("bias", bias, {weight.size(0)}, x);
+}
+
 // Tensors updated in place must be contiguous: a strided view would need a copy written back.
 inline void check_updatable(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor (it is updated in place), got strides ", t.strides());

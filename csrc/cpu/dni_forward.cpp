@@ -51,11 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dni_forw
     at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context,
     std::string_view activation) {
   const Activation act = parse_activation(activation);
-  TORCH_CHECK(x.dim() == 2, "x: expected a 2-d tensor, got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ", x.scalar_type());
+  check_layer(x, weight, bias);
   const int64_t rows = x.size(0), features = weight.size(0);
-  check_tensor("weight", weight, {-1, x.size(1)}, x);
-  check_tensor("bias", bias, {features}, x);
   TORCH_CHECK(sg_weights.size() == sg_biases.size(), "sg_biases: expected one per SG weight (", sg_weights.size(), "), got ",
               sg_biases.size());
 

@@ -16,11 +16,8 @@ at::Tensor dni_update_(const at::Tensor& x, const at::Tensor& weight, const at::
                        const at::Tensor& pre, const at::Tensor& prediction, at::TensorList state, std::string_view optimizer,
                        c10::ArrayRef<double> hyper, double grad_scale, std::string_view activation, bool need_input_grad) {
   const Activation act = parse_activation(activation);
-  TORCH_CHECK(x.dim() == 2, "x: expected a 2-d tensor, got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ", x.scalar_type());
+  check_layer(x, weight, bias);
   const int64_t rows = x.size(0), features = weight.size(0);
-  check_tensor("weight", weight, {-1, x.size(1)}, x);
-  check_tensor("bias", bias, {features}, x);
   check_tensor("h", h, {rows, features}, x);
   check_tensor("prediction", prediction, {rows, features}, x);
   if (needs_pre(act)) check_tensor("pre", pre, {rows, features}, x);

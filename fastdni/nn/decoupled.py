@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .interface import DNI, has_trainable_params
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+LossFunction = Callable[[Tensor, Tensor], Tensor]
 MODES = ("dni", "backprop")
 
 
@@ -44,6 +45,22 @@ class DecoupledTrainer(nn.Module):
             for opt, opt_state in zip(optimizers, saved):
                 if opt is not None:
                     opt.load_state_dict(opt_state)
+
+
+    def train_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor] = None) -> StepResult:
+        """One training step on a batch; every optimizer steps once."""
+        self.train()
+        if self.mode == "dni":
+            return self._dni_step(x, target, loss_fn, context)
+        output = self(x)
+        loss = loss_fn(output, target)
+        loss.backward()
+        for opt in self.optimizers:
+            step_optimizer(opt)
+        return StepResult(loss.detach(), output.detach(), ())
+
+    def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
+        raise NotImplementedError
 
 
 def check_mode(mode: str, has_synthetic_gradients: bool) -> str:
@@ -126,22 +143,7 @@ class DecoupledSequential(DecoupledTrainer):
             x = block(x)
         return x
 
-    def train_step(
-        self,
-        x: Tensor,
-        target: Tensor,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        context: Optional[Tensor] = None,
-    ) -> StepResult:
-        """One training step on a batch; every optimizer steps once."""
-        self.train()
-        if self.mode == "backprop":
-            output = self(x)
-            loss = loss_fn(output, target)
-            loss.backward()
-            for opt in self.optimizers:
-                step_optimizer(opt)
-            return StepResult(loss.detach(), output.detach(), ())
+    def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
         for interface in self.interfaces:
             interface.last_sg_loss = None
         h = x

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._checks import check_int, check_positive
 from ..reference.activations import check_activation
-from .decoupled import DecoupledTrainer, OptimizerFactory, StepResult, check_mode, default_optimizer, step_optimizer
+from .decoupled import DecoupledTrainer, LossFunction, OptimizerFactory, StepResult, check_mode, default_optimizer, step_optimizer
 from .synthetic_gradient import SyntheticGradient
 
 
@@ -87,22 +87,7 @@ class DecoupledMLP(DecoupledTrainer):
             h = ops.dni_forward(h, layer.weight, layer.bias, activation=self.activation, backend=self.backend).h
         return self.layers[-1](h)
 
-    def train_step(
-        self,
-        x: Tensor,
-        target: Tensor,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        context: Optional[Tensor] = None,
-    ) -> StepResult:
-        """One training step on a batch; every optimizer steps once."""
-        self.train()
-        if self.mode == "backprop":
-            output = self(x)
-            loss = loss_fn(output, target)
-            loss.backward()
-            for opt in self.optimizers:
-                step_optimizer(opt)
-            return StepResult(loss.detach(), output.detach(), ())
+    def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
         sg_losses: list[Optional[Tensor]] = [None] * len(self.synthetic_gradients)
         below = None  # (SG index, its input, its forward) awaiting a target
         h = x.detach()
