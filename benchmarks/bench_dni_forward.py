@@ -15,23 +15,15 @@ import pytest
 import torch
 
 import fastdni.ops as ops
-from common import SG_KINDS, fused_args, make_problem
-
-SHAPES = [(64, 256), (256, 512)]
-BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="fastdni._C (CPU kernels) did not load")),
-]
+from common import BENCH_SHAPES, SG_KINDS, backend_params, bench_inputs, label_benchmark
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("sg", SG_KINDS)
-@pytest.mark.parametrize("batch,width", SHAPES)
+@pytest.mark.parametrize("batch,width", BENCH_SHAPES)
 def test_dni_forward(benchmark, batch, width, sg, backend):
-    problem = make_problem(batch, width, sg)
-    args = fused_args(problem)
-    benchmark.group = f"dni_forward {sg} B={batch} W={width}"
-    benchmark.extra_info.update(batch=batch, width=width, sg=sg, backend=backend, dtype="float32")
+    problem, args = bench_inputs(batch, width, sg)
+    label_benchmark(benchmark, "dni_forward", batch, width, backend, sg)
     with torch.no_grad():
         out = benchmark(ops.dni_forward, problem.x, args.weight, args.bias, args.sg, activation="relu", backend=backend)
     assert out.h.shape == (batch, width) and out.prediction.shape == (batch, width)

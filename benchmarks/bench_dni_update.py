@@ -14,24 +14,15 @@ import pytest
 import torch
 
 import fastdni.ops as ops
-from common import SG_KINDS, fused_args, make_problem
-
-SHAPES = [(64, 256), (256, 512)]
-BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="fastdni._C (CPU kernels) did not load")),
-]
+from common import BENCH_SHAPES, SG_KINDS, backend_params, bench_inputs, label_benchmark, reference_forward
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("batch,width", SHAPES)
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("batch,width", BENCH_SHAPES)
 def test_dni_update(benchmark, batch, width, backend):
-    problem = make_problem(batch, width, SG_KINDS[0])  # the update does not depend on the SG's shape
-    args = fused_args(problem)
-    with torch.no_grad():
-        forward = ops.dni_forward(problem.x, args.weight, args.bias, args.sg, activation="relu", backend="reference")
-    benchmark.group = f"dni_update_ B={batch} W={width}"
-    benchmark.extra_info.update(batch=batch, width=width, backend=backend, dtype="float32")
+    problem, args = bench_inputs(batch, width, SG_KINDS[0])  # the update does not depend on the SG's shape
+    forward = reference_forward(problem, args)
+    label_benchmark(benchmark, "dni_update_", batch, width, backend)
     dx = benchmark(ops.dni_update_, problem.x, args.weight, args.bias, forward, "adam", args.hyper, args.layer_state,
                    activation="relu", need_input_grad=True, backend=backend)
     assert dx.shape == (batch, width) and torch.isfinite(args.weight).all()

@@ -14,25 +14,16 @@ import pytest
 import torch
 
 import fastdni.ops as ops
-from common import SG_KINDS, fused_args, make_problem
-
-SHAPES = [(64, 256), (256, 512)]
-BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="fastdni._C (CPU kernels) did not load")),
-]
+from common import BENCH_SHAPES, SG_KINDS, backend_params, bench_inputs, label_benchmark, reference_forward
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("sg", SG_KINDS)
-@pytest.mark.parametrize("batch,width", SHAPES)
+@pytest.mark.parametrize("batch,width", BENCH_SHAPES)
 def test_sg_regression(benchmark, batch, width, sg, backend):
-    problem = make_problem(batch, width, sg)
-    args = fused_args(problem)
-    with torch.no_grad():
-        forward = ops.dni_forward(problem.x, args.weight, args.bias, args.sg, activation="relu", backend="reference")
-    benchmark.group = f"sg_regression_ {sg} B={batch} W={width}"
-    benchmark.extra_info.update(batch=batch, width=width, sg=sg, backend=backend, dtype="float32")
+    problem, args = bench_inputs(batch, width, sg)
+    forward = reference_forward(problem, args)
+    label_benchmark(benchmark, "sg_regression_", batch, width, backend, sg)
     loss = benchmark(ops.sg_regression_, forward.h, forward, problem.target, args.sg, "adam", args.hyper, args.sg_state,
                      backend=backend)
     assert loss.dim() == 0 and torch.isfinite(loss)

@@ -48,6 +48,7 @@ the SG, ``dW1 = g1^T h``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -251,47 +252,37 @@ def _eager_math(x: Tensor, target: Tensor, params: list[Tensor]) -> tuple[Tensor
     return h, grads.input, loss
 
 
+def _eager_step(math_fn: Callable, opt: torch.optim.Optimizer, x: Tensor, target: Tensor,
+                params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """One eager-style step: ``math_fn`` (:func:`_eager_math`, or a compiled copy), ``opt.step()``, gradients freed."""
+    with torch.no_grad():
+        out = math_fn(x, target, params)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out
+
+
+def _eager_params(problem: Problem) -> tuple[list[Tensor], torch.optim.Adam]:
+    """Leaf copies of the problem's parameters and their Adam optimizer (for the eager and compiled variants)."""
+    params = [p.clone().requires_grad_() for p in problem.params]
+    return params, _adam(problem, params)
+
+
 def make_eager(problem: Problem) -> Variant:
     """Plain eager PyTorch: explicit gradients, then ``torch.optim.Adam(foreach=True).step()``."""
-    params = [p.clone().requires_grad_() for p in problem.params]
-    opt = _adam(problem, params)
-    x, target = problem.x, problem.target
-
-    def step():
-        with torch.no_grad():
-            out = _eager_math(x, target, params)
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out
-
+    params, opt = _eager_params(problem)
+    step = functools.partial(_eager_step, _eager_math, opt, problem.x, problem.target, params)
     return Variant("eager", step, params, "explicit grads + torch.optim.Adam(foreach=True)")
 
 
 def make_compiled(problem: Problem, *, whole: bool = True) -> Variant:
     """``torch.compile`` of the eager step: with ``opt.step()`` (``whole``) or of the math alone."""
-    params = [p.clone().requires_grad_() for p in problem.params]
-    opt = _adam(problem, params)
-    x, target = problem.x, problem.target
+    params, opt = _eager_params(problem)
     if whole:
-        @torch.compile(dynamic=False)
-        def step():
-            with torch.no_grad():
-                out = _eager_math(x, target, params)
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            return out
-
+        step = functools.partial(torch.compile(_eager_step, dynamic=False), _eager_math, opt, problem.x, problem.target, params)
         return Variant("compiled", step, params, "torch.compile(step incl. opt.step())")
-
     math_fn = torch.compile(_eager_math, dynamic=False)
-
-    def step():
-        with torch.no_grad():
-            out = math_fn(x, target, params)
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out
-
+    step = functools.partial(_eager_step, math_fn, opt, problem.x, problem.target, params)
     return Variant("compiled", step, params, "torch.compile(math), opt.step() eager")
 
 
@@ -334,6 +325,42 @@ def make_variant(name: str, problem: Problem, **kwargs) -> Variant:
     if name == "fused_raw":
         return make_fused(problem, raw=True)
     return makers[name](problem, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pytest benchmarks of the single ops (bench_dni_forward.py, bench_dni_update.py, bench_sg_regression.py)
+
+BENCH_SHAPES = [(64, 256), (256, 512)]  #: ``(batch, width)`` of the single-op benchmarks
+
+
+def backend_params() -> list:
+    """The single-op benchmarks' ``backend`` values: ``"reference"``, and ``"cpu"`` where ``fastdni._C`` loaded."""
+    import pytest  # here, not at the top: dni_step.py imports this module and runs without pytest
+
+    skip = pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="fastdni._C (CPU kernels) did not load")
+    return ["reference", pytest.param("cpu", marks=skip)]
+
+
+def bench_inputs(batch: int, width: int, sg: str) -> tuple[Problem, FusedArgs]:
+    """The problem (:func:`make_problem`) and a private copy of its fused-op arguments (:func:`fused_args`)."""
+    problem = make_problem(batch, width, sg)
+    return problem, fused_args(problem)
+
+
+def reference_forward(problem: Problem, args: FusedArgs) -> ops.ForwardResult:
+    """The reference backend's forward (relu, no autograd) on ``args``: what the update and regression ops consume."""
+    with torch.no_grad():
+        return ops.dni_forward(problem.x, args.weight, args.bias, args.sg, activation="relu", backend="reference")
+
+
+def label_benchmark(benchmark, op: str, batch: int, width: int, backend: str, sg: Optional[str] = None) -> None:
+    """Puts the run in the group ``op [sg] B=.. W=..`` (both backends of one shape) and records its parameters."""
+    shape = f"B={batch} W={width}"
+    benchmark.group = f"{op} {sg} {shape}" if sg else f"{op} {shape}"
+    info = dict(batch=batch, width=width)
+    if sg:
+        info["sg"] = sg
+    benchmark.extra_info.update(info, backend=backend, dtype="float32")
 
 
 # --------------------------------------------------------------------------------------------------

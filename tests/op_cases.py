@@ -1,6 +1,7 @@
 """Shared cases of the fused-op tests (test_dni_forward, test_dni_update, test_sg_regression,
 test_ops_registration): the per-dtype tolerance table, seeded input builders, optimizer configurations
-and the argument lists of the raw ``torch.ops.fastdni`` calls.
+(and the fused-vs-torch.optim pairs), the argument lists of the raw ``torch.ops.fastdni`` calls, and
+the pieces of the bad-argument tests (mutations, the raw op's skip).
 
 Importable because pytest puts ``tests/`` on ``sys.path``.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -184,6 +185,19 @@ def optimizer_states(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> li
     return out
 
 
+def optimizer_pair(name: str, params: Sequence[Tensor]) -> tuple[torch.optim.Optimizer, list[Tensor], torch.optim.Optimizer]:
+    """``(fused, leaves, oracle)``: optimizer ``name`` on ``params`` (to drive the fused ops) and on leaf copies."""
+    leaves = [p.clone().requires_grad_() for p in params]
+    return make_torch_optimizer(name, params), leaves, make_torch_optimizer(name, leaves)
+
+
+def assert_states_match(fused: torch.optim.Optimizer, params: Sequence[Tensor], oracle: torch.optim.Optimizer,
+                        leaves: Sequence[Tensor], step: int) -> None:
+    """After step ``step``: the fused optimizer's state tensors equal the oracle's, one by one."""
+    expected = optimizer_states(oracle, leaves)
+    assert_all_close(optimizer_states(fused, params), expected, indexed_names(f"step {step}: state", len(expected)))
+
+
 # --- copies and layouts -------------------------------------------------------------------------------
 
 def clone_sg(sg: Optional[SGParams]) -> Optional[SGParams]:
@@ -209,6 +223,24 @@ def noncontiguous(t: Tensor) -> Tensor:
 
 def reference_forward(inp: Inputs) -> ForwardResult:
     return ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend="reference")
+
+
+def layer_params(inp: Inputs) -> list[Tensor]:
+    """The layer's parameters in the fused ops' order: ``weight, bias``."""
+    return [inp.weight, inp.bias]
+
+
+def sg_params(inp: Inputs) -> list[Tensor]:
+    """The SG model's parameters in the fused ops' order (:func:`fastdni.ops.ordered_params`)."""
+    return ops.ordered_params(inp.sg)
+
+
+def prepare_step(case: Case, optimizer_key: str, params: Callable[[Inputs], list[Tensor]]) -> tuple:
+    """``(inp, forward, optimizer, hyper, state)``: inputs, their reference forward, a key of
+    :data:`OPTIMIZERS` and a random state for ``params(inp)`` (:func:`layer_params` or :func:`sg_params`)."""
+    inp = make_inputs(case)
+    optimizer, hyper = OPTIMIZERS[optimizer_key]
+    return inp, reference_forward(inp), optimizer, hyper, make_state(optimizer, hyper, params(inp))
 
 
 # --- the raw torch.ops.fastdni argument lists -----------------------------------------------------------
@@ -243,6 +275,11 @@ def assert_all_close(actual: Sequence[Tensor], expected: Sequence[Tensor], names
         torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}", **kwargs)
 
 
+def indexed_names(prefix: str, count: int) -> list[str]:
+    """``prefix[0], ..., prefix[count - 1]``: the names of a list's entries."""
+    return [f"{prefix}[{i}]" for i in range(count)]
+
+
 def sg_names(sg: SGParams, prefix: str = "sg") -> list[str]:
     names = [f"{prefix}.{kind}[{i}]" for i in range(len(sg.weights)) for kind in ("weights", "biases")]
     if sg.context_weight is not None:
@@ -262,4 +299,52 @@ def num_threads(n: int):
         torch.set_num_threads(before)
 
 
+def at_thread_counts(fn: Callable[[], Any], *counts: int) -> list:
+    """``fn()`` run once with each intra-op thread count of ``counts``; the results, in that order."""
+    results = []
+    for n in counts:
+        with num_threads(n):
+            results.append(fn())
+    return results
+
+
+# --- bad arguments --------------------------------------------------------------------------------------
+
 ARG_ERRORS = (ValueError, TypeError)  #: what the Python wrappers raise for a bad argument
+META_DEVICE_SKIP = ("a CPU/meta mix is dispatched to the Meta (fake) kernel, as for torch's own ops (torch.mm included), "
+                    "so the kernel's device check is not reachable on a CPU-only machine")
+
+
+def raw_op_pattern(pattern: Optional[str], skip_reason: str = META_DEVICE_SKIP) -> str:
+    """The raw op's expected message ``pattern``; skips the calling test where it is None (not applicable)."""
+    if pattern is None:
+        pytest.skip(skip_reason)
+    return pattern
+
+
+# Mutations of a bad-argument test's arguments (an ``Inputs`` or a test file's own ``Args``), applied in place.
+
+def set_field(name: str, value) -> Callable[[Any], None]:
+    """Sets ``args.<name>`` to ``value(args)`` (to ``value`` itself where it is not callable)."""
+    def mutate(args):
+        setattr(args, name, value(args) if callable(value) else value)
+    return mutate
+
+
+def set_forward(field: str, value: Callable[[Any], Any]) -> Callable[[Any], None]:
+    """Replaces ``args.forward.<field>`` (a :class:`ForwardResult` field) by ``value(args)``."""
+    def mutate(args):
+        args.forward = args.forward._replace(**{field: value(args)})
+    return mutate
+
+
+def set_sg(field: str, index: Optional[int], value: Callable[[Any], Any]) -> Callable[[Any], None]:
+    """Replaces ``args.sg.<field>[index]`` (the whole field where ``index`` is None) by ``value(args)``."""
+    def mutate(args):
+        if index is None:
+            args.sg = args.sg._replace(**{field: value(args)})
+        else:
+            items = list(getattr(args.sg, field))
+            items[index] = value(args)
+            args.sg = args.sg._replace(**{field: tuple(items)})
+    return mutate

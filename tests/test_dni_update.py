@@ -12,28 +12,10 @@ import fastdni.ops as ops
 from fastdni.ops import ForwardResult
 from fastdni.reference import layer_backward
 from op_cases import (
-    ACTIVATIONS,
-    ADAM,
-    ARG_ERRORS,
-    BACKEND_PARAMS,
-    DTYPE_IDS,
-    OP_DTYPES,
-    OPTIMIZERS,
-    TORCH_OPTIMIZER_STEPS,
-    TORCH_OPTIMIZERS,
-    Case,
-    assert_all_close,
-    case_id,
-    clone_all,
-    make_inputs,
-    make_state,
-    make_torch_optimizer,
-    noncontiguous,
-    num_threads,
-    optimizer_states,
-    reference_forward,
-    requires_cpu,
-    update_op_args,
+    ACTIVATIONS, ADAM, ARG_ERRORS, BACKEND_PARAMS, DTYPE_IDS, OP_DTYPES, OPTIMIZERS, TORCH_OPTIMIZER_STEPS,
+    TORCH_OPTIMIZERS, Case, assert_all_close, assert_states_match, at_thread_counts, case_id, clone_all,
+    indexed_names, layer_params, make_inputs, make_state, noncontiguous, optimizer_pair, prepare_step,
+    raw_op_pattern, reference_forward, requires_cpu, set_field, set_forward, update_op_args,
 )
 
 OPS = torch.ops.fastdni
@@ -50,21 +32,27 @@ def _run(inp, forward, optimizer, hyper, state, backend, *, need_input_grad=True
 
 
 def _prepare(case, optimizer_key):
-    inp = make_inputs(case)
-    optimizer, hyper = OPTIMIZERS[optimizer_key]
-    return inp, reference_forward(inp), optimizer, hyper, make_state(optimizer, hyper, [inp.weight, inp.bias])
+    """(inp, forward, optimizer, hyper, state) with a random state for the layer's weight and bias."""
+    return prepare_step(case, optimizer_key, layer_params)
+
+
+def _assert_results_close(actual, expected, **overrides):
+    """Two :func:`_run` results agree tensor by tensor: weight, bias, state and dx (where there is one)."""
+    def flat(result):
+        weight, bias, state, dx = result
+        return [weight, bias, *state] + ([] if dx is None else [dx])
+
+    names = ["weight", "bias", *indexed_names("state", len(expected[2]))] + ([] if expected[3] is None else ["dx"])
+    assert_all_close(flat(actual), flat(expected), names, **overrides)
 
 
 def _compare(case, optimizer_key, need_input_grad):
     inp, forward, optimizer, hyper, state = _prepare(case, optimizer_key)
     expected = _run(inp, forward, optimizer, hyper, state, "reference", need_input_grad=need_input_grad)
     actual = _run(inp, forward, optimizer, hyper, state, "cpu", need_input_grad=need_input_grad)
-    names = ["weight", "bias", *(f"state[{i}]" for i in range(len(state)))]
-    assert_all_close([actual[0], actual[1], *actual[2]], [expected[0], expected[1], *expected[2]], names)
-    if need_input_grad:
-        assert_all_close([actual[3]], [expected[3]], ["dx"])
-    else:
+    if not need_input_grad:
         assert actual[3] is None and expected[3] is None
+    _assert_results_close(actual, expected)
 
 
 @requires_cpu
@@ -98,13 +86,8 @@ def test_cpu_matches_reference_tiled(case, optimizer_key):
 def test_tiled_result_does_not_depend_on_thread_count(threads):
     """The tiles split across threads (each with its own scratch tile) give the single-threaded result."""
     inp, forward, optimizer, hyper, state = _prepare(TILED_CASES[0], "adam-l2-step3")
-    with num_threads(1):
-        expected = _run(inp, forward, optimizer, hyper, state, "cpu")
-    with num_threads(threads):
-        actual = _run(inp, forward, optimizer, hyper, state, "cpu")
-    names = ["weight", "bias", *(f"state[{i}]" for i in range(len(state))), "dx"]
-    assert_all_close([actual[0], actual[1], *actual[2], actual[3]], [expected[0], expected[1], *expected[2], expected[3]],
-                     names)
+    expected, actual = at_thread_counts(lambda: _run(inp, forward, optimizer, hyper, state, "cpu"), 1, threads)
+    _assert_results_close(actual, expected)
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -139,9 +122,7 @@ def test_matches_torch_optim_over_steps(dtype, optimizer_name, activation, backe
     case = Case(dtype=dtype, activation=activation, sg="linear", batch=7, in_features=9, features=6)
     inp = make_inputs(case)
     weight, bias = inp.weight.clone(), inp.bias.clone()
-    fused = make_torch_optimizer(optimizer_name, [weight, bias])
-    weight_t, bias_t = inp.weight.clone().requires_grad_(), inp.bias.clone().requires_grad_()
-    oracle = make_torch_optimizer(optimizer_name, [weight_t, bias_t])
+    fused, (weight_t, bias_t), oracle = optimizer_pair(optimizer_name, [weight, bias])
     gen = torch.Generator().manual_seed(11)
     for step in range(TORCH_OPTIMIZER_STEPS):
         x = torch.randn(case.batch, case.in_features, generator=gen, dtype=dtype)
@@ -159,9 +140,7 @@ def test_matches_torch_optim_over_steps(dtype, optimizer_name, activation, backe
 
         names = [f"step {step}: {n}" for n in ("weight", "bias", "dx")]
         assert_all_close([weight, bias, dx], [weight_t.detach(), bias_t.detach(), grads.input], names)
-        expected_state = optimizer_states(oracle, [weight_t, bias_t])
-        assert_all_close(optimizer_states(fused, [weight, bias]), expected_state,
-                         [f"step {step}: state[{i}]" for i in range(len(expected_state))])
+        assert_states_match(fused, [weight, bias], oracle, [weight_t, bias_t], step)
     if isinstance(fused, torch.optim.Adam):
         assert fused.state[weight]["step"] == oracle.state[weight_t]["step"] == TORCH_OPTIMIZER_STEPS
 
@@ -180,10 +159,7 @@ def test_noncontiguous_inputs_give_the_contiguous_result(backend, which):
     for field in ("h", "pre", "prediction"):
         if which in (field, "all"):
             forward = forward._replace(**{field: noncontiguous(getattr(forward, field))})
-    actual = _run(inp, forward, optimizer, hyper, state, backend)
-    names = ["weight", "bias", *(f"state[{i}]" for i in range(len(state)))]
-    assert_all_close([actual[0], actual[1], *actual[2], actual[3]], [expected[0], expected[1], *expected[2], expected[3]],
-                     names + ["dx"])
+    _assert_results_close(_run(inp, forward, optimizer, hyper, state, backend), expected)
 
 
 # --- bad arguments -------------------------------------------------------------------------------------------
@@ -208,19 +184,8 @@ def _base_args():
                 make_state(optimizer, hyper, [inp.weight, inp.bias]))
 
 
-def _fwd(field, value):
-    def mutate(a):
-        a.forward = a.forward._replace(**{field: value(a)})
-    return mutate
-
-
-def _set(name, value):
-    def mutate(a):
-        setattr(a, name, value(a) if callable(value) else value)
-    return mutate
-
-
 def _state(index, value):
+    """Replaces ``a.state[index]`` by ``value(a)``."""
     def mutate(a):
         a.state[index] = value(a)
     return mutate
@@ -235,38 +200,38 @@ def _sgd(hyper, name="sgd"):
 
 # id: (mutation, wrapper message pattern, raw-op message pattern); None: not applicable there.
 BAD_INPUTS = {
-    "x-1d": (_set("x", lambda a: a.x[0]), r"^x\b", r"^x\b"),
-    "x-int": (_set("x", lambda a: a.x.to(torch.int32)), r"^x\b", r"^x\b"),
-    "weight-shape": (_set("weight", lambda a: torch.randn(a.weight.shape[0], a.weight.shape[1] + 1)), r"^weight\b",
+    "x-1d": (set_field("x", lambda a: a.x[0]), r"^x\b", r"^x\b"),
+    "x-int": (set_field("x", lambda a: a.x.to(torch.int32)), r"^x\b", r"^x\b"),
+    "weight-shape": (set_field("weight", lambda a: torch.randn(a.weight.shape[0], a.weight.shape[1] + 1)), r"^weight\b",
                      r"^weight\b"),
-    "bias-shape": (_set("bias", lambda a: torch.randn(a.bias.shape[0] + 1)), r"^bias\b", r"^bias\b"),
-    "weight-dtype": (_set("weight", lambda a: a.weight.double()), r"^weight\b", r"^weight\b"),
-    "weight-device": (_set("weight", lambda a: a.weight.to("meta")), r"^weight\b", None),
-    "h-shape": (_fwd("h", lambda a: a.forward.h[:, :-1]), r"^forward\.h\b", r"^h\b"),
-    "h-dtype": (_fwd("h", lambda a: a.forward.h.double()), r"^forward\.h\b", r"^h\b"),
-    "prediction-shape": (_fwd("prediction", lambda a: a.forward.prediction[:-1]), r"^forward\.prediction\b",
+    "bias-shape": (set_field("bias", lambda a: torch.randn(a.bias.shape[0] + 1)), r"^bias\b", r"^bias\b"),
+    "weight-dtype": (set_field("weight", lambda a: a.weight.double()), r"^weight\b", r"^weight\b"),
+    "weight-device": (set_field("weight", lambda a: a.weight.to("meta")), r"^weight\b", None),
+    "h-shape": (set_forward("h", lambda a: a.forward.h[:, :-1]), r"^forward\.h\b", r"^h\b"),
+    "h-dtype": (set_forward("h", lambda a: a.forward.h.double()), r"^forward\.h\b", r"^h\b"),
+    "prediction-shape": (set_forward("prediction", lambda a: a.forward.prediction[:-1]), r"^forward\.prediction\b",
                          r"^prediction\b"),
-    "prediction-missing": (_fwd("prediction", lambda a: a.x.new_empty(0)), r"^forward\.prediction\b", r"^prediction\b"),
+    "prediction-missing": (set_forward("prediction", lambda a: a.x.new_empty(0)), r"^forward\.prediction\b", r"^prediction\b"),
     # The wrapper must check forward.pre where the activation needs it (gelu), as it checks h and prediction.
-    "pre-missing": (_fwd("pre", lambda a: a.x.new_empty(0)), r"^(forward\.)?pre\b", r"^pre\b"),
-    "pre-shape": (_fwd("pre", lambda a: a.forward.pre[:, :-1]), r"^(forward\.)?pre\b", r"^pre\b"),
-    "weight-noncontiguous": (_set("weight", lambda a: noncontiguous(a.weight)), r"^params\[0\]", r"^weight\b"),
-    "bias-noncontiguous": (_set("bias", lambda a: noncontiguous(a.bias)), r"^params\[1\]", r"^bias\b"),
+    "pre-missing": (set_forward("pre", lambda a: a.x.new_empty(0)), r"^(forward\.)?pre\b", r"^pre\b"),
+    "pre-shape": (set_forward("pre", lambda a: a.forward.pre[:, :-1]), r"^(forward\.)?pre\b", r"^pre\b"),
+    "weight-noncontiguous": (set_field("weight", lambda a: noncontiguous(a.weight)), r"^params\[0\]", r"^weight\b"),
+    "bias-noncontiguous": (set_field("bias", lambda a: noncontiguous(a.bias)), r"^params\[1\]", r"^bias\b"),
     "state-noncontiguous": (_state(1, lambda a: noncontiguous(a.state[1])), r"^state\[1\]", r"^state\b"),
-    "state-count": (_set("state", lambda a: a.state[:-1]), r"^state\b", r"^state\b"),
+    "state-count": (set_field("state", lambda a: a.state[:-1]), r"^state\b", r"^state\b"),
     "state-count-sgd": (_sgd([0.1, 0.9, 0.0, 0.0, 0.0, 0.0]), r"^state\b", r"^state\b"),
     "state-shape": (_state(2, lambda a: torch.zeros(a.bias.shape[0] + 1)), r"^state\[2\]", r"^state\[2\]"),
     "state-dtype": (_state(0, lambda a: a.state[0].double()), r"^state\[0\]", r"^state\[0\]"),
     # An unknown name with Adam-shaped hyper and state: the error must name the optimizer, not the state count.
-    "optimizer-name": (_set("optimizer", "adamw"), r"^optimizer\b", r"^optimizer\b"),
+    "optimizer-name": (set_field("optimizer", "adamw"), r"^optimizer\b", r"^optimizer\b"),
     "optimizer-name-stateless": (_sgd([0.1, 0.0, 0.0, 0.0, 0.0, 0.0], name="rmsprop"), r"^optimizer\b",
                                  r"^optimizer\b"),
-    "hyper-length": (_set("hyper", lambda a: a.hyper[:-1]), r"^hyper\b", r"^hyper\b"),
+    "hyper-length": (set_field("hyper", lambda a: a.hyper[:-1]), r"^hyper\b", r"^hyper\b"),
     "hyper-length-sgd": (_sgd([0.1]), r"^hyper\b", r"^hyper\b"),
     # A ValueError whichever backend runs (the reference's adam_update raises one; the kernel a RuntimeError).
     "adam-step-0": (lambda a: a.hyper.__setitem__(6, 0.0), r"^(hyper|step)\b", r"^hyper\b"),
-    "grad-scale": (_set("grad_scale", 0.0), r"^grad_scale\b", r"^grad_scale\b"),
-    "activation": (_set("activation", "swish"), r"^activation\b", r"^activation\b"),
+    "grad-scale": (set_field("grad_scale", 0.0), r"^grad_scale\b", r"^grad_scale\b"),
+    "activation": (set_field("activation", "swish"), r"^activation\b", r"^activation\b"),
 }
 
 
@@ -288,10 +253,7 @@ def test_wrapper_rejects_bad_argument(key, backend):
 @requires_cpu
 @pytest.mark.parametrize("key", BAD_INPUTS)
 def test_raw_op_rejects_bad_argument(key):
-    pattern = BAD_INPUTS[key][2]
-    if pattern is None:
-        pytest.skip("a CPU/meta mix is dispatched to the Meta (fake) kernel, as for torch's own ops (torch.mm "
-                    "included), so the kernel's device check is not reachable on a CPU-only machine")
+    pattern = raw_op_pattern(BAD_INPUTS[key][2])
     a = _bad_args(key)
     with pytest.raises(RuntimeError, match=pattern):
         OPS.dni_update_(a.x, a.weight, a.bias, a.forward.h, a.forward.pre, a.forward.prediction, a.state, a.optimizer,
@@ -328,5 +290,4 @@ def test_non_finite_prediction_matches_reference(value):
     expected = _run(inp, forward, optimizer, hyper, state, "reference")
     actual = _run(inp, forward, optimizer, hyper, state, "cpu")
     assert not torch.isfinite(actual[0]).all()
-    assert_all_close([actual[0], actual[1], *actual[2], actual[3]], [expected[0], expected[1], *expected[2], expected[3]],
-                     ["weight", "bias", "state[0]", "state[1]", "dx"], equal_nan=True)
+    _assert_results_close(actual, expected, equal_nan=True)

@@ -10,23 +10,9 @@ import fastdni.ops as ops
 import fastdni.ops.api as api
 from fastdni.ops.schema import NAMESPACE, SCHEMAS
 from op_cases import (
-    ACTIVATIONS,
-    ADAM,
-    BACKEND_PARAMS,
-    OP_DTYPES,
-    SGD_MOMENTUM,
-    Case,
-    assert_all_close,
-    case_id,
-    clone_sg,
-    forward_op_args,
-    make_inputs,
-    make_state,
-    reference_forward,
-    regression_op_args,
-    requires_cpu,
-    sg_names,
-    update_op_args,
+    ACTIVATIONS, ADAM, BACKEND_PARAMS, OP_DTYPES, SGD_MOMENTUM, Case, assert_all_close, case_id, clone_sg,
+    forward_op_args, indexed_names, make_inputs, make_state, reference_forward, regression_op_args, requires_cpu,
+    sg_names, update_op_args,
 )
 
 OPS = torch.ops.fastdni
@@ -228,9 +214,8 @@ def _layer_step(inp, backend):
                               loss_weight=0.5, backend=backend)
     outputs = [f.h, f.pre, f.prediction, *f.sg_hidden, weight, bias, *layer_state, dx, loss, *ops.ordered_params(sg),
                *sg_state]
-    names = ["h", "pre", "prediction", *(f"sg_hidden[{i}]" for i in range(len(f.sg_hidden))), "weight", "bias",
-             *(f"layer_state[{i}]" for i in range(len(layer_state))), "dx", "loss", *sg_names(sg),
-             *(f"sg_state[{i}]" for i in range(len(sg_state)))]
+    names = ["h", "pre", "prediction", *indexed_names("sg_hidden", len(f.sg_hidden)), "weight", "bias",
+             *indexed_names("layer_state", len(layer_state)), "dx", "loss", *sg_names(sg), *indexed_names("sg_state", len(sg_state))]
     return outputs, names
 
 

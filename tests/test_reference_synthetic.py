@@ -27,6 +27,12 @@ def random_sg_params(features, hidden=(), context_features=0, *, dtype=F64, scal
     return SGParams(weights, biases, context_weight)
 
 
+def random_sg_inputs(hidden, context_kind, batch, features, classes, dtype=F64) -> tuple[SGParams, torch.Tensor]:
+    """Random SG parameters (a context weight of ``classes`` columns where ``context_kind``) and ``h [batch, features]``."""
+    params = random_sg_params(features, hidden, classes if context_kind else 0, dtype=dtype)
+    return params, torch.randn(batch, features, dtype=dtype)
+
+
 def make_context(kind, batch, classes, dtype=F64):
     if kind is None:
         return None
@@ -88,8 +94,7 @@ def autograd_regression(h, params: SGParams, target, context):
 @pytest.mark.parametrize("hidden", HIDDEN, ids=HIDDEN_IDS)
 def test_sg_predict_matches_linear_stack(hidden, context_kind, dtype, check_close):
     batch, features, classes = 9, 14, 5
-    params = random_sg_params(features, hidden, classes if context_kind else 0, dtype=dtype)
-    h = torch.randn(batch, features, dtype=dtype)
+    params, h = random_sg_inputs(hidden, context_kind, batch, features, classes, dtype)
     context = make_context(context_kind, batch, classes, dtype)
     stack = linear_stack(params)
     with torch.no_grad():
@@ -108,8 +113,7 @@ def test_sg_predict_matches_linear_stack(hidden, context_kind, dtype, check_clos
 @pytest.mark.parametrize("hidden", HIDDEN, ids=HIDDEN_IDS)
 def test_sg_regression_matches_autograd(hidden, context_kind, dtype, check_close):
     batch, features, classes = 11, 13, 4
-    params = random_sg_params(features, hidden, classes if context_kind else 0, dtype=dtype)
-    h = torch.randn(batch, features, dtype=dtype)
+    params, h = random_sg_inputs(hidden, context_kind, batch, features, classes, dtype)
     target = torch.randn(batch, features, dtype=dtype)
     context = make_context(context_kind, batch, classes, dtype)
 
@@ -231,8 +235,7 @@ def test_init_sg_params_generator_and_dtype():
 )
 def test_sg_regression_property_matches_autograd(batch, features, hidden, context_kind, classes, seed):
     torch.manual_seed(seed)
-    params = random_sg_params(features, tuple(hidden), classes if context_kind else 0)
-    h = torch.randn(batch, features, dtype=F64)
+    params, h = random_sg_inputs(tuple(hidden), context_kind, batch, features, classes)
     target = torch.randn(batch, features, dtype=F64)
     context = None
     if context_kind == "labels":

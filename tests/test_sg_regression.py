@@ -16,30 +16,11 @@ import fastdni.ops as ops
 from fastdni.ops import ForwardResult
 from fastdni.reference import SGParams, sg_forward
 from op_cases import (
-    ADAM,
-    ARG_ERRORS,
-    BACKEND_PARAMS,
-    CONTEXTS,
-    DTYPE_IDS,
-    OP_DTYPES,
-    OPTIMIZERS,
-    SG_SHAPES,
-    TORCH_OPTIMIZER_STEPS,
-    TORCH_OPTIMIZERS,
-    Case,
-    assert_all_close,
-    case_id,
-    clone_all,
-    clone_sg,
-    make_inputs,
-    make_state,
-    make_torch_optimizer,
-    noncontiguous,
-    num_threads,
-    optimizer_states,
-    reference_forward,
-    requires_cpu,
-    sg_names,
+    ADAM, ARG_ERRORS, BACKEND_PARAMS, CONTEXTS, DTYPE_IDS, META_DEVICE_SKIP, OP_DTYPES, SG_SHAPES,
+    TORCH_OPTIMIZER_STEPS, TORCH_OPTIMIZERS, Case, assert_all_close, assert_states_match, at_thread_counts, case_id,
+    clone_all, clone_sg, indexed_names, make_inputs, make_state, noncontiguous, num_threads, optimizer_pair,
+    prepare_step, raw_op_pattern, reference_forward, requires_cpu, set_field, set_forward, set_sg, sg_names,
+    sg_params,
 )
 
 OPS = torch.ops.fastdni
@@ -56,14 +37,14 @@ def _run(inp, forward, optimizer, hyper, state, backend, *, target_scale=TARGET_
 
 
 def _prepare(case, optimizer_key):
-    inp = make_inputs(case)
-    optimizer, hyper = OPTIMIZERS[optimizer_key]
-    return inp, reference_forward(inp), optimizer, hyper, make_state(optimizer, hyper, ops.ordered_params(inp.sg))
+    """(inp, forward, optimizer, hyper, state) with a random state for the SG's parameters."""
+    return prepare_step(case, optimizer_key, sg_params)
 
 
 def _assert_results_close(actual, expected, **overrides):
+    """Two :func:`_run` results agree tensor by tensor: loss, SG parameters and state."""
     (loss_a, sg_a, state_a), (loss_e, sg_e, state_e) = actual, expected
-    names = ["loss", *sg_names(sg_e), *(f"state[{i}]" for i in range(len(state_e)))]
+    names = ["loss", *sg_names(sg_e), *indexed_names("state", len(state_e))]
     assert_all_close([loss_a, *ops.ordered_params(sg_a), *state_a], [loss_e, *ops.ordered_params(sg_e), *state_e], names,
                      **overrides)
 
@@ -113,10 +94,7 @@ def test_cpu_matches_reference_tiled(case, optimizer_key):
 def test_tiles_split_across_threads(case):
     """Two threads share the tiles (each with its own scratch tile): the single-threaded result."""
     inp, forward, optimizer, hyper, state = _prepare(case, "adam-l2-step3")
-    with num_threads(1):
-        expected = _run(inp, forward, optimizer, hyper, state, "cpu")
-    with num_threads(2):
-        actual = _run(inp, forward, optimizer, hyper, state, "cpu")
+    expected, actual = at_thread_counts(lambda: _run(inp, forward, optimizer, hyper, state, "cpu"), 1, 2)
     _assert_results_close(actual, expected)
 
 
@@ -144,7 +122,7 @@ def test_label_path_is_bitwise_deterministic(dtype):
     for again in runs:
         assert torch.equal(again[0], first[0])
         for a, b, name in zip(ops.ordered_params(again[1]) + again[2], ops.ordered_params(first[1]) + first[2],
-                              sg_names(first[1]) + [f"state[{i}]" for i in range(len(first[2]))]):
+                              sg_names(first[1]) + indexed_names("state", len(first[2]))):
             assert torch.equal(a, b), name
 
 
@@ -180,9 +158,7 @@ def test_matches_torch_optim_over_steps(dtype, optimizer_name, context, backend)
     inp = make_inputs(case)
     sg = clone_sg(inp.sg)
     params = ops.ordered_params(sg)
-    fused = make_torch_optimizer(optimizer_name, params)
-    leaves = [p.clone().requires_grad_() for p in params]
-    oracle = make_torch_optimizer(optimizer_name, leaves)
+    fused, leaves, oracle = optimizer_pair(optimizer_name, params)
     n = len(sg.weights)
     sg_t = SGParams(tuple(leaves[0:2 * n:2]), tuple(leaves[1:2 * n:2]), leaves[2 * n])
     gen = torch.Generator().manual_seed(13)
@@ -203,9 +179,7 @@ def test_matches_torch_optim_over_steps(dtype, optimizer_name, context, backend)
 
         names = [f"step {step}: {n}" for n in ["loss", *sg_names(sg)]]
         assert_all_close([loss, *params], [loss_t.detach(), *(t.detach() for t in leaves)], names)
-        expected_state = optimizer_states(oracle, leaves)
-        assert_all_close(optimizer_states(fused, params), expected_state,
-                         [f"step {step}: state[{i}]" for i in range(len(expected_state))])
+        assert_states_match(fused, params, oracle, leaves, step)
 
 
 # --- strided inputs: read-only arguments may be views, updated ones may not ---------------------------------
@@ -261,30 +235,8 @@ def _finish(args):
     return args
 
 
-def _set(name, value):
-    def mutate(a):
-        setattr(a, name, value(a) if callable(value) else value)
-    return mutate
-
-
-def _fwd(field, value):
-    def mutate(a):
-        a.forward = a.forward._replace(**{field: value(a)})
-    return mutate
-
-
-def _sg(field, index, value):
-    def mutate(a):
-        if index is None:
-            a.sg = a.sg._replace(**{field: value(a)})
-        else:
-            items = list(getattr(a.sg, field))
-            items[index] = value(a)
-            a.sg = a.sg._replace(**{field: tuple(items)})
-    return mutate
-
-
 def _state(change):
+    """Builds the state, then applies ``change`` to the list in place."""
     def mutate(a):
         _finish(a)
         change(a.state)
@@ -292,6 +244,7 @@ def _state(change):
 
 
 def _labels(value):
+    """Sets the first label (on a copy of the labels) to ``value``."""
     def mutate(a):
         a.context = a.context.clone()
         a.context[0] = value
@@ -300,50 +253,50 @@ def _labels(value):
 
 # id: (base context, mutation, wrapper message pattern, raw-op message pattern); None: not applicable there.
 BAD_INPUTS = {
-    "h-1d": ("labels64", _set("h", lambda a: a.h[0]), r"^h\b", r"^h\b"),
-    "h-int": ("labels64", _set("h", lambda a: a.h.to(torch.int64)), r"^h\b", r"^h\b"),
-    "prediction-shape": ("labels64", _fwd("prediction", lambda a: a.forward.prediction[:, :-1]),
+    "h-1d": ("labels64", set_field("h", lambda a: a.h[0]), r"^h\b", r"^h\b"),
+    "h-int": ("labels64", set_field("h", lambda a: a.h.to(torch.int64)), r"^h\b", r"^h\b"),
+    "prediction-shape": ("labels64", set_forward("prediction", lambda a: a.forward.prediction[:, :-1]),
                          r"^forward\.prediction\b", r"^prediction\b"),
-    "target-shape": ("labels64", _set("target", lambda a: a.target[:-1]), r"^target\b", r"^target\b"),
-    "target-dtype": ("labels64", _set("target", lambda a: a.target.double()), r"^target\b", r"^target\b"),
-    "target-device": ("labels64", _set("target", lambda a: a.target.to("meta")), r"^target\b", None),
-    "sg-weight-shape": ("labels64", _sg("weights", 0, lambda a: torch.randn(7, a.h.shape[1] + 1)),
+    "target-shape": ("labels64", set_field("target", lambda a: a.target[:-1]), r"^target\b", r"^target\b"),
+    "target-dtype": ("labels64", set_field("target", lambda a: a.target.double()), r"^target\b", r"^target\b"),
+    "target-device": ("labels64", set_field("target", lambda a: a.target.to("meta")), r"^target\b", None),
+    "sg-weight-shape": ("labels64", set_sg("weights", 0, lambda a: torch.randn(7, a.h.shape[1] + 1)),
                         r"^params\.weights\[0\]", r"^sg_weights\b"),
-    "sg-bias-shape": ("labels64", _sg("biases", 1, lambda a: torch.randn(a.h.shape[1] + 1)), r"^params\.biases\[1\]",
+    "sg-bias-shape": ("labels64", set_sg("biases", 1, lambda a: torch.randn(a.h.shape[1] + 1)), r"^params\.biases\[1\]",
                       r"^sg_biases\b"),
-    "sg-weight-dtype": ("labels64", _sg("weights", 1, lambda a: a.sg.weights[1].double()), r"^params\.weights\[1\]",
+    "sg-weight-dtype": ("labels64", set_sg("weights", 1, lambda a: a.sg.weights[1].double()), r"^params\.weights\[1\]",
                         r"^sg_weights\b"),
-    "sg-hidden-count": ("labels64", _fwd("sg_hidden", lambda a: []), r"^forward\.sg_hidden\b", r"^sg_hidden\b"),
+    "sg-hidden-count": ("labels64", set_forward("sg_hidden", lambda a: []), r"^forward\.sg_hidden\b", r"^sg_hidden\b"),
     # The wrapper counts forward.sg_hidden but does not check their shapes.
-    "sg-hidden-shape": ("labels64", _fwd("sg_hidden", lambda a: [torch.rand(a.h.shape[0], 8)]),
+    "sg-hidden-shape": ("labels64", set_forward("sg_hidden", lambda a: [torch.rand(a.h.shape[0], 8)]),
                         r"^forward\.sg_hidden\b", r"^sg_hidden\b"),
     # The raw op must validate integer labels (dtype and range) as dni_forward's kernel does.
-    "labels-dtype": ("labels64", _set("context", lambda a: a.context.to(torch.uint8)), r"^context\b", r"^context\b"),
-    "labels-shape": ("labels64", _set("context", lambda a: a.context[:-1]), r"^context\b", r"^context\b"),
+    "labels-dtype": ("labels64", set_field("context", lambda a: a.context.to(torch.uint8)), r"^context\b", r"^context\b"),
+    "labels-shape": ("labels64", set_field("context", lambda a: a.context[:-1]), r"^context\b", r"^context\b"),
     # Raw op: out-of-range labels index outside dU; tested in a subprocess (test_raw_op_rejects_out_of_range_labels).
     "labels-out-of-range": ("labels64", _labels(Case().classes), r"^context\b", None),
     "labels-negative": ("labels32", _labels(-1), r"^context\b", None),
-    "float-context-shape": ("float", _set("context", lambda a: a.context[:, :-1]), r"^context\b", r"^context\b"),
-    "float-context-dtype": ("float", _set("context", lambda a: a.context.double()), r"^context\b", r"^context\b"),
-    "context-without-context-weight": ("float", _sg("context_weight", None, lambda a: None), r"^context\b",
+    "float-context-shape": ("float", set_field("context", lambda a: a.context[:, :-1]), r"^context\b", r"^context\b"),
+    "float-context-dtype": ("float", set_field("context", lambda a: a.context.double()), r"^context\b", r"^context\b"),
+    "context-without-context-weight": ("float", set_sg("context_weight", None, lambda a: None), r"^context\b",
                                        r"^context\b"),
-    "context-weight-without-context": ("float", _set("context", None), r"^context\b", r"^context\b"),
-    "context-weight-shape": ("float", _sg("context_weight", None, lambda a: torch.randn(8, a.context.shape[1])),
+    "context-weight-without-context": ("float", set_field("context", None), r"^context\b", r"^context\b"),
+    "context-weight-shape": ("float", set_sg("context_weight", None, lambda a: torch.randn(8, a.context.shape[1])),
                              r"^params\.context_weight\b", r"^context_weight\b"),
-    "sg-weight-noncontiguous": ("labels64", _sg("weights", 0, lambda a: noncontiguous(a.sg.weights[0])),
+    "sg-weight-noncontiguous": ("labels64", set_sg("weights", 0, lambda a: noncontiguous(a.sg.weights[0])),
                                 r"^sg params\[0\]", r"^sg_weights\b"),
-    "sg-bias-noncontiguous": ("labels64", _sg("biases", 0, lambda a: noncontiguous(a.sg.biases[0])),
+    "sg-bias-noncontiguous": ("labels64", set_sg("biases", 0, lambda a: noncontiguous(a.sg.biases[0])),
                               r"^sg params\[1\]", r"^sg_biases\b"),
-    "context-weight-noncontiguous": ("float", _sg("context_weight", None, lambda a: noncontiguous(a.sg.context_weight)),
+    "context-weight-noncontiguous": ("float", set_sg("context_weight", None, lambda a: noncontiguous(a.sg.context_weight)),
                                      r"^sg params\[4\]", r"^context_weight\b"),
     "state-noncontiguous": ("labels64", _state(lambda s: s.__setitem__(3, noncontiguous(s[3]))), r"^state\[3\]",
                             r"^state\b"),
     "state-count": ("labels64", _state(lambda s: s.pop()), r"^state\b", r"^state\b"),
     "state-shape": ("labels64", _state(lambda s: s.__setitem__(0, s[2])), r"^state\[0\]", r"^state\[0\]"),
-    "optimizer-name": ("labels64", _set("optimizer", "adamw"), r"^optimizer\b", r"^optimizer\b"),
-    "hyper-length": ("labels64", _set("hyper", lambda a: a.hyper[:-1]), r"^hyper\b", r"^hyper\b"),
-    "loss-weight": ("labels64", _set("loss_weight", 0.0), r"^loss_weight\b", r"^loss_weight\b"),
-    "target-scale": ("labels64", _set("target_scale", -1.0), r"^target_scale\b", None),
+    "optimizer-name": ("labels64", set_field("optimizer", "adamw"), r"^optimizer\b", r"^optimizer\b"),
+    "hyper-length": ("labels64", set_field("hyper", lambda a: a.hyper[:-1]), r"^hyper\b", r"^hyper\b"),
+    "loss-weight": ("labels64", set_field("loss_weight", 0.0), r"^loss_weight\b", r"^loss_weight\b"),
+    "target-scale": ("labels64", set_field("target_scale", -1.0), r"^target_scale\b", None),
 }
 
 
@@ -376,13 +329,10 @@ def test_wrapper_rejects_bad_argument(key, backend):
 @requires_cpu
 @pytest.mark.parametrize("key", BAD_INPUTS)
 def test_raw_op_rejects_bad_argument(key):
-    pattern = BAD_INPUTS[key][3]
-    if pattern is None:
-        pytest.skip({
-            "target-device": "a CPU/meta mix is dispatched to the Meta (fake) kernel, as for torch's own ops "
-                             "(torch.mm included), so the kernel's device check is not reachable on a CPU-only machine",
-            "target-scale": "the raw op takes any target_scale; only the wrapper restricts it to >= 0",
-        }.get(key, "tested in a subprocess: test_raw_op_rejects_out_of_range_labels"))
+    pattern = raw_op_pattern(BAD_INPUTS[key][3], {
+        "target-device": META_DEVICE_SKIP,
+        "target-scale": "the raw op takes any target_scale; only the wrapper restricts it to >= 0",
+    }.get(key, "tested in a subprocess: test_raw_op_rejects_out_of_range_labels"))
     a = _bad_args(key)
     with pytest.raises(RuntimeError, match=pattern):
         _call_raw(a)
