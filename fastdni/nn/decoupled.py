@@ -47,6 +47,17 @@ class DecoupledTrainer(nn.Module):
                     opt.load_state_dict(opt_state)
 
 
+    #: whether the container has SG models, i.e. can run in mode "dni"
+    has_synthetic_gradients = True
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._mode = check_mode(mode, self.has_synthetic_gradients)
+
     def train_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor] = None) -> StepResult:
         """One training step on a batch; every optimizer steps once."""
         self.train()
@@ -130,12 +141,8 @@ class DecoupledSequential(DecoupledTrainer):
         ]
 
     @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, mode: str) -> None:
-        self._mode = check_mode(mode, self.interfaces is not None)
+    def has_synthetic_gradients(self) -> bool:
+        return self.interfaces is not None
 
     def forward(self, x: Tensor) -> Tensor:
         """Plain composition of the blocks (inference, or a backprop forward)."""

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._checks import check_int, check_positive
 from ..reference.activations import check_activation
-from .decoupled import DecoupledTrainer, LossFunction, OptimizerFactory, StepResult, check_mode, default_optimizer, step_optimizer
+from .decoupled import DecoupledTrainer, LossFunction, OptimizerFactory, StepResult, default_optimizer, step_optimizer
 from .synthetic_gradient import SyntheticGradient
 
 
@@ -72,14 +72,6 @@ class DecoupledMLP(DecoupledTrainer):
         self.optimizers = [optimizer(layer.parameters()) for layer in self.layers]
         self.sg_optimizers = [(sg_optimizer or optimizer)(sg.parameters()) for sg in self.synthetic_gradients]
 
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, mode: str) -> None:
-        self._mode = check_mode(mode, True)
-
     def forward(self, x: Tensor) -> Tensor:
         """The network's output (differentiable: backprop mode trains through it)."""
         h = x
@@ -89,7 +81,7 @@ class DecoupledMLP(DecoupledTrainer):
 
     def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
         sg_losses: list[Optional[Tensor]] = [None] * len(self.synthetic_gradients)
-        below = None  # (SG index, its input, its forward) awaiting a target
+        below = None  # (SG index, the forward whose prediction awaits a target; its h is the SG's input)
         h = x.detach()
         with torch.no_grad():
             for i, (layer, sg) in enumerate(zip(self.layers, self.synthetic_gradients)):
@@ -100,10 +92,9 @@ class DecoupledMLP(DecoupledTrainer):
                                       activation=self.activation, need_input_grad=below is not None, backend=self.backend)
                 if below is not None:  # dx: the bootstrapped target of the SG below
                     sg_losses[below[0]] = self._regress(*below, dx, context)
-                below, h = (i, forward.h, forward), forward.h
-        top = self.layers[-1]
+                below, h = (i, forward), forward.h
         h_top = h.requires_grad_()
-        output = top(h_top)
+        output = self.layers[-1](h_top)
         loss = loss_fn(output, target)
         loss.backward()  # the true gradient: the output layer's, and the top SG's target
         step_optimizer(self.optimizers[-1])
@@ -111,10 +102,10 @@ class DecoupledMLP(DecoupledTrainer):
             sg_losses[below[0]] = self._regress(*below, h_top.grad, context)
         return StepResult(loss.detach(), output.detach(), tuple(sg_losses))
 
-    def _regress(self, index: int, h: Tensor, forward: ops.ForwardResult, target: Tensor, context: Optional[Tensor]) -> Tensor:
+    def _regress(self, index: int, forward: ops.ForwardResult, target: Tensor, context: Optional[Tensor]) -> Tensor:
         sg = self.synthetic_gradients[index].reference_params()
         return self._fused_step(self.sg_optimizers[index], ops.ordered_params(sg), ops.sg_regression_,
-                                h, forward, target, sg, context=context, target_scale=self.gradient_scale,
+                                forward.h, forward, target, sg, context=context, target_scale=self.gradient_scale,
                                 loss_weight=self.sg_loss_weight, backend=self.backend)
 
     @staticmethod

@@ -41,11 +41,11 @@ def check_optimizer_args(optimizer: str, hyper: Sequence[float], state: Sequence
         raise ValueError(f"hyper: Adam's step must be an integer >= 1 (steps count from 1), got {hyper[6]!r}")
     if not hyper[0] >= 0:
         raise ValueError(f"hyper: lr must be >= 0, got {hyper[0]!r}")
-    want = len(params) * state_per_param(optimizer, hyper)
-    if len(state) != want:
-        raise ValueError(f"state: expected {want} tensors for {len(params)} parameters with {optimizer!r}, got {len(state)}")
+    per = state_per_param(optimizer, hyper)
+    if len(state) != len(params) * per:
+        raise ValueError(f"state: expected {len(params) * per} tensors for {len(params)} parameters with {optimizer!r}, got {len(state)}")
     for i, t in enumerate(state):
-        p = params[i // max(1, state_per_param(optimizer, hyper))]
+        p = params[i // per]  # per >= 1 here: with no state the loop does not run
         if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
             raise ValueError(f"state[{i}]: expected a tensor like its parameter ({tuple(p.shape)}, {p.dtype}, {p.device})")
 
