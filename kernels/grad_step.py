@@ -3,38 +3,48 @@
 * :func:`gemm_grad_step_`: ``dW = grad_out^T @ input`` (``grad_out [B, N]``, ``input [B, K]``, ``param
   [N, K]``), tile by tile with fp32 accumulation; each program owns one ``[BLOCK_N, BLOCK_K]`` output
   tile, reduces over all of ``B`` itself, then loads that tile of ``param`` and its state, applies the
-  optimizer step (:mod:`kernels.optim`) and stores them back in place.
-* :func:`bias_grad_step_`: ``db = grad_out.sum(0)`` (fp32) with the same epilogue on ``bias``.
+  optimizer step (:mod:`kernels.optim`) and stores them back in place. Optionally in the same pass:
+  ``grad_out`` formed on the fly (:mod:`kernels.prologue`: the layer's delta, the SG's error), the input
+  formed from labels (``onehot(y)``, cDNI's ``dU``), the bias step on ``grad_out.sum(0)`` and the SG loss
+  ``sum(error^2)``, both by the programs of the first column of tiles, which see every gradient element once.
+* :func:`bias_grad_step_`: ``db = grad_out.sum(0)`` (fp32) with the same epilogue on ``bias``, for where
+  there is no weight to fuse it into.
 
 Design notes
 ------------
 * Race-freedom: the grid is exactly one program per output tile and the reduction over ``B`` happens
   inside the program (no split-K), so no two programs read or write the same param/state elements.
-  That is what makes the non-atomic in-place read-modify-write of the epilogue safe.
+  That is what makes the non-atomic in-place read-modify-write of the epilogue safe. The loss is the one
+  value shared by programs: it is added with an atomic (its summation order may vary run to run).
 * ``grad_out``/``input`` are read through their strides (views such as ``x.T`` or slices are fine, no
-  copy); fp32, bf16 or fp16, both of the same dtype. ``param``/``bias`` and their state are fp32 master
-  weights and must be contiguous: they are updated in place, so a hidden ``.contiguous()`` copy would
-  silently drop the update; they are rejected instead.
+  copy); fp32, bf16 or fp16, both of the same dtype. ``param``/``bias`` and their state are updated in
+  fp32 registers and stored in their own dtype (fp32 master weights, or bf16/fp16 ones); they must be
+  contiguous: a hidden ``.contiguous()`` copy would silently drop the update, so they are rejected instead.
 * fp32 operands use IEEE fp32 products unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 * Autotuning benchmarks run the kernel several times; ``restore_value`` restores param and state
   after each run so the step is applied exactly once. Under ``TRITON_INTERPRET=1`` there is one config.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._checks import check_device, check_float, check_like, check_updated
 from ._tiling import INTERPRETED, gemm_configs, grouped_tile, pruner
+from ._launch import record_launch
+from .linear_act import check_labels
 from .optim import num_state, optimizer_args, optimizer_epilogue
+from .prologue import GradSource, gradient_tile
 
 __all__ = ["gemm_grad_step_", "bias_grad_step_"]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_RESTORE = ["p_ptr", "s0_ptr", "s1_ptr"]
+# Autotuning runs a launch once per config: these in-place outputs are restored after each run.
+_RESTORE = ["p_ptr", "s0_ptr", "s1_ptr", "pb_ptr", "sb0_ptr", "sb1_ptr", "loss_ptr"]
+_RESTORE_BIAS = ["p_ptr", "s0_ptr", "s1_ptr", "loss_ptr"]
 # (BLOCK_N, BLOCK_K, BLOCK_B, warps, stages). The Adam epilogue keeps four fp32 tiles live (grad, param,
 # exp_avg, exp_avg_sq): tiles stay at <= 128x64 so they fit in registers.
 _GEMM_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_B"), [
@@ -46,19 +56,23 @@ _BIAS_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_B"), [(128, 32, 4), (64, 64, 4),
 
 @triton.autotune(
     configs=_GEMM_CONFIGS,
-    key=["N", "K", "B"] + _KEY_FLAGS,
+    key=["N", "K", "B", "GRAD_MODE", "GRAD_ACTIVATION", "ONEHOT_INPUT", "HAS_BIAS", "HAS_LOSS"] + _KEY_FLAGS,
     prune_configs_by=pruner({"BLOCK_N": "N", "BLOCK_K": "K"}),
     restore_value=None if INTERPRETED else _RESTORE,
 )
 @triton.jit
 def _gemm_grad_step_kernel(
-    g_ptr, x_ptr, p_ptr, s0_ptr, s1_ptr,
+    g_ptr, g2_ptr, x_ptr, y_ptr, p_ptr, s0_ptr, s1_ptr, pb_ptr, sb0_ptr, sb1_ptr, loss_ptr,
     B, N, K,
-    stride_gb, stride_gn,
+    stride_gb, stride_gn,  # also those of g2 (a gradient source's second tensor)
     stride_xb, stride_xk,
+    stride_y,
     stride_pn,  # param and state: contiguous [N, K], so stride_pk == 1
+    GRAD_SCALE, GRAD_TARGET_SCALE, LOSS_SCALE,
     OPT_LR, OPT_WEIGHT_DECAY, OPT_BETA2, OPT_EPS, OPT_STEP_SIZE, OPT_BC2_SQRT, OPT_LERP_WEIGHT,
     OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
+    GRAD_MODE: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, ONEHOT_INPUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LOSS: tl.constexpr,
     IS_ADAM: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, HAS_BUF: tl.constexpr,
     NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
     ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -73,193 +87,259 @@ def _gemm_grad_step_kernel(
     # int64 indices: index * stride must not wrap for tensors of more than 2^31 elements.
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_b = tl.arange(0, BLOCK_B)
+    offs_b = tl.arange(0, BLOCK_B).to(tl.int64)
     mask_n = offs_n < N
     mask_k = offs_k < K
 
-    g_ptrs = g_ptr + offs_n[:, None] * stride_gn + offs_b[None, :] * stride_gb  # grad_out^T tile [BLOCK_N, BLOCK_B]
+    g_offs = offs_n[:, None] * stride_gn + offs_b[None, :] * stride_gb  # grad_out^T tile [BLOCK_N, BLOCK_B]
     x_ptrs = x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :] * stride_xk  # input tile [BLOCK_B, BLOCK_K]
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # db (unscaled), used by the pid_k == 0 programs
+    sq_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # the SG loss, sum of error^2 (unscaled)
     for b0 in range(0, B, BLOCK_B):
         mask_b = (offs_b + b0) < B  # masked loads with 0 fill: a ragged B contributes nothing
-        a = tl.load(g_ptrs, mask=mask_n[:, None] & mask_b[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        # The gradient tile, stored or formed here from prediction and h/target (kernels/prologue.py).
+        a = gradient_tile(g_ptr + g_offs, g2_ptr + g_offs, mask_n[:, None] & mask_b[None, :], GRAD_TARGET_SCALE,
+                          GRAD_MODE, GRAD_ACTIVATION)
+        if HAS_BIAS:
+            row_sum += tl.sum(a, axis=1)
+        if HAS_LOSS:
+            sq_sum += tl.sum(a * a, axis=1)
+        if ONEHOT_INPUT:  # cDNI dU = g^T onehot(y): the one-hot tile is built from the labels, never stored
+            y = tl.load(y_ptr + (offs_b + b0) * stride_y, mask=mask_b, other=-1)
+            x = tl.where(y[:, None] == offs_k[None, :], 1.0, 0.0)
+        else:
+            x = tl.load(x_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
         if UPCAST_DOT:  # interpreter only: exact, a product of two bf16/fp16 values fits in fp32
-            a = a.to(tl.float32)
             x = x.to(tl.float32)
+        else:  # the input dtype for the tensor cores (exact for a stored gradient; a formed one rounds as eager)
+            a = a.to(g_ptr.dtype.element_ty)
+            x = x.to(g_ptr.dtype.element_ty)
         if ALLOW_TF32:
             acc = tl.dot(a, x, acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(a, x, acc, input_precision="ieee", out_dtype=tl.float32)
-        g_ptrs += BLOCK_B * stride_gb
+        g_offs += BLOCK_B * stride_gb
         x_ptrs += BLOCK_B * stride_xb
 
     # ---- epilogue: the optimizer step on this tile; dW (acc) never leaves registers ----
     offs = offs_n[:, None] * stride_pn + offs_k[None, :]
-    optimizer_epilogue(acc, p_ptr + offs, s0_ptr + offs, s1_ptr + offs, mask_n[:, None] & mask_k[None, :],
+    optimizer_epilogue(acc * GRAD_SCALE, p_ptr + offs, s0_ptr + offs, s1_ptr + offs, mask_n[:, None] & mask_k[None, :],
                        OPT_LR, OPT_WEIGHT_DECAY, OPT_BETA2, OPT_EPS, OPT_STEP_SIZE, OPT_BC2_SQRT, OPT_LERP_WEIGHT,
                        OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
                        IS_ADAM, HAS_WD, DECOUPLED, HAS_BUF, NESTEROV, FIRST_STEP)
+    # The first column of programs has also seen every (row, b) element of the gradient once: it steps
+    # the bias on the row sums and adds the loss. No other program touches the bias.
+    if pid_k == 0:
+        if HAS_BIAS:
+            optimizer_epilogue(row_sum * GRAD_SCALE, pb_ptr + offs_n, sb0_ptr + offs_n, sb1_ptr + offs_n, mask_n,
+                               OPT_LR, OPT_WEIGHT_DECAY, OPT_BETA2, OPT_EPS, OPT_STEP_SIZE, OPT_BC2_SQRT,
+                               OPT_LERP_WEIGHT, OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM,
+                               OPT_ONE_MINUS_DAMPENING, IS_ADAM, HAS_WD, DECOUPLED, HAS_BUF, NESTEROV, FIRST_STEP)
+        if HAS_LOSS:
+            tl.atomic_add(loss_ptr, tl.sum(sq_sum) * LOSS_SCALE)
 
 
 @triton.autotune(
     configs=_BIAS_CONFIGS,
-    key=["N", "B"] + _KEY_FLAGS,
+    key=["N", "B", "GRAD_MODE", "GRAD_ACTIVATION", "HAS_LOSS"] + _KEY_FLAGS,
     prune_configs_by=pruner({"BLOCK_N": "N"}),
-    restore_value=None if INTERPRETED else _RESTORE,
+    restore_value=None if INTERPRETED else _RESTORE_BIAS,
 )
 @triton.jit
 def _bias_grad_step_kernel(
-    g_ptr, p_ptr, s0_ptr, s1_ptr,
+    g_ptr, g2_ptr, p_ptr, s0_ptr, s1_ptr, loss_ptr,
     B, N,
     stride_gb, stride_gn,
+    GRAD_SCALE, GRAD_TARGET_SCALE, LOSS_SCALE,
     OPT_LR, OPT_WEIGHT_DECAY, OPT_BETA2, OPT_EPS, OPT_STEP_SIZE, OPT_BC2_SQRT, OPT_LERP_WEIGHT,
     OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
+    GRAD_MODE: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_LOSS: tl.constexpr,
     IS_ADAM: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, HAS_BUF: tl.constexpr,
     NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     # One program per BLOCK_N columns, summing all B rows itself: it alone touches its bias/state elements
-    # (race-free in-place epilogue, as in the GEMM kernel).
+    # (race-free in-place epilogue, as in the GEMM kernel). Used alone where there is no weight to fuse
+    # the bias step into (an input with no columns).
     pid = tl.program_id(0)
     offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_b = tl.arange(0, BLOCK_B).to(tl.int64)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = offs_b + b0
-        g = tl.load(g_ptr + rows[:, None] * stride_gb + offs_n[None, :] * stride_gn,
-                    mask=(rows < B)[:, None] & mask_n[None, :], other=0.0)
-        acc += g.to(tl.float32)
-    db = tl.sum(acc, axis=0)
-    optimizer_epilogue(db, p_ptr + offs_n, s0_ptr + offs_n, s1_ptr + offs_n, mask_n,
+        offs = rows[:, None] * stride_gb + offs_n[None, :] * stride_gn
+        g = gradient_tile(g_ptr + offs, g2_ptr + offs, (rows < B)[:, None] & mask_n[None, :], GRAD_TARGET_SCALE,
+                          GRAD_MODE, GRAD_ACTIVATION)
+        acc += g
+        if HAS_LOSS:
+            sq += g * g
+    optimizer_epilogue(tl.sum(acc, axis=0) * GRAD_SCALE, p_ptr + offs_n, s0_ptr + offs_n, s1_ptr + offs_n, mask_n,
                        OPT_LR, OPT_WEIGHT_DECAY, OPT_BETA2, OPT_EPS, OPT_STEP_SIZE, OPT_BC2_SQRT, OPT_LERP_WEIGHT,
                        OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
                        IS_ADAM, HAS_WD, DECOUPLED, HAS_BUF, NESTEROV, FIRST_STEP)
+    if HAS_LOSS:
+        tl.atomic_add(loss_ptr, tl.sum(tl.sum(sq, axis=1), axis=0) * LOSS_SCALE)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Host side: validation, then launch.
 
-def _check_float(name: str, t: object, ndim: int) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
-    return t
-
-
-def _check_master(name: str, t: object, shape: tuple, device: torch.device) -> Tensor:
-    """A tensor updated in place: fp32, the given shape and device, contiguous."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name}: expected dtype float32 (master weights), got {t.dtype}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device} (that of grad_out), got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor (it is updated in place), got strides {t.stride()}")
-    return t
-
-
-def _check_step_args(param_name: str, param: Tensor, state: Sequence[Tensor], optimizer: str,
-                     hyper: Sequence[float], device: torch.device) -> tuple[dict, dict, Tensor, Tensor]:
+def _check_step_args(param_name: str, param: object, shape: tuple, state: Sequence[Tensor], optimizer: str,
+                     hyper: Sequence[float], like: Tensor) -> tuple[dict, dict, Tensor, Tensor]:
+    """Optimizer arguments of one updated tensor; ``(scalars, constexprs, state0, state1)`` for the launch."""
     scalars, constexprs = optimizer_args(optimizer, hyper)
-    _check_master(param_name, param, tuple(param.shape) if isinstance(param, Tensor) else (), device)
+    param = check_float(param_name, param, len(shape))
+    if tuple(param.shape) != shape:
+        raise ValueError(f"{param_name}: expected shape {shape}, got {tuple(param.shape)}")
+    check_like(param_name, param, like, "grad_out", dtype=False)
+    check_updated(param_name, param, shape, param, param_name)
     if isinstance(state, Tensor) or not isinstance(state, (list, tuple)):
-        raise TypeError(f"state: expected a list of tensors, got {type(state).__name__}")
+        raise TypeError(f"{param_name} state: expected a list of tensors, got {type(state).__name__}")
     want = num_state(optimizer, hyper)
     if len(state) != want:
-        raise ValueError(f"state: expected {want} tensors for {optimizer!r} (hyper {list(hyper)}), got {len(state)}")
-    shape = tuple(param.shape)
+        raise ValueError(f"{param_name} state: expected {want} tensors for {optimizer!r} (hyper {list(hyper)}), got {len(state)}")
     for i, s in enumerate(state):
-        _check_master(f"state[{i}]", s, shape, device)
+        check_updated(f"{param_name} state[{i}]", s, shape, param, param_name)
     ptrs = [param.data_ptr()] + [s.data_ptr() for s in state]
     if param.numel() and len(set(ptrs)) != len(ptrs):
-        raise ValueError(f"state: {param_name} and its state tensors must be distinct tensors (no aliasing)")
+        raise ValueError(f"{param_name} state: {param_name} and its state tensors must be distinct tensors (no aliasing)")
     s0 = state[0] if want >= 1 else param  # never dereferenced by the kernel when absent
     s1 = state[1] if want >= 2 else param
     return scalars, constexprs, s0, s1
 
 
-def gemm_grad_step_(grad_out: Tensor, input: Tensor, param: Tensor, state: Sequence[Tensor],
-                    optimizer: str, hyper: Sequence[float]) -> None:
+def _check_loss(loss: object, like: Tensor) -> None:
+    if not isinstance(loss, Tensor) or loss.dtype != torch.float32 or loss.numel() != 1 or loss.device != like.device:
+        raise ValueError(f"loss: expected a one-element float32 accumulator on {like.device}, got "
+                         f"{loss if not isinstance(loss, Tensor) else (tuple(loss.shape), loss.dtype, loss.device)}")
+
+
+def _grad_source(grad_out: object) -> GradSource:
+    source = grad_out.check() if isinstance(grad_out, GradSource) else GradSource.stored(grad_out)
+    check_float("grad_out", source.primary, 2)
+    check_device("grad_out", source.primary, INTERPRETED)
+    return source
+
+
+def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], param: Tensor, state: Sequence[Tensor],
+                    optimizer: str, hyper: Sequence[float], *, labels: Optional[Tensor] = None,
+                    bias: Optional[Tensor] = None, bias_state: Sequence[Tensor] = (),
+                    loss: Optional[Tensor] = None, loss_scale: float = 1.0) -> None:
     """Apply one optimizer step to ``param`` with gradient ``grad_out^T @ input``, in place; dW is never stored.
 
     Args:
-        grad_out: ``[B, N]`` float32/bfloat16/float16, any strides.
-        input: ``[B, K]``, same dtype and device as ``grad_out``, any strides.
-        param: ``[N, K]`` float32, contiguous, same device; updated in place.
+        grad_out: ``[B, N]`` float32/bfloat16/float16, any strides; or a :class:`~kernels.prologue.GradSource`
+            (the layer's delta or the SG's error, formed tile by tile as it is loaded).
+        input: ``[B, K]``, same dtype and device as ``grad_out``, any strides; ``None`` with ``labels``.
+        param: ``[N, K]``, float, contiguous, same device; updated in place in fp32 math.
         state: the optimizer's tensors for ``param`` (adam: ``[exp_avg, exp_avg_sq]``; sgd:
-            ``[momentum_buffer]``, or ``[]`` when momentum is 0), each float32, contiguous, shaped like
-            ``param``; updated in place.
+            ``[momentum_buffer]``, or ``[]`` when momentum is 0), each of ``param``'s dtype and shape,
+            contiguous; updated in place.
         optimizer, hyper: ``"adam"``/``"sgd"`` and its hyperparameters, as in :mod:`fastdni.ops.optim`.
+        labels: ``[B]`` int labels in ``[0, K)``: the input is ``onehot(labels)`` (cDNI's ``dU``), built
+            tile by tile.
+        bias, bias_state: also step ``bias`` ``[N]`` (and its state) on ``grad_out.sum(0)``, in the same pass.
+        loss: a one-element fp32 tensor to which ``loss_scale * sum(raw grad_out^2)`` is added (the SG loss,
+            reduced in the same pass).
     """
-    _check_float("grad_out", grad_out, 2)
-    _check_float("input", input, 2)
-    if input.device != grad_out.device:
-        raise ValueError(f"input: expected device {grad_out.device} (that of grad_out), got {input.device}")
-    if input.dtype != grad_out.dtype:
-        raise TypeError(f"input: expected dtype {grad_out.dtype} (that of grad_out), got {input.dtype}")
-    B, N = grad_out.shape
-    if input.shape[0] != B:
-        raise ValueError(f"input: expected {B} rows (the batch of grad_out {tuple(grad_out.shape)}), got shape {tuple(input.shape)}")
-    K = input.shape[1]
-    if not isinstance(param, Tensor):
-        raise TypeError(f"param: expected a torch.Tensor, got {type(param).__name__}")
-    if tuple(param.shape) != (N, K):
-        raise ValueError(f"param: expected shape {(N, K)} (grad_out columns, input columns), got {tuple(param.shape)}")
-    scalars, constexprs, s0, s1 = _check_step_args("param", param, state, optimizer, hyper, grad_out.device)
-    if N == 0 or K == 0:
+    source = _grad_source(grad_out)
+    g = source.primary
+    B, N = g.shape
+    if labels is None:
+        input = check_float("input", input, 2)
+        check_like("input", input, g, "grad_out")
+        if input.shape[0] != B:
+            raise ValueError(f"input: expected {B} rows (the batch of grad_out {tuple(g.shape)}), got shape {tuple(input.shape)}")
+        K = input.shape[1]
+    else:
+        if input is not None:
+            raise ValueError("input: expected None when labels are given (the input is onehot(labels))")
+        if not isinstance(param, Tensor) or param.dim() != 2:
+            raise ValueError(f"param: expected a 2-d tensor [N, classes], got {getattr(param, 'shape', param)}")
+        K = param.shape[1]
+        check_labels(labels, B, K, g.device)
+    scalars, constexprs, s0, s1 = _check_step_args("param", param, (N, K), state, optimizer, hyper, g)
+    pb, sb0, sb1 = param, param, param
+    if bias is not None:
+        _, _, sb0, sb1 = _check_step_args("bias", bias, (N,), bias_state, optimizer, hyper, g)
+        pb = bias
+    if loss is not None:
+        _check_loss(loss, g)
+    if N == 0:
         return
+    if K == 0:  # no weight tile to fuse the bias step into
+        if bias is not None or loss is not None:
+            _launch_bias(source, bias, bias_state, optimizer, hyper, loss, loss_scale)
+        return
+
+    primary, secondary, grad_args = source.kernel_args()
+    x = input if labels is None else g  # not read when the input is one-hot
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
+    record_launch("gemm_grad_step")
     _gemm_grad_step_kernel[grid](
-        grad_out, input, param, s0, s1,
+        primary, secondary, x, labels if labels is not None else g, param, s0, s1, pb, sb0, sb1,
+        loss if loss is not None else param,
         B, N, K,
-        grad_out.stride(0), grad_out.stride(1),
-        input.stride(0), input.stride(1),
+        primary.stride(0), primary.stride(1),
+        x.stride(0), x.stride(1),
+        labels.stride(0) if labels is not None else 0,
         param.stride(0),
-        **scalars, **constexprs,
-        ALLOW_TF32=grad_out.dtype != torch.float32 or bool(torch.backends.cuda.matmul.allow_tf32),
+        float(source.scale), grad_args.pop("GRAD_TARGET_SCALE"), float(loss_scale),
+        **scalars, **grad_args,
+        ONEHOT_INPUT=labels is not None, HAS_BIAS=bias is not None, HAS_LOSS=loss is not None,
+        **constexprs,
+        ALLOW_TF32=g.dtype != torch.float32 or bool(torch.backends.cuda.matmul.allow_tf32),
         # Triton 3.8's interpreter gets tl.dot of bf16 operands wrong (see kernels/linear_act.py); widen
         # low-precision tiles to fp32 there (exact).
-        UPCAST_DOT=INTERPRETED and grad_out.dtype != torch.float32,
+        UPCAST_DOT=INTERPRETED and g.dtype != torch.float32,
     )
 
 
-def bias_grad_step_(grad_out: Tensor, bias: Tensor, state: Sequence[Tensor], optimizer: str,
-                    hyper: Sequence[float]) -> None:
+def bias_grad_step_(grad_out: "Tensor | GradSource", bias: Tensor, state: Sequence[Tensor], optimizer: str,
+                    hyper: Sequence[float], *, loss: Optional[Tensor] = None, loss_scale: float = 1.0) -> None:
     """Apply one optimizer step to ``bias`` with gradient ``grad_out.sum(0)`` (fp32), in place.
 
     Args:
-        grad_out: ``[B, N]`` float32/bfloat16/float16, any strides.
-        bias: ``[N]`` float32, contiguous, same device; updated in place.
+        grad_out: ``[B, N]`` float32/bfloat16/float16, any strides, or a gradient source.
+        bias: ``[N]``, float, contiguous, same device; updated in place.
         state, optimizer, hyper: as for :func:`gemm_grad_step_`, shaped like ``bias``.
+        loss, loss_scale: as for :func:`gemm_grad_step_`.
     """
-    _check_float("grad_out", grad_out, 2)
-    B, N = grad_out.shape
-    if not isinstance(bias, Tensor):
-        raise TypeError(f"bias: expected a torch.Tensor, got {type(bias).__name__}")
-    if tuple(bias.shape) != (N,):
-        raise ValueError(f"bias: expected shape {(N,)} (grad_out columns), got {tuple(bias.shape)}")
-    scalars, constexprs, s0, s1 = _check_step_args("bias", bias, state, optimizer, hyper, grad_out.device)
-    if N == 0:
-        return
+    source = _grad_source(grad_out)
+    N = source.shape[1]
+    _check_step_args("bias", bias, (N,), state, optimizer, hyper, source.primary)
+    if loss is not None:
+        _check_loss(loss, source.primary)
+    if N:
+        _launch_bias(source, bias, state, optimizer, hyper, loss, loss_scale)
+
+
+def _launch_bias(source: GradSource, bias: Optional[Tensor], state: Sequence[Tensor], optimizer: str,
+                 hyper: Sequence[float], loss: Optional[Tensor], loss_scale: float) -> None:
+    B, N = source.shape
+    if bias is None:  # only the loss is wanted: step a scratch bias with plain SGD, lr 0 (a no-op)
+        bias, state, optimizer, hyper = torch.zeros(N, device=source.device), [], "sgd", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    scalars, constexprs = optimizer_args(optimizer, hyper)
+    n_state = num_state(optimizer, hyper)
+    s0 = state[0] if n_state >= 1 else bias
+    s1 = state[1] if n_state >= 2 else bias
+    primary, secondary, grad_args = source.kernel_args()
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]),)
 
+    record_launch("bias_grad_step")
     _bias_grad_step_kernel[grid](
-        grad_out, bias, s0, s1,
+        primary, secondary, bias, s0, s1, loss if loss is not None else bias,
         B, N,
-        grad_out.stride(0), grad_out.stride(1),
-        **scalars, **constexprs,
+        primary.stride(0), primary.stride(1),
+        float(source.scale), grad_args.pop("GRAD_TARGET_SCALE"), float(loss_scale),
+        **scalars, **grad_args, HAS_LOSS=loss is not None, **constexprs,
     )

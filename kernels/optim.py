@@ -151,31 +151,32 @@ def optimizer_epilogue(g, p_ptrs, s0_ptrs, s1_ptrs, mask,
                        OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
                        IS_ADAM: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, HAS_BUF: tl.constexpr,
                        NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
-    """Load the fp32 param/state block at ``p_ptrs``/``s*_ptrs`` (same offsets), step it with gradient ``g``
-    (fp32, same shape) and store it back, under ``mask``. ``s0``: exp_avg or momentum buffer; ``s1``:
+    """Load the param/state block at ``p_ptrs``/``s*_ptrs`` (same offsets), step it in fp32 with gradient ``g``
+    (fp32, same shape) and store it back in its own dtype (fp32 master math for bf16/fp16 params), under
+    ``mask``. ``s0``: exp_avg or momentum buffer; ``s1``:
     exp_avg_sq. Pointers of state the optimizer does not have are never dereferenced (any pointer will do).
 
     The caller must own these elements exclusively (no other program of the launch touches them): the
     read-modify-write is not atomic.
     """
-    p = tl.load(p_ptrs, mask=mask, other=0.0)
+    p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
     if IS_ADAM:
-        m = tl.load(s0_ptrs, mask=mask, other=0.0)
-        v = tl.load(s1_ptrs, mask=mask, other=0.0)
+        m = tl.load(s0_ptrs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(s1_ptrs, mask=mask, other=0.0).to(tl.float32)
         p, m, v = adam_update(p, m, v, g, OPT_WEIGHT_DECAY, OPT_BETA2, OPT_EPS, OPT_STEP_SIZE, OPT_BC2_SQRT,
                               OPT_LERP_WEIGHT, OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, HAS_WD, DECOUPLED)
-        tl.store(s0_ptrs, m, mask=mask)
-        tl.store(s1_ptrs, v, mask=mask)
+        tl.store(s0_ptrs, m.to(s0_ptrs.dtype.element_ty), mask=mask)
+        tl.store(s1_ptrs, v.to(s1_ptrs.dtype.element_ty), mask=mask)
     else:
         if HAS_BUF:
             if FIRST_STEP:
                 buf = g  # not read: torch's first step starts the buffer at the gradient
             else:
-                buf = tl.load(s0_ptrs, mask=mask, other=0.0)
+                buf = tl.load(s0_ptrs, mask=mask, other=0.0).to(tl.float32)
             p, buf = sgd_update(p, buf, g, OPT_LR, OPT_WEIGHT_DECAY, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
                                 HAS_WD, HAS_BUF, NESTEROV, FIRST_STEP)
-            tl.store(s0_ptrs, buf, mask=mask)
+            tl.store(s0_ptrs, buf.to(s0_ptrs.dtype.element_ty), mask=mask)
         else:
             p, _ = sgd_update(p, g, g, OPT_LR, OPT_WEIGHT_DECAY, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
                               HAS_WD, HAS_BUF, NESTEROV, FIRST_STEP)
-    tl.store(p_ptrs, p, mask=mask)
+    tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)

@@ -4,8 +4,10 @@
 
 - ``"reference"``: :mod:`.reference_backend` (pure PyTorch, the oracle);
 - ``"cpu"``: the C++ kernels of ``csrc/cpu`` (ATen GEMMs with fused epilogues);
+- ``"triton"``: the Triton kernels of ``kernels/`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``);
 - ``"auto"``: ``torch.ops.fastdni``, i.e. the compiled kernel for the tensors' device where this
-  install has one, else the reference.
+  install has one (CPU: the C++ kernels; CUDA: Triton), else the reference. This is the path to use
+  under ``torch.compile``: the ops are opaque nodes with fake implementations, so ``fullgraph=True`` holds.
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ from ..reference import NEEDS_PRE, SGParams
 from ..reference.activations import check_activation
 from ..reference.layer import check_layer
 from ..reference.synthetic import check_sg
-from . import reference_backend, registration  # noqa: F401  (registration: fake, fallback, autograd)
+from . import _triton, reference_backend, registration  # noqa: F401  (registration: fake, fallback, autograd)
 from ._extension import HAS_CPU_KERNELS, LOAD_ERROR
 from .optim import check_optimizer_args
 from .reference_backend import ordered_params
 
-BACKENDS = ("auto", "reference", "cpu")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 _OPS = torch.ops.fastdni
 
 
@@ -36,17 +38,32 @@ class ForwardResult(NamedTuple):
 
 
 def check_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run: ``"reference"`` or ``"compiled"`` (``torch.ops.fastdni``)."""
+    """The backend that will run: ``"reference"``, ``"triton"`` or ``"compiled"`` (``torch.ops.fastdni``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
+    if backend == "triton":
+        if not _triton.HAS_TRITON:
+            raise RuntimeError("backend: 'triton' needs the triton package and fastdni.kernels, which are not installed")
+        if device.type != "cuda" and not _triton.INTERPRETED:
+            raise ValueError(f"backend: 'triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before "
+                             f"importing torch), got tensors on {device}")
+        return "triton"
     if backend == "cpu":
         if not HAS_CPU_KERNELS:
             raise RuntimeError(f"backend: 'cpu' needs the compiled extension fastdni._C, which did not load ({LOAD_ERROR})")
         if device.type != "cpu":
             raise ValueError(f"backend: 'cpu' runs on CPU tensors, got tensors on {device}")
     return "compiled"
+
+
+def _implementation(run: str, op: str):
+    if run == "reference":
+        return getattr(reference_backend, op)
+    if run == "triton":
+        return _triton.dni_forward if op == "dni_forward" else getattr(_triton.kernel_ops(), op)
+    return getattr(_OPS, op)
 
 
 def _check_contiguous(name: str, tensors: Sequence[Optional[Tensor]]) -> None:
@@ -78,7 +95,7 @@ def dni_forward(
         check_context_presence(context, False)
     run = check_backend(backend, x.device)
     args = (x, weight, bias, list(sg.weights), list(sg.biases), sg.context_weight, context, activation)
-    out = reference_backend.dni_forward(*args) if run == "reference" else _OPS.dni_forward(*args)
+    out = _implementation(run, "dni_forward")(*args)
     return ForwardResult(out[0], out[1], out[2], list(out[3]))
 
 
@@ -113,7 +130,7 @@ def dni_update_(
     args = (x, weight, bias, forward.h, forward.pre, forward.prediction, list(state), optimizer, [float(v) for v in hyper],
             float(grad_scale), activation, bool(need_input_grad))
     with torch.no_grad():
-        dx = reference_backend.dni_update_(*args) if run == "reference" else _OPS.dni_update_(*args)
+        dx = _implementation(run, "dni_update_")(*args)
     return dx if need_input_grad else None
 
 
@@ -152,4 +169,4 @@ def sg_regression_(
     args = (h, list(forward.sg_hidden), forward.prediction, target, list(sg.weights), list(sg.biases), sg.context_weight,
             context, list(state), optimizer, [float(v) for v in hyper], float(target_scale), float(loss_weight))
     with torch.no_grad():
-        return reference_backend.sg_regression_(*args) if run == "reference" else _OPS.sg_regression_(*args)
+        return _implementation(run, "sg_regression_")(*args)

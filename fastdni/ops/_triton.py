@@ -1,0 +1,79 @@
+"""The Triton backend (``kernels/``, installed as ``fastdni.kernels``) behind ``torch.ops.fastdni`` for CUDA.
+
+Registering needs neither a GPU nor importing triton: the CUDA implementations import ``fastdni.kernels.ops``
+on their first call. Under ``TRITON_INTERPRET=1`` (set before torch/triton are imported) the same kernels
+run on CPU tensors through Triton's interpreter, which is how CI checks them; ``backend="triton"`` then
+accepts CPU tensors.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from . import registration
+from .schema import NAMESPACE, SCHEMAS
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("fastdni.kernels") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_ops():
+    """The module of Triton op implementations (imported on first use: importing triton takes a while)."""
+    from fastdni.kernels import ops
+
+    return ops
+
+
+def _lazy(name: str):
+    def impl(*args):
+        return getattr(kernel_ops(), name)(*args)
+
+    impl.__name__ = f"{name}_triton"
+    return impl
+
+
+def register(dispatch_key: str = "CUDA", library: "torch.library.Library | None" = None) -> "torch.library.Library":
+    """Register the Triton implementations of every op for ``dispatch_key``; returns the ``Library`` holding
+    the registrations (they last as long as it lives). CUDA by default; the interpreted tests register them
+    for CPU in a process of their own, to run ``torch.compile`` over them there."""
+    library = library or torch.library.Library(NAMESPACE, "IMPL")
+    for name in SCHEMAS:
+        library.impl(name, _lazy(name), dispatch_key)
+    return library
+
+
+_CUDA_LIBRARY = register("CUDA") if HAS_TRITON else None
+
+
+class _DniForward(torch.autograd.Function):
+    """``backend="triton"`` calls the kernels directly (they also run on CPU under the interpreter, where
+    ``torch.ops.fastdni`` dispatches to the C++ kernels): this gives that call the op's autograd formula."""
+
+    @staticmethod
+    def forward(ctx, activation, num_sg, has_context_weight, has_context, x, weight, bias, *rest):
+        sg_weights, sg_biases = list(rest[:num_sg]), list(rest[num_sg:2 * num_sg])
+        tail = list(rest[2 * num_sg:])
+        context_weight = tail.pop(0) if has_context_weight else None
+        context = tail.pop(0) if has_context else None
+        inputs = (x, weight, bias, sg_weights, sg_biases, context_weight, context, activation)
+        h, pre, prediction, hidden = kernel_ops().dni_forward(*inputs)
+        registration._setup_forward(ctx, inputs, (h, pre, prediction, hidden))
+        ctx.has_context = has_context
+        return (h, pre, prediction, *hidden)
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_pre, grad_prediction, *grad_hidden):
+        gx, gw, gb, gsw, gsb, gu, _, _ = registration._dni_forward_backward(ctx, grad_h, grad_pre, grad_prediction,
+                                                                            list(grad_hidden))
+        tail = ([gu] if ctx.has_context_weight else []) + ([None] if ctx.has_context else [])
+        return (None, None, None, None, gx, gw, gb, *gsw, *gsb, *tail)
+
+
+def dni_forward(x, weight, bias, sg_weights, sg_biases, context_weight, context, activation):
+    """The Triton ``dni_forward``, differentiable (backprop mode), with the op's signature and results."""
+    extra = [t for t in (context_weight, context) if t is not None]
+    out = _DniForward.apply(activation, len(sg_weights), context_weight is not None, context is not None,
+                            x, weight, bias, *sg_weights, *sg_biases, *extra)
+    return out[0], out[1], out[2], list(out[3:])

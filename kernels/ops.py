@@ -1,0 +1,112 @@
+"""The ``torch.ops.fastdni`` op contract (``fastdni/ops/schema.py``) on the Triton kernels.
+
+Same signatures and results as :mod:`fastdni.ops.reference_backend`, for CUDA tensors (or CPU tensors under
+``TRITON_INTERPRET=1``) of dtype float32, bfloat16 or float16, every tensor of one dtype; accumulation and
+optimizer math in fp32. Kernel launches per call (``L`` SG layers, ``dx`` = ``need_input_grad``):
+
+``dni_forward``     1 + L      :func:`linear_act` for the layer (bias + activation epilogue; ``pre`` only for
+                               gelu: relu/tanh take ``act'`` from ``h``), then one per SG layer (the cDNI
+                               label term a row gather of ``U`` in the first one's epilogue)
+``dni_update_``     1 (+1 dx)  ``dx = delta W`` first, then the weight-gradient GEMM with the Adam/SGD step on
+                               ``W`` and ``b`` as its epilogue; ``delta = prediction / grad_scale * act'`` is
+                               formed in both kernels' operand loads and never stored, nor is ``dW``/``db``
+``sg_regression_``  1 + 2L - 1 a zeroed loss accumulator; per SG layer from the top: the gradient through it
+                               (below the top), then its weight-gradient GEMM with the optimizer epilogue on
+                               ``A_l`` and ``c_l`` (the top one forms the error ``prediction - t target`` as it
+                               loads and reduces the loss); +1 for ``U`` with a context
+
+Ordering: a gradient that needs a weight's pre-update value (``dx = delta W``; ``g_{l-1} = g_l A_l``) is
+launched before the kernel that updates that weight in place. Kernels on one CUDA stream run in launch order,
+each after the previous one has finished, so the reads of the first are complete before the second writes.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._launch import record_launch
+from .grad_step import gemm_grad_step_
+from .linear_act import linear_act
+from .optim import num_state
+from .prologue import GradSource
+
+__all__ = ["dni_forward", "dni_update_", "sg_regression_"]
+
+_NEEDS_PRE = ("gelu",)  # as fastdni.reference.NEEDS_PRE
+
+
+def _context_args(context_weight: Optional[Tensor], context: Optional[Tensor]) -> dict:
+    """How the first SG layer takes the context: a label gather in its epilogue, or a float term ``c U^T``
+    from a library GEMM added there (cDNI's float context is rare and small: one GEMM of ``[B, C] x [C, H]``)."""
+    if context_weight is None:
+        return {}
+    if not context.dtype.is_floating_point:
+        return dict(label_weight=context_weight, labels=context)
+    record_launch("torch.mm")
+    return dict(addend=context @ context_weight.T)
+
+
+def dni_forward(x: Tensor, weight: Tensor, bias: Tensor, sg_weights: Sequence[Tensor], sg_biases: Sequence[Tensor],
+                context_weight: Optional[Tensor], context: Optional[Tensor],
+                activation: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    h, pre = linear_act(x, weight, bias, activation)
+    saved_pre = pre if pre is not None else h.new_empty(0)
+    if not sg_weights:
+        return h, saved_pre, h.new_empty(0), []
+    z = h
+    hidden = []
+    last = len(sg_weights) - 1
+    for i, (w, b) in enumerate(zip(sg_weights, sg_biases)):
+        extra = _context_args(context_weight, context) if i == 0 else {}
+        z, _ = linear_act(z, w, b, "identity" if i == last else "relu", **extra)
+        if i != last:
+            hidden.append(z)
+    return h, saved_pre, z, hidden
+
+
+def dni_update_(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor, pre: Tensor, prediction: Tensor,
+                state: Sequence[Tensor], optimizer: str, hyper: Sequence[float], grad_scale: float, activation: str,
+                need_input_grad: bool) -> Tensor:
+    delta = GradSource.delta(prediction, pre if activation in _NEEDS_PRE else h, activation, 1.0 / grad_scale)
+    # dx with the pre-update W: launched before the step below, which rewrites W (stream order).
+    dx = linear_act(delta, weight.T, None, "identity")[0] if need_input_grad else x.new_empty(0)
+    per = num_state(optimizer, hyper)
+    gemm_grad_step_(delta, x, weight, state[:per], optimizer, hyper, bias=bias, bias_state=state[per:])
+    return dx
+
+
+def sg_regression_(h: Tensor, sg_hidden: Sequence[Tensor], prediction: Tensor, target: Tensor,
+                   sg_weights: Sequence[Tensor], sg_biases: Sequence[Tensor], context_weight: Optional[Tensor],
+                   context: Optional[Tensor], state: Sequence[Tensor], optimizer: str, hyper: Sequence[float],
+                   target_scale: float, loss_weight: float) -> Tensor:
+    batch = h.shape[0]
+    per = num_state(optimizer, hyper)
+    inputs = [h, *sg_hidden]
+    record_launch("torch.zeros")
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    # d loss / d prediction = 2 loss_weight / B * error; the kernels reduce error^2 for the loss.
+    grad = GradSource.error(prediction, target, target_scale, 2.0 * loss_weight / batch if batch else 0.0)
+    for i in reversed(range(len(sg_weights))):
+        w, b = sg_weights[i], sg_biases[i]
+        w_state, b_state = state[2 * i * per:(2 * i + 1) * per], state[(2 * i + 1) * per:(2 * i + 2) * per]
+        below = None
+        if i > 0:  # the gradient through this layer, with its pre-update weight (launched before its step)
+            below = linear_act(grad, w.T, None, "identity", out_derivative=(sg_hidden[i - 1], "relu"))[0]
+        top = i == len(sg_weights) - 1
+        gemm_grad_step_(grad, inputs[i], w, w_state, optimizer, hyper, bias=b, bias_state=b_state,
+                        loss=loss if top else None, loss_scale=loss_weight / batch if batch else 0.0)
+        if i == 0 and context_weight is not None:
+            u_state = state[2 * len(sg_weights) * per:]
+            labelled = not context.dtype.is_floating_point
+            gemm_grad_step_(grad, None if labelled else context, context_weight, u_state, optimizer, hyper,
+                            labels=context if labelled else None)
+        if below is not None:
+            grad = GradSource.stored(below)
+    if batch == 0:  # the mean over no rows, as the reference's 0 / 0
+        loss.fill_(float("nan"))
+    if h.dtype == torch.float32:
+        return loss
+    record_launch("torch.to")
+    return loss.to(h.dtype)
