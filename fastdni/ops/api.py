@@ -37,7 +37,10 @@ class ForwardResult(NamedTuple):
     sg_hidden: list[Tensor]  #: the SG's hidden activations, kept for the regression
 
 
-def check_backend(backend: str, device: torch.device) -> str:
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None, name: str = "x") -> str:
     """The backend that will run: ``"reference"``, ``"triton"`` or ``"compiled"`` (``torch.ops.fastdni``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -49,6 +52,8 @@ def check_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda" and not _triton.INTERPRETED:
             raise ValueError(f"backend: 'triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before "
                              f"importing torch), got tensors on {device}")
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            raise TypeError(f"{name}: backend 'triton' takes float32, bfloat16 or float16 tensors, got {dtype}")
         return "triton"
     if backend == "cpu":
         if not HAS_CPU_KERNELS:
@@ -93,7 +98,7 @@ def dni_forward(
         check_sg(x.new_empty(x.shape[0], weight.shape[0]), sg, context)
     else:
         check_context_presence(context, False)
-    run = check_backend(backend, x.device)
+    run = check_backend(backend, x.device, x.dtype)
     args = (x, weight, bias, list(sg.weights), list(sg.biases), sg.context_weight, context, activation)
     out = _implementation(run, "dni_forward")(*args)
     return ForwardResult(out[0], out[1], out[2], list(out[3]))
@@ -126,7 +131,7 @@ def dni_update_(
     check_optimizer_args(optimizer, hyper, state, [weight, bias])
     _check_contiguous("params", [weight, bias])
     _check_contiguous("state", state)
-    run = check_backend(backend, x.device)
+    run = check_backend(backend, x.device, x.dtype)
     args = (x, weight, bias, forward.h, forward.pre, forward.prediction, list(state), optimizer, [float(v) for v in hyper],
             float(grad_scale), activation, bool(need_input_grad))
     with torch.no_grad():
@@ -165,7 +170,7 @@ def sg_regression_(
     check_optimizer_args(optimizer, hyper, state, params)
     _check_contiguous("sg params", params)
     _check_contiguous("state", state)
-    run = check_backend(backend, h.device)
+    run = check_backend(backend, h.device, h.dtype, "h")
     args = (h, list(forward.sg_hidden), forward.prediction, target, list(sg.weights), list(sg.biases), sg.context_weight,
             context, list(state), optimizer, [float(v) for v in hyper], float(target_scale), float(loss_weight))
     with torch.no_grad():

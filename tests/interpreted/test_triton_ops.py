@@ -1,0 +1,272 @@
+"""The three ops on the Triton backend (``backend="triton"``, kernels/ops.py) against the reference, interpreted.
+
+Oracle: the reference backend in fp32 on the same (already rounded) inputs and state, upcast. The Triton ops
+take every tensor in one dtype (fp32, bf16 or fp16) and compute in fp32; their results are rounded once to
+that dtype at the store, so the tolerance of a dtype is a few of its ulps on O(1) values, plus, for params,
+the rounding of the updated value. Shapes are odd and larger than the interpreter's 32-wide tiles, so every
+kernel sees ragged edges and several tiles in each dimension.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import fastdni.ops as ops
+from fastdni.kernels import launch_counter
+from fastdni.reference import SGParams
+
+from op_cases import OPTIMIZERS, Case, clone_all, clone_sg, make_inputs, make_state
+
+# Per dtype: results are O(1) (inputs scaled by 1/sqrt(fan_in)); fp32 sees only summation order (worst seen
+# ~4e-6 on these shapes); bf16 (8 mantissa bits, eps 7.8e-3) and fp16 (11 bits, eps 9.8e-4) add the rounding
+# of each stored result and of the operands formed on the fly (delta, error) before a low-precision dot.
+TOLERANCES = {
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+    torch.float16: dict(rtol=4e-3, atol=4e-3),
+}
+DTYPES = tuple(TOLERANCES)
+DTYPE_IDS = [str(d).replace("torch.", "") for d in DTYPES]
+# B, K, N and an SG hidden width: odd, none a multiple of 32, each more than one tile.
+SHAPE = dict(batch=37, in_features=45, features=33)
+MLP_HIDDEN = (40,)
+SGS = {"nosg": None, "linear": (), "mlp": MLP_HIDDEN, "mlp2": (40, 35)}
+CONTEXTS = ("none", "labels64", "labels32", "float")
+
+
+def _inputs(dtype, activation="relu", sg="linear", context="none", seed=0):
+    case = Case(dtype=torch.float32, activation=activation, sg=None if SGS[sg] is None else "linear",
+                sg_hidden=SGS[sg], context=context, seed=seed, **SHAPE)
+    inp = make_inputs(case)
+    cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+    sg_params = None if inp.sg is None else SGParams(tuple(map(cast, inp.sg.weights)), tuple(map(cast, inp.sg.biases)),
+                                                     cast(inp.sg.context_weight))
+    return dataclasses.replace(inp, x=cast(inp.x), weight=cast(inp.weight), bias=cast(inp.bias), sg=sg_params,
+                               context=cast(inp.context), target=cast(inp.target))
+
+
+def _upcast(inp):
+    up = lambda t: t if t is None or not t.is_floating_point() else t.to(torch.float32, copy=True)  # noqa: E731
+    sg = None if inp.sg is None else SGParams(tuple(map(up, inp.sg.weights)), tuple(map(up, inp.sg.biases)),
+                                              up(inp.sg.context_weight))
+    return dataclasses.replace(inp, x=up(inp.x), weight=up(inp.weight), bias=up(inp.bias), sg=sg,
+                               context=up(inp.context), target=up(inp.target))
+
+
+def _forward(inp, backend):
+    return ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend=backend)
+
+
+def _assert_close(got, want, dtype, what):
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
+    torch.testing.assert_close(got.float(), want, **TOLERANCES[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def _forward_cases():
+    for dtype in DTYPES:
+        for activation in ("identity", "relu", "tanh", "gelu"):
+            for sg in SGS:
+                for context in CONTEXTS if sg != "nosg" else ("none",):
+                    if dtype != torch.float32 and (activation in ("identity", "tanh") or context == "labels32"):
+                        continue  # low precision: the activations and contexts that differ in kind
+                    yield pytest.param(dtype, activation, sg, context,
+                                       id=f"{str(dtype)[6:]}-{activation}-{sg}-{context}")
+
+
+@pytest.mark.parametrize("dtype, activation, sg, context", list(_forward_cases()))
+def test_forward_matches_reference(dtype, activation, sg, context):
+    inp = _inputs(dtype, activation, sg, context)
+    got = _forward(inp, "triton")
+    want = _forward(_upcast(inp), "reference")
+    _assert_close(got.h, want.h, dtype, "h")
+    assert got.pre.numel() == want.pre.numel(), "pre is saved for gelu only"
+    if activation == "gelu":
+        _assert_close(got.pre, want.pre, dtype, "pre")
+    assert got.prediction.numel() == want.prediction.numel()
+    if want.prediction.numel():
+        _assert_close(got.prediction, want.prediction, dtype, "prediction")
+    assert len(got.sg_hidden) == len(want.sg_hidden)
+    for i, (g, w) in enumerate(zip(got.sg_hidden, want.sg_hidden)):
+        _assert_close(g, w, dtype, f"sg_hidden[{i}]")
+
+
+UPDATE_OPTIMIZERS = ("adam-step1", "adam-l2-step3", "adamw-step7", "sgd-wd-first", "sgd-dampening", "sgd-nesterov")
+
+
+def _update(inp, forward, optimizer_key, backend, *, state, grad_scale, need_input_grad):
+    optimizer, hyper = OPTIMIZERS[optimizer_key]
+    return ops.dni_update_(inp.x, inp.weight, inp.bias, forward, optimizer, hyper, state, grad_scale=grad_scale,
+                           activation=inp.activation, need_input_grad=need_input_grad, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+@pytest.mark.parametrize("optimizer_key", UPDATE_OPTIMIZERS)
+@pytest.mark.parametrize("need_input_grad", [True, False], ids=["dx", "nodx"])
+def test_update_matches_reference(dtype, activation, optimizer_key, need_input_grad):
+    inp = _inputs(dtype, activation, "mlp")
+    forward = _forward(inp, "triton")
+    optimizer, hyper = OPTIMIZERS[optimizer_key]
+    state = make_state(optimizer, hyper, [inp.weight, inp.bias])
+    state = [s.to(dtype) for s in state]
+    ref = _upcast(inp)
+    ref_forward = ops.ForwardResult(*(t.float() for t in forward[:3]), [t.float() for t in forward.sg_hidden])
+    ref_state = [s.to(torch.float32, copy=True) for s in state]
+    want_dx = _update(ref, ref_forward, optimizer_key, "reference", state=ref_state, grad_scale=2.5,
+                      need_input_grad=need_input_grad)
+    got_dx = _update(inp, forward, optimizer_key, "triton", state=state, grad_scale=2.5, need_input_grad=need_input_grad)
+    if need_input_grad:
+        _assert_close(got_dx, want_dx, dtype, "dx")
+    else:
+        assert got_dx is None
+    for name, g, w in zip(["weight", "bias", *(f"state[{i}]" for i in range(len(state)))],
+                          [inp.weight, inp.bias, *state], [ref.weight, ref.bias, *ref_state]):
+        _assert_close(g, w, dtype, name)
+
+
+def _regress(inp, forward, optimizer_key, backend, state):
+    optimizer, hyper = OPTIMIZERS[optimizer_key]
+    return ops.sg_regression_(forward.h, forward, inp.target, inp.sg, optimizer, hyper, state, inp.context,
+                              target_scale=0.75, loss_weight=1.5, backend=backend)
+
+
+def _regression_cases():
+    for dtype in DTYPES:
+        for sg in ("linear", "mlp", "mlp2"):
+            for context in CONTEXTS:
+                for optimizer_key in ("adam-l2-step3", "sgd-dampening"):
+                    if dtype != torch.float32 and (context == "labels32" or sg == "mlp2"):
+                        continue
+                    yield pytest.param(dtype, sg, context, optimizer_key,
+                                       id=f"{str(dtype)[6:]}-{sg}-{context}-{optimizer_key}")
+
+
+@pytest.mark.parametrize("dtype, sg, context, optimizer_key", list(_regression_cases()))
+def test_sg_regression_matches_reference(dtype, sg, context, optimizer_key):
+    inp = _inputs(dtype, "relu", sg, context)
+    forward = _forward(inp, "triton")
+    optimizer, hyper = OPTIMIZERS[optimizer_key]
+    state = [s.to(dtype) for s in make_state(optimizer, hyper, ops.ordered_params(inp.sg))]
+    ref = _upcast(inp)
+    ref_forward = ops.ForwardResult(*(t.float() for t in forward[:3]), [t.float() for t in forward.sg_hidden])
+    ref_state = [s.to(torch.float32, copy=True) for s in state]
+    want_loss = _regress(ref, ref_forward, optimizer_key, "reference", ref_state)
+    got_loss = _regress(inp, forward, optimizer_key, "triton", state)
+    _assert_close(got_loss, want_loss, dtype, "loss")
+    params, ref_params = ops.ordered_params(inp.sg), ops.ordered_params(ref.sg)
+    for i, (g, w) in enumerate(zip(params + state, ref_params + ref_state)):
+        _assert_close(g, w, dtype, f"param/state {i}")
+
+
+def test_regression_changes_every_sg_parameter():
+    """Guards the comparison above against a step that was skipped on both sides."""
+    inp = _inputs(torch.float32, "relu", "mlp2", "labels64")
+    before = ops.ordered_params(clone_sg(inp.sg))
+    optimizer, hyper = OPTIMIZERS["adam-step1"]
+    state = make_state(optimizer, hyper, ops.ordered_params(inp.sg))
+    _regress(inp, _forward(inp, "triton"), "adam-step1", "triton", state)
+    for i, (b, a) in enumerate(zip(before, ops.ordered_params(inp.sg))):
+        assert not torch.equal(a, b), f"SG parameter {i} was not stepped"
+
+
+# --- launches: the counts of kernels/ops.py's docstring ------------------------------------------------
+
+@pytest.mark.parametrize("sg, context, want", [
+    ("linear", "none", (2, 2, 2)), ("mlp", "none", (3, 2, 4)), ("mlp2", "none", (4, 2, 6)),
+    ("linear", "labels64", (2, 2, 3)), ("linear", "float", (3, 2, 3)),
+])
+def test_launches_per_layer_step(sg, context, want):
+    inp = _inputs(torch.float32, "relu", sg, context)
+    optimizer, hyper = OPTIMIZERS["adam-step1"]
+    counts = []
+    with launch_counter() as count:
+        forward = _forward(inp, "triton")
+    counts.append(count.total)
+    state = make_state(optimizer, hyper, [inp.weight, inp.bias])
+    with launch_counter() as count:
+        _update(inp, forward, "adam-step1", "triton", state=state, grad_scale=1.0, need_input_grad=True)
+    counts.append(count.total)
+    with launch_counter() as count:
+        _regress(inp, forward, "adam-step1", "triton", make_state(optimizer, hyper, ops.ordered_params(inp.sg)))
+    counts.append(count.total)
+    assert tuple(counts) == want
+
+
+# --- bad input: a clear error naming the argument, and nothing launched or written ----------------------
+
+def _layer_step(inp, state, backend="triton"):
+    forward = _forward(inp, backend)
+    optimizer, hyper = OPTIMIZERS["adam-step1"]
+    ops.dni_update_(inp.x, inp.weight, inp.bias, forward, optimizer, hyper, state, need_input_grad=True,
+                    activation=inp.activation, backend=backend)
+
+
+def _bad(field, value):
+    def mutate(inp, state):
+        if field == "state":
+            state[0] = value(state[0])
+        else:
+            setattr(inp, field, value(getattr(inp, field)))
+    return mutate
+
+
+def _all_float64(inp, state):
+    for field in ("x", "weight", "bias"):
+        setattr(inp, field, getattr(inp, field).double())
+    inp.sg = SGParams(tuple(w.double() for w in inp.sg.weights), tuple(b.double() for b in inp.sg.biases))
+    state[:] = [s.double() for s in state]
+
+
+BAD_INPUTS = {
+    "float64": (_all_float64, TypeError, "x: backend 'triton' takes float32, bfloat16 or float16 tensors"),
+    "weight-dtype": (_bad("weight", lambda t: t.half()), TypeError, "weight"),
+    "x-shape": (_bad("x", lambda t: t[:, :-1]), ValueError, "weight|x"),
+    "bias-shape": (_bad("bias", lambda t: t[:-1]), ValueError, "bias"),
+    "weight-device": (_bad("weight", lambda t: t.to("meta")), ValueError, "weight"),
+    "state-noncontiguous": (_bad("state", lambda t: t.T.contiguous().T), ValueError, r"state\[0\]"),
+    "state-shape": (_bad("state", lambda t: t[:-1]), ValueError, r"state"),
+    "state-dtype": (_bad("state", lambda t: t.half()), (TypeError, ValueError), r"state"),
+}
+
+
+@pytest.mark.parametrize("key", list(BAD_INPUTS))
+def test_bad_input_raises_before_any_launch(key):
+    inp = _inputs(torch.float32, "relu", "linear")
+    optimizer, hyper = OPTIMIZERS["adam-step1"]
+    state = make_state(optimizer, hyper, [inp.weight, inp.bias])
+    mutate, error, pattern = BAD_INPUTS[key]
+    mutate(inp, state)
+    before = clone_all([inp.weight, inp.bias])
+    with launch_counter() as count, pytest.raises(error, match=pattern):
+        _layer_step(inp, state)
+    if not key.startswith("state"):  # state is checked by dni_update_, after dni_forward ran
+        assert count.total == 0, f"launched {dict(count.by_name)} before rejecting {key}"
+    if inp.weight.device.type != "meta":
+        assert torch.equal(inp.weight, before[0]) and torch.equal(inp.bias, before[1]), "params written before the error"
+
+
+def test_triton_backend_rejects_a_cpu_tensor_when_not_interpreted(monkeypatch):
+    from fastdni.ops import _triton
+    monkeypatch.setattr(_triton, "INTERPRETED", False)
+    inp = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="backend: 'triton' runs on CUDA tensors"):
+        _forward(inp, "triton")
+
+
+# --- NaN and inf propagate, as in the reference ----------------------------------------------------------
+
+def test_nan_and_inf_propagate():
+    inp = _inputs(torch.float32, "relu", "linear")
+    inp.x[3, 5] = float("nan")
+    inp.weight[7, 2] = float("inf")
+    got, want = _forward(inp, "triton"), _forward(_upcast(inp), "reference")
+    for name in ("h", "prediction"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN pattern differs"
+        assert torch.equal(g.isinf(), w.isinf()), f"{name}: inf pattern differs"
+    assert got.h[3].isnan().all()
+    state = make_state("adam", OPTIMIZERS["adam-step1"][1], [inp.weight, inp.bias])
+    _update(inp, got, "adam-step1", "triton", state=state, grad_scale=1.0, need_input_grad=True)
+    assert not inp.weight.isfinite().all()
