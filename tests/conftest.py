@@ -15,7 +15,9 @@ from hypothesis import settings
 
 # tests/interpreted runs the Triton kernels under TRITON_INTERPRET=1, which must be set before torch and
 # triton are imported: test_triton_interpreter.py runs that folder in a process of its own.
-collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpreted/*"]
+# On a GPU machine, FASTDNI_TEST_DEVICE=cuda runs the same folder on the compiled kernels (benchmarks/gpu.sh).
+_TRITON_SUITE = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("FASTDNI_TEST_DEVICE") == "cuda"
+collect_ignore = [] if _TRITON_SUITE else ["interpreted"]
 
 TOLERANCES = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),

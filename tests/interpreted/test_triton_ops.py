@@ -17,7 +17,10 @@ import fastdni.ops as ops
 from fastdni.kernels import launch_counter
 from fastdni.reference import SGParams
 
+from conftest import DEVICE
 from op_cases import OPTIMIZERS, Case, clone_all, clone_sg, make_inputs, make_state
+
+BUILDS_ON_CPU = True  # seeded CPU generators (op_cases), then moved: see conftest.py
 
 # Per dtype: results are O(1) (inputs scaled by 1/sqrt(fan_in)); fp32 sees only summation order (worst seen
 # ~4e-6 on these shapes); bf16 (8 mantissa bits, eps 7.8e-3) and fp16 (11 bits, eps 9.8e-4) add the rounding
@@ -36,15 +39,20 @@ SGS = {"nosg": None, "linear": (), "mlp": MLP_HIDDEN, "mlp2": (40, 35)}
 CONTEXTS = ("none", "labels64", "labels32", "float")
 
 
-def _inputs(dtype, activation="relu", sg="linear", context="none", seed=0):
+def _inputs(dtype, activation="relu", sg="linear", context="none", seed=0, device=DEVICE):
     case = Case(dtype=torch.float32, activation=activation, sg=None if SGS[sg] is None else "linear",
                 sg_hidden=SGS[sg], context=context, seed=seed, **SHAPE)
     inp = make_inputs(case)
-    cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+    cast = lambda t: t if t is None else (t.to(device, dtype) if t.is_floating_point() else t.to(device))  # noqa: E731
     sg_params = None if inp.sg is None else SGParams(tuple(map(cast, inp.sg.weights)), tuple(map(cast, inp.sg.biases)),
                                                      cast(inp.sg.context_weight))
     return dataclasses.replace(inp, x=cast(inp.x), weight=cast(inp.weight), bias=cast(inp.bias), sg=sg_params,
                                context=cast(inp.context), target=cast(inp.target))
+
+
+def _state(optimizer, hyper, params, dtype=torch.float32):
+    """Random mid-run optimizer state (op_cases.make_state, seeded on the CPU) on the test device."""
+    return [s.to(DEVICE, dtype) for s in make_state(optimizer, hyper, [p.cpu().float() for p in params])]
 
 
 def _upcast(inp):
@@ -109,8 +117,7 @@ def test_update_matches_reference(dtype, activation, optimizer_key, need_input_g
     inp = _inputs(dtype, activation, "mlp")
     forward = _forward(inp, "triton")
     optimizer, hyper = OPTIMIZERS[optimizer_key]
-    state = make_state(optimizer, hyper, [inp.weight, inp.bias])
-    state = [s.to(dtype) for s in state]
+    state = _state(optimizer, hyper, [inp.weight, inp.bias], dtype)
     ref = _upcast(inp)
     ref_forward = ops.ForwardResult(*(t.float() for t in forward[:3]), [t.float() for t in forward.sg_hidden])
     ref_state = [s.to(torch.float32, copy=True) for s in state]
@@ -148,7 +155,7 @@ def test_sg_regression_matches_reference(dtype, sg, context, optimizer_key):
     inp = _inputs(dtype, "relu", sg, context)
     forward = _forward(inp, "triton")
     optimizer, hyper = OPTIMIZERS[optimizer_key]
-    state = [s.to(dtype) for s in make_state(optimizer, hyper, ops.ordered_params(inp.sg))]
+    state = _state(optimizer, hyper, ops.ordered_params(inp.sg), dtype)
     ref = _upcast(inp)
     ref_forward = ops.ForwardResult(*(t.float() for t in forward[:3]), [t.float() for t in forward.sg_hidden])
     ref_state = [s.to(torch.float32, copy=True) for s in state]
@@ -165,7 +172,7 @@ def test_regression_changes_every_sg_parameter():
     inp = _inputs(torch.float32, "relu", "mlp2", "labels64")
     before = ops.ordered_params(clone_sg(inp.sg))
     optimizer, hyper = OPTIMIZERS["adam-step1"]
-    state = make_state(optimizer, hyper, ops.ordered_params(inp.sg))
+    state = _state(optimizer, hyper, ops.ordered_params(inp.sg))
     _regress(inp, _forward(inp, "triton"), "adam-step1", "triton", state)
     for i, (b, a) in enumerate(zip(before, ops.ordered_params(inp.sg))):
         assert not torch.equal(a, b), f"SG parameter {i} was not stepped"
@@ -184,12 +191,12 @@ def test_launches_per_layer_step(sg, context, want):
     with launch_counter() as count:
         forward = _forward(inp, "triton")
     counts.append(count.total)
-    state = make_state(optimizer, hyper, [inp.weight, inp.bias])
+    state = _state(optimizer, hyper, [inp.weight, inp.bias])
     with launch_counter() as count:
         _update(inp, forward, "adam-step1", "triton", state=state, grad_scale=1.0, need_input_grad=True)
     counts.append(count.total)
     with launch_counter() as count:
-        _regress(inp, forward, "adam-step1", "triton", make_state(optimizer, hyper, ops.ordered_params(inp.sg)))
+        _regress(inp, forward, "adam-step1", "triton", _state(optimizer, hyper, ops.ordered_params(inp.sg)))
     counts.append(count.total)
     assert tuple(counts) == want
 
@@ -224,7 +231,7 @@ BAD_INPUTS = {
     "weight-dtype": (_bad("weight", lambda t: t.half()), TypeError, "weight"),
     "x-shape": (_bad("x", lambda t: t[:, :-1]), ValueError, "weight|x"),
     "bias-shape": (_bad("bias", lambda t: t[:-1]), ValueError, "bias"),
-    "weight-device": (_bad("weight", lambda t: t.to("meta")), ValueError, "weight"),
+    "weight-device": (_bad("weight", lambda t: t.to("meta")), ValueError, "weight"),  # a device other than x's
     "state-noncontiguous": (_bad("state", lambda t: t.T.contiguous().T), ValueError, r"state\[0\]"),
     "state-shape": (_bad("state", lambda t: t[:-1]), ValueError, r"state"),
     "state-dtype": (_bad("state", lambda t: t.half()), (TypeError, ValueError), r"state"),
@@ -235,7 +242,7 @@ BAD_INPUTS = {
 def test_bad_input_raises_before_any_launch(key):
     inp = _inputs(torch.float32, "relu", "linear")
     optimizer, hyper = OPTIMIZERS["adam-step1"]
-    state = make_state(optimizer, hyper, [inp.weight, inp.bias])
+    state = _state(optimizer, hyper, [inp.weight, inp.bias])
     mutate, error, pattern = BAD_INPUTS[key]
     mutate(inp, state)
     before = clone_all([inp.weight, inp.bias])
@@ -250,7 +257,7 @@ def test_bad_input_raises_before_any_launch(key):
 def test_triton_backend_rejects_a_cpu_tensor_when_not_interpreted(monkeypatch):
     from fastdni.ops import _triton
     monkeypatch.setattr(_triton, "INTERPRETED", False)
-    inp = _inputs(torch.float32)
+    inp = _inputs(torch.float32, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="backend: 'triton' runs on CUDA tensors"):
         _forward(inp, "triton")
 
@@ -267,6 +274,6 @@ def test_nan_and_inf_propagate():
         assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN pattern differs"
         assert torch.equal(g.isinf(), w.isinf()), f"{name}: inf pattern differs"
     assert got.h[3].isnan().all()
-    state = make_state("adam", OPTIMIZERS["adam-step1"][1], [inp.weight, inp.bias])
+    state = _state("adam", OPTIMIZERS["adam-step1"][1], [inp.weight, inp.bias])
     _update(inp, got, "adam-step1", "triton", state=state, grad_scale=1.0, need_input_grad=True)
     assert not inp.weight.isfinite().all()
