@@ -228,7 +228,7 @@ def _grad_source(grad_out: object) -> GradSource:
 def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], param: Tensor, state: Sequence[Tensor],
                     optimizer: str, hyper: Sequence[float], *, labels: Optional[Tensor] = None,
                     bias: Optional[Tensor] = None, bias_state: Sequence[Tensor] = (),
-                    loss: Optional[Tensor] = None, loss_scale: float = 1.0) -> None:
+                    loss: Optional[Tensor] = None, loss_scale: float = 1.0, check_label_range: bool = True) -> None:
     """Apply one optimizer step to ``param`` with gradient ``grad_out^T @ input``, in place; dW is never stored.
 
     Args:
@@ -245,6 +245,7 @@ def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], pa
         bias, bias_state: also step ``bias`` ``[N]`` (and its state) on ``grad_out.sum(0)``, in the same pass.
         loss: a one-element fp32 tensor to which ``loss_scale * sum(raw grad_out^2)`` is added (the SG loss,
             reduced in the same pass).
+        check_label_range: as for :func:`~kernels.linear_act.linear_act`.
     """
     source = _grad_source(grad_out)
     g = source.primary
@@ -261,7 +262,7 @@ def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], pa
         if not isinstance(param, Tensor) or param.dim() != 2:
             raise ValueError(f"param: expected a 2-d tensor [N, classes], got {getattr(param, 'shape', param)}")
         K = param.shape[1]
-        check_labels(labels, B, K, g.device)
+        check_labels(labels, B, K, g.device, check_range=check_label_range)
     scalars, constexprs, s0, s1 = _check_step_args("param", param, (N, K), state, optimizer, hyper, g)
     pb, sb0, sb1 = param, param, param
     if bias is not None:

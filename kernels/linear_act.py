@@ -158,6 +158,7 @@ def linear_act(
     addend: Optional[Tensor] = None,
     out_derivative: Optional[tuple[Tensor, str]] = None,
     save_pre: Optional[bool] = None,
+    check_label_range: bool = True,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``out = act(x @ weight.T + bias [+ label_weight[:, labels].T] [+ addend]) [* act2'(z)]`` in one kernel.
 
@@ -174,6 +175,8 @@ def linear_act(
             ``act2`` layer (the backward through a relu SG layer), not gelu.
         save_pre: write the pre-activation too. ``None`` (default): only for gelu, the activation whose
             derivative needs it; ``True``/``False`` force it on/off.
+        check_label_range: check that ``labels`` lie in ``[0, C)`` (a device sync); ``False`` where the caller
+            has checked them.
 
     Returns:
         ``(out, pre)``: ``out`` ``[M, N]`` of ``x.dtype``; ``pre`` the same or ``None`` when not saved.
@@ -203,7 +206,7 @@ def linear_act(
         if bias.shape[0] != N:
             raise ValueError(f"bias: expected shape ({N},) to match weight's {N} output features, got {tuple(bias.shape)}")
     check_device("x", x, INTERPRETED)
-    has_labels = _check_labels(label_weight, labels, x, N)
+    has_labels = _check_labels(label_weight, labels, x, N, check_label_range)
     if addend is not None:
         addend = _check_output_like("addend", addend, x, M, N)
     deriv_code = 0
@@ -265,7 +268,7 @@ def _check_output_like(name: str, t: object, x: Tensor, M: int, N: int) -> Tenso
     return t.contiguous()
 
 
-def _check_labels(label_weight: Optional[Tensor], labels: Optional[Tensor], x: Tensor, N: int) -> bool:
+def _check_labels(label_weight: Optional[Tensor], labels: Optional[Tensor], x: Tensor, N: int, check_range: bool) -> bool:
     if (label_weight is None) != (labels is None):
         missing = "labels" if labels is None else "label_weight"
         raise ValueError(f"{missing}: label_weight and labels must be given together (got only one)")
@@ -277,14 +280,15 @@ def _check_labels(label_weight: Optional[Tensor], labels: Optional[Tensor], x: T
     if label_weight.shape[0] != N:
         raise ValueError(f"label_weight: expected shape ({N}, C) to match weight's {N} output features, "
                          f"got {tuple(label_weight.shape)}")
-    check_labels(labels, M, label_weight.shape[1], x.device)
+    check_labels(labels, M, label_weight.shape[1], x.device, check_range=check_range)
     return True
 
 
-def check_labels(labels: object, rows: int, classes: int, device: torch.device) -> None:
+def check_labels(labels: object, rows: int, classes: int, device: torch.device, *, check_range: bool = True) -> None:
     """int32/int64 ``[rows]`` in ``[0, classes)`` on ``device``. Out-of-range labels would read or write
-    outside ``U``: checked on the host (one sync; the op contract requires the same check of the
-    reference, ``fastdni._checks.check_context``)."""
+    outside ``U``: checked on the host (one device sync; the op contract requires the same check of the
+    reference, ``fastdni._checks.check_context``). ``check_range=False`` skips that sync where the caller
+    has checked the same labels already (kernels/ops.py checks once per op)."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _LABEL_DTYPES:
@@ -293,5 +297,7 @@ def check_labels(labels: object, rows: int, classes: int, device: torch.device) 
         raise ValueError(f"labels: expected shape ({rows},) (one label per row), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels: expected device {device}, got {labels.device}")
-    if rows and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        raise ValueError(f"labels: expected values in [0, {classes}), got values in [{int(labels.min())}, {int(labels.max())}]")
+    if rows and check_range:
+        low, high = torch.stack(torch.aminmax(labels)).tolist()  # one transfer, one sync
+        if low < 0 or high >= classes:
+            raise ValueError(f"labels: expected values in [0, {classes}), got values in [{low}, {high}]")

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._launch import record_launch
 from .grad_step import gemm_grad_step_
-from .linear_act import linear_act
+from .linear_act import check_labels, linear_act
 from .optim import num_state
 from .prologue import GradSource
 
@@ -43,14 +43,21 @@ def _context_args(context_weight: Optional[Tensor], context: Optional[Tensor]) -
     if context_weight is None:
         return {}
     if not context.dtype.is_floating_point:
-        return dict(label_weight=context_weight, labels=context)
+        return dict(label_weight=context_weight, labels=context, check_label_range=False)  # checked by the op
     record_launch("torch.mm")
     return dict(addend=context @ context_weight.T)
+
+
+def _check_label_range(context_weight: Optional[Tensor], context: Optional[Tensor]) -> None:
+    """Labels index ``U``: checked once per op (one device sync), not again by each kernel that reads them."""
+    if context_weight is not None and context is not None and not context.dtype.is_floating_point:
+        check_labels(context, context.shape[0], context_weight.shape[1], context.device)
 
 
 def dni_forward(x: Tensor, weight: Tensor, bias: Tensor, sg_weights: Sequence[Tensor], sg_biases: Sequence[Tensor],
                 context_weight: Optional[Tensor], context: Optional[Tensor],
                 activation: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    _check_label_range(context_weight, context)
     h, pre = linear_act(x, weight, bias, activation)
     saved_pre = pre if pre is not None else h.new_empty(0)
     if not sg_weights:
@@ -81,6 +88,7 @@ def sg_regression_(h: Tensor, sg_hidden: Sequence[Tensor], prediction: Tensor, t
                    sg_weights: Sequence[Tensor], sg_biases: Sequence[Tensor], context_weight: Optional[Tensor],
                    context: Optional[Tensor], state: Sequence[Tensor], optimizer: str, hyper: Sequence[float],
                    target_scale: float, loss_weight: float) -> Tensor:
+    _check_label_range(context_weight, context)
     batch = h.shape[0]
     per = num_state(optimizer, hyper)
     inputs = [h, *sg_hidden]
@@ -101,7 +109,7 @@ def sg_regression_(h: Tensor, sg_hidden: Sequence[Tensor], prediction: Tensor, t
             u_state = state[2 * len(sg_weights) * per:]
             labelled = not context.dtype.is_floating_point
             gemm_grad_step_(grad, None if labelled else context, context_weight, u_state, optimizer, hyper,
-                            labels=context if labelled else None)
+                            labels=context if labelled else None, check_label_range=False)
         if below is not None:
             grad = GradSource.stored(below)
     if batch == 0:  # the mean over no rows, as the reference's 0 / 0
