@@ -15,7 +15,9 @@ Design notes
 * Race-freedom: the grid is exactly one program per output tile and the reduction over ``B`` happens
   inside the program (no split-K), so no two programs read or write the same param/state elements.
   That is what makes the non-atomic in-place read-modify-write of the epilogue safe. The loss is the one
-  value shared by programs: it is added with an atomic (its summation order may vary run to run).
+  value shared by programs: each stores its partial sum, and the last to arrive (an atomic counter) adds the
+  partials in a fixed order and writes the loss (:func:`reduce_partials`), so no zero-initialised accumulator
+  has to be launched beforehand and the result is the same bit for bit on every run.
 * ``grad_out``/``input`` are read through their strides (views such as ``x.T`` or slices are fine, no
   copy); fp32, bf16 or fp16, both of the same dtype. ``param``/``bias`` and their state are updated in
   fp32 registers and stored in their own dtype (fp32 master weights, or bf16/fp16 ones); they must be
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._checks import check_device, check_float, check_like, check_updated
+from ._checks import FLOAT_DTYPES, check_device, check_float, check_like, check_updated
 from ._tiling import INTERPRETED, gemm_configs, grouped_tile, pruner
 from ._launch import record_launch
 from .linear_act import check_labels
@@ -43,8 +45,9 @@ from .prologue import GradSource, gradient_tile
 __all__ = ["gemm_grad_step_", "bias_grad_step_"]
 
 # Autotuning runs a launch once per config: these in-place outputs are restored after each run.
-_RESTORE = ["p_ptr", "s0_ptr", "s1_ptr", "pb_ptr", "sb0_ptr", "sb1_ptr", "loss_ptr"]
-_RESTORE_BIAS = ["p_ptr", "s0_ptr", "s1_ptr", "loss_ptr"]
+_RESTORE = ["p_ptr", "s0_ptr", "s1_ptr", "pb_ptr", "sb0_ptr", "sb1_ptr"]
+_RESTORE_BIAS = ["p_ptr", "s0_ptr", "s1_ptr"]
+_MIN_BLOCK_N = 32  # the smallest BLOCK_N of any config: sizes the buffer of per-program loss partials
 # (BLOCK_N, BLOCK_K, BLOCK_B, warps, stages). The Adam epilogue keeps four fp32 tiles live (grad, param,
 # exp_avg, exp_avg_sq): tiles stay at <= 128x64 so they fit in registers.
 _GEMM_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_B"), [
@@ -52,6 +55,24 @@ _GEMM_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_B"), [
 ], group_key="GROUP_N")
 _KEY_FLAGS = ["IS_ADAM", "HAS_WD", "DECOUPLED", "HAS_BUF", "NESTEROV", "FIRST_STEP"]
 _BIAS_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_B"), [(128, 32, 4), (64, 64, 4), (32, 128, 4), (256, 16, 4)])
+
+
+@triton.jit
+def reduce_partials(value, slot, num_slots, partial_ptr, counter_ptr, out_ptr, SCALE):
+    """``out = SCALE * sum`` of one scalar ``value`` per program (``slot`` in ``[0, num_slots)``), summed in slot
+    order whatever order the programs run in: each stores its partial, then counts itself in; the last to
+    arrive reads every partial, writes ``out`` and resets the counter for the next launch."""
+    tl.store(partial_ptr + slot, value)
+    tl.debug_barrier()  # every thread's store is issued before the (release) atomic below
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if arrived == num_slots - 1:
+        total = tl.zeros((128,), dtype=tl.float32)
+        for start in range(0, num_slots, 128):
+            offs = start + tl.arange(0, 128)
+            # .cg: read through L2, where the other programs' partials are, not a stale L1 line
+            total += tl.load(partial_ptr + offs, mask=offs < num_slots, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr, (tl.sum(total) * SCALE).to(out_ptr.dtype.element_ty))
+        tl.atomic_xchg(counter_ptr, 0)
 
 
 @triton.autotune(
@@ -62,7 +83,7 @@ _BIAS_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_B"), [(128, 32, 4), (64, 64, 4),
 )
 @triton.jit
 def _gemm_grad_step_kernel(
-    g_ptr, g2_ptr, x_ptr, y_ptr, p_ptr, s0_ptr, s1_ptr, pb_ptr, sb0_ptr, sb1_ptr, loss_ptr,
+    g_ptr, g2_ptr, x_ptr, y_ptr, p_ptr, s0_ptr, s1_ptr, pb_ptr, sb0_ptr, sb1_ptr, loss_ptr, partial_ptr, counter_ptr,
     B, N, K,
     stride_gb, stride_gn,  # also those of g2 (a gradient source's second tensor)
     stride_xb, stride_xk,
@@ -138,7 +159,7 @@ def _gemm_grad_step_kernel(
                                OPT_LERP_WEIGHT, OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM,
                                OPT_ONE_MINUS_DAMPENING, IS_ADAM, HAS_WD, DECOUPLED, HAS_BUF, NESTEROV, FIRST_STEP)
         if HAS_LOSS:
-            tl.atomic_add(loss_ptr, tl.sum(sq_sum) * LOSS_SCALE)
+            reduce_partials(tl.sum(sq_sum), pid_n, tl.cdiv(N, BLOCK_N), partial_ptr, counter_ptr, loss_ptr, LOSS_SCALE)
 
 
 @triton.autotune(
@@ -149,7 +170,7 @@ def _gemm_grad_step_kernel(
 )
 @triton.jit
 def _bias_grad_step_kernel(
-    g_ptr, g2_ptr, p_ptr, s0_ptr, s1_ptr, loss_ptr,
+    g_ptr, g2_ptr, p_ptr, s0_ptr, s1_ptr, loss_ptr, partial_ptr, counter_ptr,
     B, N,
     stride_gb, stride_gn,
     GRAD_SCALE, GRAD_TARGET_SCALE, LOSS_SCALE,
@@ -182,7 +203,8 @@ def _bias_grad_step_kernel(
                        OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
                        IS_ADAM, HAS_WD, DECOUPLED, HAS_BUF, NESTEROV, FIRST_STEP)
     if HAS_LOSS:
-        tl.atomic_add(loss_ptr, tl.sum(tl.sum(sq, axis=1), axis=0) * LOSS_SCALE)
+        reduce_partials(tl.sum(tl.sum(sq, axis=1), axis=0), pid, tl.cdiv(N, BLOCK_N), partial_ptr, counter_ptr, loss_ptr,
+                        LOSS_SCALE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,9 +235,23 @@ def _check_step_args(param_name: str, param: object, shape: tuple, state: Sequen
 
 
 def _check_loss(loss: object, like: Tensor) -> None:
-    if not isinstance(loss, Tensor) or loss.dtype != torch.float32 or loss.numel() != 1 or loss.device != like.device:
-        raise ValueError(f"loss: expected a one-element float32 accumulator on {like.device}, got "
+    if not isinstance(loss, Tensor) or loss.dtype not in FLOAT_DTYPES or loss.numel() != 1 or loss.device != like.device:
+        raise ValueError(f"loss: expected a one-element float tensor on {like.device}, got "
                          f"{loss if not isinstance(loss, Tensor) else (tuple(loss.shape), loss.dtype, loss.device)}")
+
+
+_COUNTERS: dict = {}
+
+
+def _loss_buffers(device: torch.device, num_partials: int) -> tuple[Tensor, Tensor]:
+    """``(partials, counter)`` for :func:`reduce_partials`: scratch partials, and an int32 arrival counter the
+    kernel resets to 0 after use, allocated (zeroed) once per device and stream. Launches on one stream run one
+    after another, so they never share it; another stream gets its own."""
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return torch.empty(num_partials, dtype=torch.float32, device=device), counter
 
 
 def _grad_source(grad_out: object) -> GradSource:
@@ -243,8 +279,8 @@ def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], pa
         labels: ``[B]`` int labels in ``[0, K)``: the input is ``onehot(labels)`` (cDNI's ``dU``), built
             tile by tile.
         bias, bias_state: also step ``bias`` ``[N]`` (and its state) on ``grad_out.sum(0)``, in the same pass.
-        loss: a one-element fp32 tensor to which ``loss_scale * sum(raw grad_out^2)`` is added (the SG loss,
-            reduced in the same pass).
+        loss: a one-element float tensor that receives ``loss_scale * sum(raw grad_out^2)`` (the SG loss,
+            reduced in the same pass; written when ``N > 0``).
         check_label_range: as for :func:`~kernels.linear_act.linear_act`.
     """
     source = _grad_source(grad_out)
@@ -286,7 +322,7 @@ def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], pa
     record_launch("gemm_grad_step")
     _gemm_grad_step_kernel[grid](
         primary, secondary, x, labels if labels is not None else g, param, s0, s1, pb, sb0, sb1,
-        loss if loss is not None else param,
+        loss if loss is not None else param, *_loss_buffers(g.device, triton.cdiv(N, _MIN_BLOCK_N)),
         B, N, K,
         primary.stride(0), primary.stride(1),
         x.stride(0), x.stride(1),
@@ -339,6 +375,7 @@ def _launch_bias(source: GradSource, bias: Optional[Tensor], state: Sequence[Ten
     record_launch("bias_grad_step")
     _bias_grad_step_kernel[grid](
         primary, secondary, bias, s0, s1, loss if loss is not None else bias,
+        *_loss_buffers(source.device, triton.cdiv(N, _MIN_BLOCK_N)),
         B, N,
         primary.stride(0), primary.stride(1),
         float(source.scale), grad_args.pop("GRAD_TARGET_SCALE"), float(loss_scale),

@@ -10,10 +10,10 @@ optimizer math in fp32. Kernel launches per call (``L`` SG layers, ``dx`` = ``ne
 ``dni_update_``     1 (+1 dx)  ``dx = delta W`` first, then the weight-gradient GEMM with the Adam/SGD step on
                                ``W`` and ``b`` as its epilogue; ``delta = prediction / grad_scale * act'`` is
                                formed in both kernels' operand loads and never stored, nor is ``dW``/``db``
-``sg_regression_``  1 + 2L - 1 a zeroed loss accumulator; per SG layer from the top: the gradient through it
-                               (below the top), then its weight-gradient GEMM with the optimizer epilogue on
-                               ``A_l`` and ``c_l`` (the top one forms the error ``prediction - t target`` as it
-                               loads and reduces the loss); +1 for ``U`` with a context
+``sg_regression_``  2L - 1    per SG layer from the top: the gradient through it (below the top), then its
+                               weight-gradient GEMM with the optimizer epilogue on ``A_l`` and ``c_l`` (the top
+                               one forms the error ``prediction - t target`` as it loads and reduces the loss,
+                               written by the last of its programs); +1 for ``U`` with a context
 
 Ordering: a gradient that needs a weight's pre-update value (``dx = delta W``; ``g_{l-1} = g_l A_l``) is
 launched before the kernel that updates that weight in place. Kernels on one CUDA stream run in launch order,
@@ -92,8 +92,7 @@ def sg_regression_(h: Tensor, sg_hidden: Sequence[Tensor], prediction: Tensor, t
     batch = h.shape[0]
     per = num_state(optimizer, hyper)
     inputs = [h, *sg_hidden]
-    record_launch("torch.zeros")
-    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    loss = torch.empty((), dtype=h.dtype, device=h.device)  # written by the top layer's kernel
     # d loss / d prediction = 2 loss_weight / B * error; the kernels reduce error^2 for the loss.
     grad = GradSource.error(prediction, target, target_scale, 2.0 * loss_weight / batch if batch else 0.0)
     for i in reversed(range(len(sg_weights))):
@@ -112,9 +111,6 @@ def sg_regression_(h: Tensor, sg_hidden: Sequence[Tensor], prediction: Tensor, t
                             labels=context if labelled else None, check_label_range=False)
         if below is not None:
             grad = GradSource.stored(below)
-    if batch == 0:  # the mean over no rows, as the reference's 0 / 0
-        loss.fill_(float("nan"))
-    if h.dtype == torch.float32:
-        return loss
-    record_launch("torch.to")
-    return loss.to(h.dtype)
+    if batch == 0 or h.shape[1] == 0:  # no kernel wrote it: the reference's 0 / 0 and empty sum
+        loss.fill_(float("nan") if batch == 0 else 0.0)
+    return loss
