@@ -20,7 +20,8 @@ set CI compiles (every autotune config of every kernel with its heaviest flags, 
 other flag combination :mod:`kernels.ops` launches); :func:`compile_all` runs a set in a process pool.
 ``tests/test_triton_compile.py`` asserts that every variant compiles and none spills. As a script::
 
-    python -m fastdni.kernels.aot [--arch 80 90] [--dtype fp32 bf16] [--jobs 2] [--all]
+    python -m fastdni.kernels.aot [--arch 80 90] [--dtype fp32 bf16 fp16] [--sizes aligned ragged]
+                                  [--kernel linear_act ...] [--jobs N] [--all] [--json PATH]
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ from itertools import product
 from multiprocessing import get_context
 from typing import Iterable, Optional, Sequence
 
-__all__ = ["Variant", "CompileRecord", "ToolMissing", "KERNELS", "ARCHS", "SHARED_LIMIT", "find_tool", "compile_variant",
-           "variant_set", "compile_all", "format_table", "kernel_configs"]
+__all__ = ["Variant", "CompileRecord", "ToolMissing", "KERNELS", "CALL_SITES", "ARCHS", "SHARED_LIMIT", "find_tool",
+           "compile_variant", "variant_set", "compile_all", "format_table", "kernel_configs", "config_name"]
 
 #: Targets CI compiles for (A100, H100). ``GPUTarget("cuda", 90, ...)`` compiles for sm_90a.
 ARCHS = (80, 90)
@@ -74,9 +75,11 @@ KERNELS = {
     "gemm_grad_step": KernelInfo(
         "grad_step", "_gemm_grad_step_kernel",
         unit_strides=("stride_gn", "stride_xk", "stride_y"),  # grad_out [B, N], input [B, K], labels [B]
-        pointer_types=(("y_ptr", "*i64"), ("loss_ptr", "*fp32"))),
+        # the loss is of the step's dtype; its per-program partials fp32, their arrival counter int32
+        pointer_types=(("y_ptr", "*i64"), ("partial_ptr", "*fp32"), ("counter_ptr", "*i32"))),
     "bias_grad_step": KernelInfo(
-        "grad_step", "_bias_grad_step_kernel", unit_strides=("stride_gn",), pointer_types=(("loss_ptr", "*fp32"),)),
+        "grad_step", "_bias_grad_step_kernel", unit_strides=("stride_gn",),
+        pointer_types=(("partial_ptr", "*fp32"), ("counter_ptr", "*i32"))),
 }
 #: linear_act called with ``weight=W.T`` (``dx = delta W``, the gradient through an SG layer): W.T is [K_in, N_out]
 #: with strides (1, K_in), so ``stride_wn`` is the unit stride.
@@ -86,7 +89,7 @@ W_TRANSPOSED = ("stride_xk", "stride_wn", "stride_on")
 @dataclass(frozen=True)
 class Variant:
     """One compile: ``kernel`` (a key of :data:`KERNELS`), index ``config`` into its autotune configs, ``dtype``
-    (``fp32``/``bf16``/``fp16``: every tensor but labels and the loss), the constexpr ``flags`` other than the
+    (``fp32``/``bf16``/``fp16``: every tensor but labels and the loss's scratch buffers), the constexpr ``flags`` other than the
     config's (a sorted tuple of ``(name, value)``), ``arch`` (80/90), ``sizes`` (``aligned``/``ragged``, see the
     module docstring), the call site's ``unit_strides`` (``None``: the kernel's default) and a ``label`` for tables."""
 
@@ -165,6 +168,7 @@ def kernel_configs(name: str) -> list:
 
 
 def config_name(config) -> str:
+    """``"128x128x32 w8 s3"``: a config's block sizes (in the kernel's order), warps and stages."""
     blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
     return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
@@ -281,7 +285,7 @@ def compile_variant(variant: Variant) -> CompileRecord:
                                f"(registers {record.registers}, stack {record.stack})")
     except ToolMissing:
         raise
-    except Exception as e:  # noqa: BLE001 - reported per variant; the caller asserts on it
+    except Exception as e:  # reported per variant: the caller asserts on it
         record.compile_s = time.perf_counter() - start
         record.error = f"{type(e).__name__}: {str(e)[-3000:]}"
     return record
@@ -311,41 +315,45 @@ def _bs(opt, grad=_STORED, grad_act=_IDENTITY, loss=False):
     return dict(GRAD_MODE=grad, GRAD_ACTIVATION=grad_act, HAS_LOSS=loss, **opt)
 
 
-#: Per kernel: ``(label, flags, unit strides or None, heaviest)``. The heaviest (most live values: prologue
-#: loads and math, epilogue loads, an Adam step) are compiled with every autotune config; the others once each.
+#: Per kernel: ``(label, flags, unit strides or None, heaviest)``, the flag combinations kernels/ops.py launches.
+#: The heaviest (the most live values: epilogue loads and math, an Adam step) is compiled with every autotune config
+#: and both ``sizes``; each other one once per arch and dtype, configs and sizes taken in turn. Register allocation
+#: is not monotone in the flags (a lighter variant can spill where the heaviest does not), so after changing a
+#: kernel or its configs, run ``python -m fastdni.kernels.aot --all`` (every site x config x sizes) once.
 CALL_SITES = {
     "linear_act": [
-        # The heaviest epilogue: bias, a label gather, a saved pre-activation and gelu (a superset of the forward
-        # launches: gelu layers save pre, SG layers gather labels).
+        # Every epilogue input at once: bias, a label gather, a saved pre-activation and gelu (a superset of the
+        # forward launches: gelu layers save pre, the first SG layer of a cDNI model gathers labels).
         ("fwd gelu+bias+labels+pre", _la(_GELU, bias=True, labels=True, pre=True), None, True),
-        # The heaviest prologue: dx = delta W with delta = prediction * gelu'(pre) formed as the tile is loaded.
-        ("dx delta(gelu) @ W", _la(grad=_DELTA, grad_act=_GELU), W_TRANSPOSED, True),
-        # Gradient through the top SG layer: error formed in the prologue, times relu'(z) in the epilogue.
-        ("sg grad error @ A *relu'", _la(deriv=_RELU, grad=_ERROR), W_TRANSPOSED, True),
+        # dx = delta W, delta = prediction * act'(h or pre) formed as the tile is loaded (weight = W.T).
+        ("dx delta(gelu) @ W", _la(grad=_DELTA, grad_act=_GELU), W_TRANSPOSED, False),
+        ("dx delta(relu) @ W", _la(grad=_DELTA, grad_act=_RELU), W_TRANSPOSED, False),
+        ("dx delta(tanh) @ W", _la(grad=_DELTA, grad_act=_TANH), W_TRANSPOSED, False),
+        # The gradient through an SG layer: the error (top layer) or a stored gradient, times relu'(z).
+        ("sg grad error @ A *relu'", _la(deriv=_RELU, grad=_ERROR), W_TRANSPOSED, False),
+        ("sg grad stored @ A *relu'", _la(deriv=_RELU), W_TRANSPOSED, False),
         ("fwd relu+bias", _la(_RELU, bias=True), None, False),
         ("fwd tanh+bias", _la(_TANH, bias=True), None, False),
         ("fwd identity+bias", _la(_IDENTITY, bias=True), None, False),
         ("sg relu+bias+labels", _la(_RELU, bias=True, labels=True), None, False),
         ("sg relu+bias+addend", _la(_RELU, bias=True, addend=True), None, False),
-        ("dx delta(relu) @ W", _la(grad=_DELTA, grad_act=_RELU), W_TRANSPOSED, False),
-        ("dx delta(tanh) @ W", _la(grad=_DELTA, grad_act=_TANH), W_TRANSPOSED, False),
-        ("sg grad stored @ A *relu'", _la(deriv=_RELU), W_TRANSPOSED, False),
     ],
     "gemm_grad_step": [
+        # The top SG layer's step: error formed in the prologue, bias step and loss reduced in the same pass, Adam.
         ("sg top error+bias+loss adam", _gs(ADAM, _ERROR, bias=True, loss=True), None, True),
-        ("update delta(gelu)+bias adam", _gs(ADAM, _DELTA, _GELU, bias=True), None, True),
+        ("update delta(gelu)+bias adam", _gs(ADAM, _DELTA, _GELU, bias=True), None, False),
+        ("dU onehot error adam", _gs(ADAM, _ERROR, onehot=True), None, False),
         ("sg top error+bias+loss sgd-m", _gs(SGD_MOMENTUM, _ERROR, bias=True, loss=True), None, False),
         ("update delta(relu)+bias adam", _gs(ADAM, _DELTA, _RELU, bias=True), None, False),
         ("update delta(relu)+bias sgd-m", _gs(SGD_MOMENTUM, _DELTA, _RELU, bias=True), None, False),
         ("update delta(tanh)+bias adamw", _gs(ADAMW, _DELTA, _TANH, bias=True), None, False),
         ("sg lower stored+bias adam", _gs(ADAM, bias=True), None, False),
         ("sg lower stored+bias sgd-m", _gs(SGD_MOMENTUM, bias=True), None, False),
-        ("dU onehot error adam", _gs(ADAM, _ERROR, onehot=True), None, False),
         ("dU onehot stored sgd-m", _gs(SGD_MOMENTUM, onehot=True), None, False),
     ],
     "bias_grad_step": [
         ("error+loss adam", _bs(ADAM, _ERROR, loss=True), None, True),
-        ("delta(gelu) adam", _bs(ADAM, _DELTA, _GELU), None, True),
+        ("delta(gelu) adam", _bs(ADAM, _DELTA, _GELU), None, False),
         ("error+loss sgd-m", _bs(SGD_MOMENTUM, _ERROR, loss=True), None, False),
         ("loss only (sgd, lr 0)", _bs(SGD, _ERROR, loss=True), None, False),
         ("stored adam", _bs(ADAM), None, False),
@@ -362,23 +370,23 @@ def _dtype_flags(kernel: str, dtype: str) -> dict:
 
 def variant_set(archs: Sequence[int] = ARCHS, dtypes: Sequence[str] = ("fp32", "bf16"), sizes: Sequence[str] = SIZES,
                 full: bool = False) -> list[Variant]:
-    """The variants CI compiles, for each arch and dtype: every autotune config of each kernel with each of its
-    heaviest flag combinations, for every ``sizes``; every other call site of :data:`CALL_SITES` once, its config
-    and sizes taken in turn (so the set covers them all without the full product). ``full``: every call site
-    with every config and sizes."""
+    """The variants CI compiles, for each arch: every autotune config of each kernel with its heaviest flag
+    combination, for every dtype and ``sizes``; every other call site of :data:`CALL_SITES` once, its dtype
+    alternating between archs, configs and sizes taken in turn (each config, then each config again with the
+    other sizes, ...). ``full``: every call site with every config, dtype and sizes."""
     variants = []
     for kernel, sites in CALL_SITES.items():
         n_configs = len(kernel_configs(kernel))
         turn = 0
-        for arch, dtype in product(archs, dtypes):
-            for label, flags, unit, heavy in sites:
-                flags = tuple(sorted({**flags, **_dtype_flags(kernel, dtype)}.items()))
+        for a, arch in enumerate(archs):
+            for s, (label, flags, unit, heavy) in enumerate(sites):
                 if heavy or full:
-                    picks = product(range(n_configs), sizes)
+                    picks = list(product(range(n_configs), dtypes, sizes))
                 else:
-                    picks = [(turn % n_configs, sizes[turn % len(sizes)])]
+                    picks = [(turn % n_configs, dtypes[(s + a) % len(dtypes)], sizes[turn // n_configs % len(sizes)])]
                     turn += 1
-                variants += [Variant(kernel, c, dtype, flags, arch, s, unit, label) for c, s in picks]
+                variants += [Variant(kernel, c, dtype, tuple(sorted({**flags, **_dtype_flags(kernel, dtype)}.items())),
+                                     arch, size, unit, label) for c, dtype, size in picks]
     return variants
 
 
