@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdni.nn import SyntheticGradient, TruncationDNI, flatten_state, unflatten_state
+from fastdni.nn import SyntheticGradient, TruncationDNI, flatten_state, truncation_windows, unflatten_state
 from helpers import randomise_
 
 F64 = torch.float64
@@ -153,3 +153,176 @@ def test_bad_inputs_are_named():
         boundary.end_segment(torch.zeros(3, dtype=F64), initial_state())
     with pytest.raises(ValueError, match="gradient_scale"):
         TruncationDNI(SyntheticGradient(4), gradient_scale=0)
+
+
+# DNI+Aux, final segments, the output scaling and the truncation windows.
+
+
+class StepCore(Core):
+    """:class:`Core` that also returns every step's hidden output (the DNI+Aux inputs)."""
+
+    def forward(self, inputs, targets, state):
+        loss, outputs = inputs.new_zeros(()), []
+        for x, y in zip(inputs, targets):
+            state = self.cell(x, state)
+            outputs.append(state[0])
+            loss = loss + F.mse_loss(self.readout(state[0]), y, reduction="sum")
+        return loss, state, outputs
+
+
+def aux_boundary(aux_weight, seed=1, **kwargs):
+    torch.manual_seed(seed)
+    sg = randomise_(SyntheticGradient(2 * HIDDEN).double(), 0.2)
+    aux = randomise_(nn.Linear(HIDDEN, 2 * HIDDEN).double(), 0.2)
+    return TruncationDNI(sg, aux_predictor=aux, aux_weight=aux_weight, **kwargs)
+
+
+def train_segments(core, boundary, windows=((0, 3), (3, 6), (6, 8)), aux=True):
+    """Two or more segments of truncated BPTT; the last one ``final``. Returns the synthetic gradients."""
+    inputs, targets = sequence(8)
+    state, given = initial_state(), []
+    for i, (start, stop) in enumerate(windows):
+        state = boundary.begin_segment(state)
+        loss, state, outputs = core(inputs[start:stop], targets[start:stop], state)
+        given.append(boundary.end_segment(loss, state, aux_inputs=outputs if aux else None, final=i == len(windows) - 1))
+    return given
+
+
+def grads(module):
+    return [None if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+
+def test_aux_loss_changes_the_sg_and_core_gradients():
+    """The aux loss reaches the aux predictor, the core, and (through the gradient arriving at the next
+    boundary) the SG model's regression: all three differ from plain DNI (aux_weight=0)."""
+    results = {}
+    for weight in (0.0, 0.7):
+        torch.manual_seed(0)
+        core = randomise_(StepCore(), 0.5)
+        boundary = aux_boundary(weight)
+        train_segments(core, boundary)
+        results[weight] = grads(core), grads(boundary.synthetic_gradient), grads(boundary.aux_predictor), boundary
+    (core0, sg0, aux0, plain), (core1, sg1, aux1, with_aux) = results[0.0], results[0.7]
+    assert all(g is None for g in aux0) and plain.last_aux_loss is None
+    assert all(g is not None and g.abs().sum() > 0 for g in aux1) and float(with_aux.last_aux_loss) > 0
+    assert not all(torch.allclose(a, b) for a, b in zip(core0, core1))
+    assert not all(torch.allclose(a, b) for a, b in zip(sg0, sg1))
+
+
+def test_aux_weight_zero_is_exactly_dni():
+    runs = []
+    for boundary_args in (dict(aux_weight=0.0), None):
+        torch.manual_seed(0)
+        core = randomise_(StepCore(), 0.5)
+        if boundary_args is None:  # plain DNI: the same SG model, no aux predictor
+            boundary = aux_boundary(0.0)
+            boundary.aux_predictor = None
+        else:
+            boundary = aux_boundary(**boundary_args)
+        given = train_segments(core, boundary, aux=boundary.aux_predictor is not None)
+        runs.append((grads(core), grads(boundary.synthetic_gradient), given, boundary.last_sg_loss))
+    (core_a, sg_a, given_a, loss_a), (core_b, sg_b, given_b, loss_b) = runs
+    for a, b in zip(core_a + sg_a + given_a, core_b + sg_b + given_b):
+        assert torch.equal(a, b)
+    assert torch.equal(loss_a, loss_b)
+
+
+def test_aux_gradients_match_the_explicit_objective():
+    """One non-final segment in fp64: core, aux predictor and SG gradients equal those of the written-out
+    objective loss + <s_end, sg_scale M(s_end)/scale> + w mean_{j,b} ||P(o_j) - M(s_end)||^2, and the SG at the
+    start boundary is regressed onto the gradient of that whole objective."""
+    inputs, targets = sequence(4)
+    core = randomise_(StepCore(), 0.5)
+    boundary = aux_boundary(0.3, gradient_scale=2.0, sg_scale=0.25, loss_weight=0.5)
+    sg, aux = boundary.synthetic_gradient, boundary.aux_predictor
+    start = (torch.randn(BATCH, HIDDEN, dtype=F64), torch.randn(BATCH, HIDDEN, dtype=F64))
+    loss, s_end, outputs = core(inputs, targets, boundary.begin_segment(start))
+    given = boundary.end_segment(loss, s_end, aux_inputs=outputs)
+
+    leaf = flatten_state(start).detach().requires_grad_()
+    loss2, s_end2, outputs2 = core(inputs, targets, unflatten_state(leaf, start))
+    flat_end = flatten_state(s_end2)
+    m_end = sg(flat_end.detach()).detach()
+    torch.testing.assert_close(given, 0.25 * m_end / 2.0, rtol=1e-12, atol=1e-12)
+    predictions = aux(torch.stack(outputs2).reshape(-1, HIDDEN)).view(len(outputs2), BATCH, -1)
+    aux_loss = 0.3 * (predictions - m_end).pow(2).sum() / (len(outputs2) * BATCH)
+    objective = loss2 + (flat_end * (0.25 * m_end / 2.0)).sum() + aux_loss
+    params = list(core.parameters()) + list(aux.parameters())
+    *want, arriving = torch.autograd.grad(objective, params + [leaf])
+    for got, expected in zip([p.grad for p in params], want):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(boundary.last_aux_loss, aux_loss.detach(), rtol=1e-12, atol=1e-12)
+    regression = 0.5 * (sg(leaf.detach()) - 2.0 * arriving).pow(2).sum(1).mean()
+    for got, expected in zip([p.grad for p in sg.parameters()], torch.autograd.grad(regression, list(sg.parameters()))):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_final_segment_gets_no_synthetic_gradient_and_a_zero_aux_target():
+    """Nothing lies beyond a final segment: its gradient is its loss plus the aux loss towards 0."""
+    inputs, targets = sequence(3)
+    core = randomise_(StepCore(), 0.5)
+    boundary = aux_boundary(0.5)
+    loss, state, outputs = core(inputs, targets, boundary.begin_segment(initial_state()))
+    given = boundary.end_segment(loss, state, aux_inputs=outputs, final=True)
+    assert torch.equal(given, torch.zeros_like(given))
+
+    loss2, _, outputs2 = core(inputs, targets, initial_state())
+    aux_loss = 0.5 * boundary.aux_predictor(torch.stack(outputs2).reshape(-1, HIDDEN)).pow(2).sum() / (3 * BATCH)
+    torch.testing.assert_close(boundary.last_aux_loss, aux_loss.detach(), rtol=1e-12, atol=1e-12)
+    task_only = torch.autograd.grad(loss2, list(core.cell.parameters()), retain_graph=True)
+    for got, expected, plain in zip([p.grad for p in core.cell.parameters()],
+                                    torch.autograd.grad(loss2 + aux_loss, list(core.cell.parameters())), task_only):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(got, plain)  # the aux loss did reach the LSTM cell
+
+
+def test_dni_aux_with_nn_lstm_outputs():
+    lstm = nn.LSTM(FEATURES, HIDDEN).double()
+    boundary = TruncationDNI(randomise_(SyntheticGradient(2 * HIDDEN).double(), 0.1), batch_dim=1,
+                             aux_predictor=nn.Linear(HIDDEN, 2 * HIDDEN).double())
+    state = (torch.zeros(1, BATCH, HIDDEN, dtype=F64), torch.zeros(1, BATCH, HIDDEN, dtype=F64))
+    inputs, _ = sequence(6)
+    for window in truncation_windows(6, 4):
+        state = boundary.begin_segment(state)
+        out, state = lstm(inputs[window], state)
+        boundary.end_segment(out.pow(2).mean(), state, aux_inputs=out)  # out: [steps, B, H], time-major
+    assert boundary.aux_predictor.weight.grad.abs().sum() > 0 and float(boundary.last_aux_loss) > 0
+
+
+def test_truncation_windows():
+    assert truncation_windows(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert truncation_windows(2, 5) == [slice(0, 2)]
+    with pytest.raises(ValueError, match="truncation: expected an int >= 1, got 0"):
+        truncation_windows(5, 0)
+    with pytest.raises(ValueError, match="steps: expected a sequence of at least 1 step, got 0"):
+        truncation_windows(0, 3)
+
+
+def test_bad_aux_inputs_are_named():
+    inputs, targets = sequence(3)
+    core = StepCore()
+    boundary = aux_boundary(0.5)
+    loss, state, outputs = core(inputs, targets, initial_state())
+    with pytest.raises(ValueError, match="aux_inputs: this boundary is DNI\\+Aux"):
+        boundary.end_segment(loss, state)
+    with pytest.raises(ValueError, match="aux_inputs: empty"):
+        boundary.end_segment(loss, state, aux_inputs=[])
+    with pytest.raises(ValueError, match="aux_inputs: empty"):
+        boundary.end_segment(loss, state, aux_inputs=torch.zeros(0, BATCH, HIDDEN, dtype=F64))
+    with pytest.raises(ValueError, match="aux_inputs: batch size 3 .* differs from the state's 4"):
+        boundary.end_segment(loss, state, aux_inputs=torch.zeros(2, 3, HIDDEN, dtype=F64))
+    with pytest.raises(ValueError, match="aux_inputs: the steps' outputs differ in shape"):
+        boundary.end_segment(loss, state, aux_inputs=[outputs[0], outputs[1][:, :2]])
+    with pytest.raises(TypeError, match="aux_inputs: expected torch.float64 on cpu, got torch.float32"):
+        boundary.end_segment(loss, state, aux_inputs=[o.float() for o in outputs])
+    with pytest.raises(ValueError, match="aux_predictor: returned shape"):
+        TruncationDNI(SyntheticGradient(2 * HIDDEN).double(), aux_predictor=nn.Linear(HIDDEN, 3).double()).end_segment(
+            loss, state, aux_inputs=outputs)
+    with pytest.raises(ValueError, match="aux_inputs: given, but this boundary has no aux_predictor"):
+        TruncationDNI(SyntheticGradient(2 * HIDDEN).double()).end_segment(loss, state, aux_inputs=outputs)
+    with pytest.raises(ValueError, match="h: expected shape"):  # the end state must fit the SG model too
+        boundary.end_segment(loss, (state[0][:, :3], state[1][:, :3]), aux_inputs=outputs)
+    with pytest.raises(ValueError, match="aux_weight"):
+        TruncationDNI(SyntheticGradient(4), aux_weight=-1)
+    with pytest.raises(ValueError, match="sg_scale"):
+        TruncationDNI(SyntheticGradient(4), sg_scale=0)

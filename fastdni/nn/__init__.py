@@ -2,10 +2,10 @@
 from .decoupled import DecoupledSequential, StepResult
 from .fused import DecoupledMLP
 from .interface import DNI
-from .recurrent import TruncationDNI, flatten_state, unflatten_state
+from .recurrent import TruncationDNI, flatten_state, truncation_windows, unflatten_state
 from .synthetic_gradient import ConvSyntheticGradient, SyntheticGradient
 
 __all__ = [
     "SyntheticGradient", "ConvSyntheticGradient", "DNI", "DecoupledSequential", "DecoupledMLP", "StepResult",
-    "TruncationDNI", "flatten_state", "unflatten_state",
+    "TruncationDNI", "flatten_state", "unflatten_state", "truncation_windows",
 ]

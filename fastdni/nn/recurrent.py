@@ -16,18 +16,49 @@ that segment's true gradient plus its own synthetic gradient pushed back through
 
 States are a tensor or a tuple of tensors (``(h, c)`` of ``nn.LSTMCell``: batch on dim 0; of
 ``nn.LSTM``: ``[layers, B, H]``, pass ``batch_dim=1``); ``M`` sees them flattened to ``[B, features]``.
+When a sequence ends with a segment (an episode such as one copy-task sequence), pass ``final=True``:
+nothing lies beyond it, so no synthetic gradient is given to its end state.
+
+DNI+Aux (Jaderberg et al., 2017, "Decoupled Neural Interfaces using Synthetic Gradients", ICML, Sec. 3.1
+and Fig. 2b: as an auxiliary task the core also does *future synthetic gradient prediction*, an extra output
+at every step trained to match a synthetic gradient produced later). Here: an ``aux_predictor`` ``P`` reads
+the core's output ``o_j`` at every step ``j`` of the segment and is regressed onto the synthetic gradient
+produced at the segment's end boundary, ``M(s_end)`` (zero for a ``final`` segment), with the loss
+
+    aux_weight * mean_{j, b} || P(o_{j,b}) - M(s_end)_b ||^2        (M(s_end) a constant target)
+
+added to the segment's loss in the same backward pass. Its gradient trains ``P`` and, through ``o_j``, the
+core inside the window; it also reaches the segment's start state, so the SG at that boundary models the
+future gradient of the whole objective (task + aux), as with any auxiliary loss. The paper's extra output
+predicts the SG a fixed ``T`` steps ahead; with one backward pass per segment the only synthetic gradient
+known while the segment's graph is alive is the one at the segment's end, so here the output of step ``j``
+of a ``T``-step segment predicts it ``T - j`` steps ahead (``T - 1`` down to 0). ``aux_weight=0`` is exactly DNI.
+
+    boundary = TruncationDNI(SyntheticGradient(2 * hidden), aux_predictor=nn.Linear(hidden, 2 * hidden))
+    outputs, state = lstm(inputs, state)                        # outputs [T, B, hidden]: every step's h
+    boundary.end_segment(loss, state, aux_inputs=outputs)
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_positive
+from .._checks import check_int, check_positive
 from .interface import _RegressOnArrivingGradient, has_trainable_params
 
 State = Union[Tensor, tuple[Tensor, ...]]
+StepOutputs = Union[Tensor, Sequence[Tensor]]
+
+
+def truncation_windows(steps: int, truncation: int) -> list[slice]:
+    """The segments of truncated BPTT over a sequence of ``steps`` steps: windows of ``truncation`` steps
+    (the last one shorter when ``truncation`` does not divide ``steps``)."""
+    check_int("truncation", truncation, 1)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected a sequence of at least 1 step, got {steps!r} (an empty sequence?)")
+    return [slice(start, min(start + truncation, steps)) for start in range(0, steps, truncation)]
 
 
 def flatten_state(state: State, batch_dim: int = 0) -> Tensor:
@@ -62,18 +93,35 @@ class TruncationDNI(nn.Module):
     ``synthetic_gradient`` maps ``[B, features]`` to ``[B, features]`` (e.g. a linear
     :class:`~fastdni.nn.SyntheticGradient`, as in the paper). It predicts ``gradient_scale * dL/ds``;
     the segment receives ``M / gradient_scale``. :attr:`last_sg_loss` is the regression loss of the last
-    boundary whose target arrived. The SG parameters are stepped by the caller's optimizer.
+    boundary whose target arrived.
+
+    With ``aux_predictor`` (a module mapping ``[N, step_features]`` to ``[N, features]``) the boundary is
+    DNI+Aux: :meth:`end_segment` takes the segment's per-step core outputs and adds the auxiliary loss of
+    the module docstring, weighted by ``aux_weight`` (0: exactly DNI); :attr:`last_aux_loss` holds its
+    value. The SG and aux parameters, both in :meth:`parameters`, are stepped by the caller's optimizer.
     """
 
     def __init__(
-        self, synthetic_gradient: nn.Module, *, batch_dim: int = 0, loss_weight: float = 1.0, gradient_scale: float = 1.0
+        self,
+        synthetic_gradient: nn.Module,
+        *,
+        batch_dim: int = 0,
+        loss_weight: float = 1.0,
+        gradient_scale: float = 1.0,
+        aux_predictor: Optional[nn.Module] = None,
+        aux_weight: float = 1.0,
+        sg_scale: float = 1.0,
     ):
         super().__init__()
         self.synthetic_gradient = synthetic_gradient
+        self.aux_predictor = aux_predictor
         self.batch_dim = batch_dim
         self.loss_weight = check_positive("loss_weight", float(loss_weight))
         self.gradient_scale = check_positive("gradient_scale", float(gradient_scale))
+        self.aux_weight = check_positive("aux_weight", float(aux_weight), allow_zero=True)
+        self.sg_scale = check_positive("sg_scale", float(sg_scale))
         self.last_sg_loss: Optional[Tensor] = None
+        self.last_aux_loss: Optional[Tensor] = None
 
     def _predict(self, flat: Tensor) -> Tensor:
         prediction = self.synthetic_gradient(flat)
@@ -96,23 +144,87 @@ class TruncationDNI(nn.Module):
             flat = flat.requires_grad_()
         return unflatten_state(flat, state, self.batch_dim)
 
-    def end_segment(self, loss: Optional[Tensor], state: State) -> Tensor:
-        """Backpropagate ``loss`` and the synthetic gradient ``M(state) / gradient_scale`` through the segment
-        in one pass; returns the synthetic gradient given to ``state`` (flattened, detached)."""
+    def end_segment(
+        self, loss: Optional[Tensor], state: State, *, aux_inputs: Optional[StepOutputs] = None, final: bool = False
+    ) -> Tensor:
+        """Backpropagate ``loss``, the synthetic gradient ``M(state) / gradient_scale`` (none when ``final``)
+        and, for DNI+Aux, the auxiliary loss on ``aux_inputs`` (the segment's per-step core outputs,
+        time-major ``[steps, B, *]`` or a list of ``[B, *]``) through the segment in one pass; returns the
+        synthetic gradient given to ``state`` (flattened, detached; zero when ``final``)."""
         flat = flatten_state(state, self.batch_dim)
         with torch.no_grad():
-            synthetic = self._predict(flat.detach()) / self.gradient_scale
-        tensors, grads = [flat], [synthetic]
+            prediction = torch.zeros_like(flat) if final else self._predict(flat.detach())
+        synthetic = prediction * (self.sg_scale / self.gradient_scale)
+        tensors, grads = ([], []) if final else ([flat], [synthetic])
         if loss is not None:
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError(f"loss: expected a scalar tensor or None, got {loss!r}")
             tensors.append(loss)
             grads.append(None)
-        if flat.requires_grad:
-            torch.autograd.backward(tensors, grads)
-        elif loss is not None and loss.requires_grad:
-            loss.backward()
+        aux_loss = self._aux_loss(aux_inputs, synthetic)
+        if aux_loss is not None:
+            tensors.append(aux_loss)
+            grads.append(None)
+        live = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
+        if live:
+            torch.autograd.backward([t for t, _ in live], [g for _, g in live])
         return synthetic
 
+    def _aux_loss(self, aux_inputs: Optional[StepOutputs], target: Tensor) -> Optional[Tensor]:
+        """DNI+Aux: ``aux_weight * mean_{j,b} ||P(o_{j,b}) - target_b||^2``; None without an aux predictor
+        or with ``aux_weight == 0``."""
+        if self.aux_predictor is None:
+            if aux_inputs is not None:
+                raise ValueError("aux_inputs: given, but this boundary has no aux_predictor (DNI+Aux needs one)")
+            return None
+        if aux_inputs is None:
+            raise ValueError(
+                "aux_inputs: this boundary is DNI+Aux (it has an aux_predictor); pass the segment's per-step core "
+                "outputs, time-major [steps, B, *] or a list of [B, *]"
+            )
+        if self.aux_weight == 0:
+            return None
+        outputs = _stack_steps(aux_inputs, target)
+        steps, batch = outputs.shape[:2]
+        prediction = self.aux_predictor(outputs.reshape(steps * batch, -1))
+        if prediction.shape != (steps * batch, target.shape[1]):
+            raise ValueError(
+                f"aux_predictor: returned shape {tuple(prediction.shape)} for {steps * batch} step outputs, expected "
+                f"({steps * batch}, {target.shape[1]}) (the flattened state's features)"
+            )
+        error = prediction.view(steps, batch, -1) - target
+        loss = self.aux_weight * (error * error).sum() / (steps * batch)
+        self.last_aux_loss = loss.detach()
+        return loss
+
     def extra_repr(self) -> str:
-        return f"batch_dim={self.batch_dim}, loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}"
+        aux = f", aux_weight={self.aux_weight}" if self.aux_predictor is not None else ""
+        return (f"batch_dim={self.batch_dim}, loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}, "
+                f"sg_scale={self.sg_scale}{aux}")
+
+
+def _stack_steps(aux_inputs: StepOutputs, target: Tensor) -> Tensor:
+    """``aux_inputs`` as ``[steps, B, *]``, checked against the flattened state ``target`` ``[B, features]``."""
+    if isinstance(aux_inputs, Tensor):
+        outputs = aux_inputs.unsqueeze(0) if aux_inputs.dim() == 2 else aux_inputs
+    elif isinstance(aux_inputs, (list, tuple)) and all(isinstance(o, Tensor) for o in aux_inputs):
+        if not aux_inputs:
+            raise ValueError("aux_inputs: empty (0 steps); pass the segment's per-step core outputs")
+        shapes = {tuple(o.shape) for o in aux_inputs}
+        if len(shapes) != 1:
+            raise ValueError(f"aux_inputs: the steps' outputs differ in shape: {sorted(shapes)}")
+        outputs = torch.stack(list(aux_inputs))
+    else:
+        raise TypeError(f"aux_inputs: expected a tensor or a list of tensors, got {type(aux_inputs).__name__}")
+    if outputs.dim() < 3:
+        raise ValueError(f"aux_inputs: expected time-major [steps, B, *] (or [B, *] for one step), got {tuple(outputs.shape)}")
+    if outputs.shape[0] == 0:
+        raise ValueError("aux_inputs: empty (0 steps); pass the segment's per-step core outputs")
+    if outputs.shape[1] != target.shape[0]:
+        raise ValueError(
+            f"aux_inputs: batch size {outputs.shape[1]} (dim 1 of time-major [steps, B, *]) differs from the "
+            f"state's {target.shape[0]}"
+        )
+    if outputs.dtype != target.dtype or outputs.device != target.device:
+        raise TypeError(f"aux_inputs: expected {target.dtype} on {target.device}, got {outputs.dtype} on {outputs.device}")
+    return outputs
