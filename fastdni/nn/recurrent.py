@@ -161,7 +161,7 @@ class TruncationDNI(nn.Module):
                 raise ValueError(f"loss: expected a scalar tensor or None, got {loss!r}")
             tensors.append(loss)
             grads.append(None)
-        aux_loss = self._aux_loss(aux_inputs, synthetic)
+        aux_loss = self._aux_loss(aux_inputs, prediction)  # P learns M's own output, in M's scale
         if aux_loss is not None:
             tensors.append(aux_loss)
             grads.append(None)
