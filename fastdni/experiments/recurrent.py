@@ -51,7 +51,7 @@ GRID_TRUNCATIONS = (2, 3, 4, 5)
 DEMO = {
     "copy": dict(hidden=128, batch_size=32, steps=30_000, eval_every=500, lr=1e-3, sg_lr=1e-4),
     "repeat-copy": dict(hidden=128, batch_size=32, steps=15_000, eval_every=500, lr=1e-3, sg_lr=1e-4),
-    "ptb": dict(hidden=128, batch_size=32, steps=5_000, eval_every=250, lr=2e-3, sg_lr=1e-4),
+    "ptb": dict(hidden=128, batch_size=32, steps=1_500, eval_every=250, lr=2e-3, sg_lr=1e-4),
 }
 PAPER_HIDDEN = {"copy": 256, "repeat-copy": 256, "ptb": 1024}  # the paper's LSTM sizes; the rest stays ours
 LOG_FIELDS = ("step", "length", "max_length", "train_bits", "valid_bpc", "sg_loss", "aux_loss", "train_seconds")
