@@ -2,7 +2,7 @@
 
 Extension layout (filled in by the fused-ops issues; nothing to change here when they land):
   csrc/cpu/*.cpp   always compiled into ``fastdni._C`` (needs torch at build time)
-  csrc/cuda/*.cu   added when torch.version.cuda is set and nvcc is found
+  csrc/cuda/*.cu, *.cpp  added when torch.version.cuda is set and nvcc is found
 The sources register ops with TORCH_LIBRARY; since fastdni._C is a Python extension module, one of them
 must also define PyInit__C (as pytorch/extension-cpp does) so that `import fastdni._C` loads it.
 Checked with a probe op (not committed): CPU + CUDA build, sm_80 and sm_90 cubins, cuBLASLt linked.
@@ -12,11 +12,16 @@ Switches (environment):
   FASTDNI_BUILD_CUDA=0/1  force the CUDA sources off / on
   CUDA_HOME               defaults to /usr/local/cuda
   TORCH_CUDA_ARCH_LIST    defaults to "8.0;9.0+PTX" (there is no GPU to detect at build time)
+
+The compilers' output, with nvcc's -Xptxas=-v report of every kernel (registers, spills, shared memory), is kept
+in build/ext_build.log (appended to by each build).
 """
 import glob
 import os
 import shutil
+import sys
 import sysconfig
+import time
 
 from setuptools import find_packages, setup
 
@@ -52,7 +57,8 @@ def extensions():
     # template, compiled into this library; without OpenMP it silently runs every loop on one thread.
     extra = {"cxx": ["-O3", "-fno-math-errno", "-fopenmp"]}
     link = ["-fopenmp"]
-    cuda_sources = _sources("csrc/cuda/*.cu") if _cuda_wanted() else []
+    # csrc/cuda: kernels in .cu (compiled per architecture, so they include no ATen), host code in .cpp.
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp") if _cuda_wanted() else []
     if cuda_sources:
         nvidia = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13")
         include_dirs.append(os.path.join(nvidia, "include"))
@@ -75,7 +81,57 @@ def extensions():
     else:
         ext = cpp_extension.CppExtension("fastdni._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=extra,
                                          extra_link_args=link)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _tree_build(cpp_extension.BuildExtension).with_options(use_ninja=True)}
+
+
+BUILD_LOG = os.path.join(ROOT, "build", "ext_build.log")
+
+
+def _tree_build(base):
+    """``base`` with two changes.
+
+    - One object directory for every build of this tree (editable install, ``build_ext --inplace``, ``pip wheel``):
+      ninja then recompiles only what changed, so the wheel built after ``scripts/setup.sh``'s install (by
+      tests/test_wheel.py in CI) compiles nothing; the CUDA sources take minutes on 2 cores.
+    - The compilers' output kept in build/ext_build.log as well as printed: nvcc's ``-Xptxas=-v`` lines (registers,
+      spill stores/loads, shared memory of every kernel, per architecture) would otherwise scroll past, or vanish
+      under ``pip -q``. The compilers write to file descriptors 1 and 2 (ninja's children), so those are
+      redirected, not sys.stdout."""
+
+    class TreeBuild(base):
+        def finalize_options(self):
+            super().finalize_options()
+            # build/temp.<platform>-<python> (setuptools' own name for it), whatever build base the caller chose (an
+            # editable install picks a temporary one)
+            self.build_temp = os.path.join(ROOT, "build", f"temp.{self.plat_name}-{sys.implementation.cache_tag}")
+
+        def build_extensions(self):
+            os.makedirs(os.path.dirname(BUILD_LOG), exist_ok=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Appended: a rebuild compiles only what changed, and the earlier reports stay valid for the rest.
+            with open(BUILD_LOG, "a") as log:
+                log.write(f"== build_ext {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                start = log.tell()
+            saved = os.dup(1), os.dup(2)
+            try:
+                with open(BUILD_LOG, "a") as log:
+                    os.dup2(log.fileno(), 1)
+                    os.dup2(log.fileno(), 2)
+                    super().build_extensions()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+                with open(BUILD_LOG) as log:
+                    log.seek(start)
+                    sys.stdout.write(log.read())
+                print(f"compiler output (ptxas -v included): {BUILD_LOG}")
+
+    return TreeBuild
 
 
 ext_modules, cmdclass = extensions()

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (issue 7): set up .venv, run the Triton suite on the GPU, then the step benchmark.
+# One command for a GPU machine (issues 7, 8): set up .venv, run the Triton and CUDA C++ suites on the GPU, then the
+# step benchmark (Triton and, where fastdni._C has its CUDA kernels, the CUDA backend beside it).
 #
 #   benchmarks/gpu.sh                       # full grid -> docs/benchmarks/triton_step_gpu.{json,md}
 #   benchmarks/gpu.sh --dtype bf16 --sg mlp # extra arguments go to benchmarks/triton_step.py
 #   SKIP_TESTS=1 benchmarks/gpu.sh --quick  # benchmark only
 #
 # Tests: tests/interpreted with FASTDNI_TEST_DEVICE=cuda (the Triton kernels' suite, which CI runs under the
-# interpreter, here on the compiled kernels; see tests/interpreted/conftest.py) and tests/gpu if it exists.
+# interpreter, here on the compiled kernels; see tests/interpreted/conftest.py) and tests/gpu (the CUDA C++ backend
+# against the reference: tests/gpu/test_cuda_ops.py).
 # Exits non-zero when there is no CUDA device, when a test fails, or when a benchmark row fails its equal-work check.
 # The full grid (80 rows, torch.compile per row) takes tens of minutes; --skip compiled or a subset is faster.
 set -euo pipefail
@@ -20,6 +22,7 @@ if ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_availab
   exit 2
 fi
 .venv/bin/python -c 'import torch, triton; print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")'
+.venv/bin/python -c 'import fastdni.ops as o; print(f"CUDA C++ backend built: {o.HAS_CUDA_KERNELS}" + ("" if o.HAS_CUDA_KERNELS else " (rows without cuda columns)"))'
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv 2>/dev/null || true
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then

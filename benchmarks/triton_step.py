@@ -1,4 +1,5 @@
-"""One DNI layer step on a GPU: the Triton backend against eager PyTorch, torch.compile and the GEMM floor (issue 7).
+"""One DNI layer step on a GPU: the Triton and CUDA C++ backends against eager PyTorch, torch.compile and the GEMM floor
+(issues 7, 8).
 
 Usage::
 
@@ -12,6 +13,9 @@ The step and the variants are those of ``benchmarks/common.py`` on the chosen de
 moments and activations all of that dtype): ``triton`` (the three public ops with ``backend="triton"``),
 ``eager`` (explicit gradients + ``torch.optim.Adam(foreach=True)``), ``compiled`` (``torch.compile`` of eager,
 ``opt.step()`` included) and ``gemm_floor`` (the step's GEMMs alone, ``torch.mm`` into preallocated outputs).
+On a GPU with fastdni._C built with its CUDA kernels (``fastdni.ops.HAS_CUDA_KERNELS``), ``cuda`` runs the same
+three ops with ``backend="cuda"`` (csrc/cuda), checked, counted and timed like ``triton`` (columns ``cuda ms``,
+``c/floor``, ``c/t`` = cuda / triton, ``launch c``; ``--skip cuda`` leaves it out).
 Every variant updates its own parameters in place on each call, so each call is a full step.
 
 Per row:
@@ -32,7 +36,8 @@ Per row:
 
 Targets (issue 7; ``met`` / ``missed`` / ``-`` where one does not apply): ``launches`` triton <= 5 per step;
 ``bytes`` modelled triton bytes <= 1.2x compulsory; ``eager2x`` >= 2x faster than eager at batch <= 256;
-``compiled`` faster than torch.compile on every row; ``floor`` <= 1.15x the GEMM floor at width >= 1024.
+``compiled`` faster than torch.compile on every row; ``floor`` <= 1.15x the GEMM floor at width >= 1024. CUDA backend
+(issue 8): ``cuda_launches`` <= 4 per step; ``cuda_floor`` <= 1.10x the GEMM floor at width >= 1024.
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ WIDTHS = (256, 512, 1024, 2048, 4096)
 DTYPES = ("fp32", "bf16")
 QUICK = dict(batch=(64,), width=(256,), dtype=("fp32",))
 VARIANTS = ("triton", "eager", "compiled", "gemm_floor")
+CUDA_VARIANT = "cuda"  #: the CUDA C++ backend, where this install has it (:func:`has_cuda_backend`)
 #: Equal-work check (:func:`check_equal_step`), against an fp64 step: ``rms``, the root mean square of the update
 #: error relative to that of the update (the bulk); ``max``, the largest update error relative to the largest
 #: update, and the largest output error relative to the largest output (or twice eager's own, where larger). fp32
@@ -74,7 +80,8 @@ LAUNCH_TARGET = cost_model.LAUNCH_TARGET
 BYTES_TARGET = cost_model.BYTES_TARGET
 EAGER_TARGET, EAGER_MAX_BATCH = 2.0, 256
 FLOOR_TARGET, FLOOR_MIN_WIDTH = 1.15, 1024
-TARGETS = ("launches", "bytes", "eager2x", "compiled", "floor")
+CUDA_LAUNCH_TARGET, CUDA_FLOOR_TARGET = 4, 1.10
+TARGETS = ("launches", "bytes", "eager2x", "compiled", "floor", "cuda_launches", "cuda_floor")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,7 +120,14 @@ def make_ops_variant(problem: common.Problem, backend: str = BACKEND) -> common.
         loss = ops.sg_regression_(f.h, f, target, sg, "adam", hyper, args.sg_state, backend=backend)
         return f.h, dx, loss
 
-    return common.Variant("triton", step, args.params, f"fastdni.ops, backend={backend!r}")
+    return common.Variant(backend, step, args.params, f"fastdni.ops, backend={backend!r}")
+
+
+def has_cuda_backend(device: torch.device) -> bool:
+    """Whether the ``cuda`` variant runs: a CUDA device and fastdni._C built with csrc/cuda."""
+    import fastdni.ops as ops
+
+    return device.type == "cuda" and ops.HAS_CUDA_KERNELS
 
 
 def _operand(rows: int, cols: int, transposed: bool, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -293,6 +307,8 @@ def check_targets(row: dict, *, timed: bool = True) -> dict[str, Optional[bool]]
         "eager2x": _at_most(ratio["triton/eager"], 1 / EAGER_TARGET, row["batch"] <= EAGER_MAX_BATCH),
         "compiled": None if compiled is None else compiled < 1.0,
         "floor": _at_most(ratio["triton/gemm_floor"], FLOOR_TARGET, row["width"] >= FLOOR_MIN_WIDTH),
+        "cuda_launches": _at_most(row["launches"].get(CUDA_VARIANT, {}).get("total"), CUDA_LAUNCH_TARGET),
+        "cuda_floor": _at_most(ratio.get("cuda/gemm_floor"), CUDA_FLOOR_TARGET, row["width"] >= FLOOR_MIN_WIDTH),
     }
 
 
@@ -302,6 +318,8 @@ def _build(problem: common.Problem, skip: set[str], notes: list[str]) -> dict[st
     torch._dynamo.reset()  # a fresh compile per row (dynamic=False recompiles per shape anyway)
     makers = {"triton": make_ops_variant, "eager": common.make_eager, "gemm_floor": make_gemm_floor}
     variants = {name: makers[name](problem) for name in VARIANTS if name not in skip and name != "compiled"}
+    if CUDA_VARIANT not in skip and has_cuda_backend(problem.x.device):
+        variants[CUDA_VARIANT] = make_ops_variant(problem, "cuda")
     if "compiled" not in skip:
         try:
             variants["compiled"] = make_compiled(problem)
@@ -330,10 +348,19 @@ def run_row(batch: int, width: int, sg: str, dtype: str, device: torch.device, o
         return _failed(row, f"{type(error).__name__}: {error}")
     if not row["check"]["ok"]:
         return _failed(row, f"the triton step is off: {row['check']}")
+    if CUDA_VARIANT in variants:  # against an eager step of its own, from the same initial state
+        try:
+            row["check_cuda"] = check_equal_step(problem, variants[CUDA_VARIANT], common.make_eager(problem), CHECK_TOL[dtype])
+        except Exception as error:  # noqa: BLE001
+            return _failed(row, f"the cuda step raised {type(error).__name__}: {error}")
+        if not row["check_cuda"]["ok"]:
+            return _failed(row, f"the cuda step is off: {row['check_cuda']}")
     row["launches"] = count_launches(variants, device)
     row["ms"] = time_variants(variants, device, opts)
     t = row["ms"]
     row["ratios"] = {f"triton/{name}": _ratio(t["triton"], t.get(name)) for name in VARIANTS[1:]}
+    if CUDA_VARIANT in t:
+        row["ratios"].update({f"cuda/{name}": _ratio(t[CUDA_VARIANT], t.get(name)) for name in VARIANTS})
     seconds = t["triton"] * 1e-3
     row["triton_GBps"] = row["model"]["compulsory_bytes"] / seconds / 1e9
     row["triton_TFLOPs"] = row["model"]["flops"] / seconds / 1e12
@@ -347,7 +374,7 @@ def run_row(batch: int, width: int, sg: str, dtype: str, device: torch.device, o
 # Report
 
 COLUMNS = ("sg", "dtype", "B", "W", "triton ms", "eager ms", "compiled ms", "floor ms", "t/eager", "t/comp", "t/floor",
-           "t/roof", "GB/s", "TFLOP/s", "launch t/e", "bytes x", *TARGETS)
+           "t/roof", "GB/s", "TFLOP/s", "launch t/e", "bytes x", "cuda ms", "c/floor", "c/t", "launch c", *TARGETS)
 
 
 def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
@@ -371,7 +398,9 @@ def format_row(row: dict) -> list[str]:
     t, r = row["ms"], row["ratios"]
     return head + [_fmt(t.get(n), ".4f") for n in VARIANTS] + [_fmt(r[f"triton/{n}"], ".2f", "x") for n in VARIANTS[1:]] + [
         _fmt(row["triton/roofline"], ".2f", "x"), f"{row['triton_GBps']:.1f}", f"{row['triton_TFLOPs']:.2f}", _launches(row),
-        f"{row['model']['fastdni_ratio']:.2f}x"] + [_verdict(row["targets"][k]) for k in TARGETS]
+        f"{row['model']['fastdni_ratio']:.2f}x", _fmt(t.get(CUDA_VARIANT), ".4f"), _fmt(r.get("cuda/gemm_floor"), ".2f", "x"),
+        _fmt(r.get("cuda/triton"), ".2f", "x"), _fmt(row["launches"].get(CUDA_VARIANT, {}).get("total"), "d")] + [
+        _verdict(row["targets"][k]) for k in TARGETS]
 
 
 def summarize(rows: list[dict]) -> list[str]:
@@ -427,7 +456,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--width", type=int, action="append", help="only this width (repeatable; overrides --quick's)")
     parser.add_argument("--sg", choices=common.SG_KINDS, action="append", help="only this SG kind (repeatable)")
     parser.add_argument("--dtype", choices=tuple(cost_model.DTYPES), action="append", help="only this dtype (repeatable)")
-    parser.add_argument("--skip", choices=VARIANTS[1:], action="append", default=[], help="leave out this variant (repeatable)")
+    parser.add_argument("--skip", choices=(*VARIANTS[1:], CUDA_VARIANT), action="append", default=[],
+                        help="leave out this variant (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="write the rows and the device as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
@@ -468,7 +498,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         row = run_row(batch, width, sg, dtype, device, opts, peak)
         rows.append(row)
         if row["status"] == "ok":
-            print(f"  {sg} {dtype} B={batch} W={width}: triton {row['ms']['triton']:.4f} ms", flush=True)
+            cuda = f", cuda {row['ms'][CUDA_VARIANT]:.4f} ms" if CUDA_VARIANT in row["ms"] else ""
+            print(f"  {sg} {dtype} B={batch} W={width}: triton {row['ms']['triton']:.4f} ms{cuda}", flush=True)
     print()
     print(cost_model.format_table([format_row(r) for r in rows], COLUMNS))
     print("t/x = triton time / x time (< 1: triton faster); t/roof = triton / roofline floor; GB/s, TFLOP/s: compulsory "

@@ -16,7 +16,8 @@ from fastdni.nn import DecoupledMLP
 
 def main() -> int:
     backends = ["reference"] + (["cpu"] if ops.HAS_CPU_KERNELS else [])
-    print(f"fastdni {fastdni.__version__} from {fastdni.__file__}; compiled CPU kernels: {ops.HAS_CPU_KERNELS}")
+    print(f"fastdni {fastdni.__version__} from {fastdni.__file__}; compiled CPU kernels: {ops.HAS_CPU_KERNELS}; "
+          f"compiled CUDA kernels: {ops.HAS_CUDA_KERNELS}")
     params = []
     for backend in backends:
         torch.manual_seed(0)

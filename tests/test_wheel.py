@@ -5,6 +5,7 @@ wheel is unpacked with `pip install --target` and imported ahead of the source t
 part that can break (missing package data, the extension not in the wheel, a wrong rpath).
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,17 @@ def test_wheel_installs_and_passes_the_smoke_test(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fastdni.smoke_test"], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout
     assert f"from {tmp_path / 'site'}" in out and "compiled CPU kernels: True" in out and "smoke test passed" in out
+    assert f"compiled CUDA kernels: {fastdni.ops.HAS_CUDA_KERNELS}" in out
+    if fastdni.ops.HAS_CUDA_KERNELS:  # the wheel ships sm_80 and sm_90 cubins and PTX (for later GPUs)
+        (library,) = (tmp_path / "site" / "fastdni").glob("_C*.so")
+        elf, ptx = cuda_fatbin(str(library))
+        assert {"sm_80", "sm_90"} <= elf and ptx, (elf, ptx)
+
+
+def cuda_fatbin(library: str) -> tuple[set[str], set[str]]:
+    """The architectures of the cubins and of the PTX in ``library``'s fatbin (``cuobjdump --list-elf/--list-ptx``)."""
+    from fastdni.kernels import aot
+
+    cuobjdump = aot.find_tool("cuobjdump")
+    listing = lambda flag: subprocess.run([cuobjdump, flag, library], check=True, capture_output=True, text=True).stdout  # noqa: E731
+    return set(re.findall(r"\.(sm_\d+)\.cubin", listing("--list-elf"))), set(re.findall(r"\.(sm_\d+)\.ptx", listing("--list-ptx")))

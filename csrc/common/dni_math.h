@@ -1,5 +1,5 @@
 // Elementwise math of the fused DNI ops, shared by the CPU (C++) and CUDA backends: activations, their
-// derivatives and the optimizer updates. The formulae are those of fastdni/reference (activations.py,
+// derivatives, the layer's delta, the SG error and the optimizer updates. The formulae are those of fastdni/reference (activations.py,
 // optim.py), which follow torch.optim operation for operation so that results agree to rounding.
 #pragma once
 
@@ -42,6 +42,18 @@ FASTDNI_HOST_DEVICE T activation_derivative(Activation act, T h, T pre) {
     }
     default: return T(1);
   }
+}
+
+// The layer's delta = prediction * act'(h, pre) / scale: the synthetic gradient pushed through the activation.
+template <typename T>
+FASTDNI_HOST_DEVICE T delta_value(Activation act, T prediction, T h, T pre, T scale) {
+  return prediction * activation_derivative(act, h, pre) / scale;
+}
+
+// The SG regression error e = prediction - scale * target (its gradient is factor * e, its loss term e^2).
+template <typename T>
+FASTDNI_HOST_DEVICE T sg_error_value(T prediction, T target, T scale) {
+  return prediction - scale * target;
 }
 
 enum class OptimizerKind : int { kSgd = 0, kAdam = 1 };

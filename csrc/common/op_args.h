@@ -116,4 +116,109 @@ inline std::vector<std::vector<at::Tensor>> split_state(at::TensorList state, co
   return grouped;
 }
 
+// dni_forward's arguments: the layer, the SG layers' shapes (each takes the one below's output) and the
+// context, all checked before any work.
+inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights,
+                               at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
+                               const std::optional<at::Tensor>& context) {
+  check_layer(x, weight, bias);
+  const int64_t rows = x.size(0), features = weight.size(0);
+  TORCH_CHECK(sg_weights.size() == sg_biases.size(), "sg_biases: expected one per SG weight (", sg_weights.size(), "), got ",
+              sg_biases.size());
+  if (sg_weights.empty()) {
+    TORCH_CHECK(!context.has_value(), "context: given, but there is no SG model to condition");
+    return;
+  }
+  int64_t width = features;
+  for (size_t l = 0; l < sg_weights.size(); ++l) {
+    const int64_t out = l + 1 == sg_weights.size() ? features : sg_weights[l].size(0);
+    check_tensor("sg_weights", sg_weights[l], {out, width}, x);
+    check_tensor("sg_biases", sg_biases[l], {out}, x);
+    width = out;
+  }
+  if (!context.has_value()) {
+    TORCH_CHECK(!context_weight.has_value(), "context: the SG model has a context_weight, so a context is required");
+    return;
+  }
+  TORCH_CHECK(context_weight.has_value(), "context: given, but the SG model has no context_weight");
+  const at::Tensor& u = *context_weight;
+  check_tensor("context_weight", u, {sg_weights[0].size(0), -1}, x);
+  if (at::isFloatingType(context->scalar_type())) {
+    check_tensor("context", *context, {rows, u.size(1)}, x);
+  } else {
+    check_labels(*context, rows, u.size(1));
+  }
+}
+
+// dni_update_'s arguments; returns the optimizer state grouped per parameter (weight, bias).
+inline std::vector<std::vector<at::Tensor>> check_update_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                                              const at::Tensor& h, const at::Tensor& pre, const at::Tensor& prediction,
+                                                              at::TensorList state, std::string_view optimizer,
+                                                              c10::ArrayRef<double> hyper, double grad_scale, Activation act) {
+  check_layer(x, weight, bias);
+  const int64_t rows = x.size(0), features = weight.size(0);
+  check_tensor("h", h, {rows, features}, x);
+  check_tensor("prediction", prediction, {rows, features}, x);
+  if (needs_pre(act)) check_tensor("pre", pre, {rows, features}, x);
+  check_updatable("weight", weight);
+  check_updatable("bias", bias);
+  TORCH_CHECK(grad_scale > 0, "grad_scale: expected a positive value, got ", grad_scale);
+  return split_state(state, {weight, bias}, optimizer, hyper);
+}
+
+// What sg_regression_ works on once its arguments are checked: each SG layer's input (h, then the hidden
+// activations) and the optimizer state grouped per parameter (A_0, c_0, A_1, c_1, ..., then U).
+struct RegressionArgs {
+  std::vector<at::Tensor> inputs;
+  std::vector<std::vector<at::Tensor>> state;
+};
+
+inline RegressionArgs check_regression_args(const at::Tensor& h, at::TensorList sg_hidden, const at::Tensor& prediction,
+                                            const at::Tensor& target, at::TensorList sg_weights, at::TensorList sg_biases,
+                                            const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context,
+                                            at::TensorList state, std::string_view optimizer, c10::ArrayRef<double> hyper,
+                                            double loss_weight) {
+  TORCH_CHECK(h.dim() == 2, "h: expected a 2-d tensor, got shape ", h.sizes());
+  TORCH_CHECK(at::isFloatingType(h.scalar_type()), "h: expected a floating-point tensor, got ", h.scalar_type());
+  const int64_t rows = h.size(0), features = h.size(1);
+  const size_t layers = sg_weights.size();
+  TORCH_CHECK(layers >= 1, "sg_weights: expected at least one SG layer");
+  TORCH_CHECK(sg_biases.size() == layers, "sg_biases: expected ", layers, " tensors, got ", sg_biases.size());
+  TORCH_CHECK(sg_hidden.size() == layers - 1, "sg_hidden: expected ", layers - 1, " tensors, got ", sg_hidden.size());
+  TORCH_CHECK(context.has_value() == context_weight.has_value(),
+              context.has_value() ? "context: given, but the SG model has no context_weight"
+                                  : "context: the SG model has a context_weight, so a context is required");
+  check_tensor("prediction", prediction, {rows, features}, h);
+  check_tensor("target", target, {rows, features}, h);
+  TORCH_CHECK(loss_weight > 0, "loss_weight: expected a positive value, got ", loss_weight);
+
+  std::vector<at::Tensor> params;
+  RegressionArgs args{{h}, {}};
+  for (size_t l = 0; l < layers; ++l) {
+    const int64_t out = l + 1 == layers ? features : sg_weights[l].size(0);
+    check_tensor("sg_weights", sg_weights[l], {out, args.inputs.back().size(1)}, h);
+    check_tensor("sg_biases", sg_biases[l], {out}, h);
+    check_updatable("sg_weights", sg_weights[l]);
+    check_updatable("sg_biases", sg_biases[l]);
+    params.push_back(sg_weights[l]);
+    params.push_back(sg_biases[l]);
+    if (l + 1 < layers) {
+      check_tensor("sg_hidden", sg_hidden[l], {rows, out}, h);
+      args.inputs.push_back(sg_hidden[l]);
+    }
+  }
+  if (context_weight.has_value()) {
+    check_tensor("context_weight", *context_weight, {sg_weights[0].size(0), -1}, h);
+    check_updatable("context_weight", *context_weight);
+    if (at::isFloatingType(context->scalar_type())) {
+      check_tensor("context", *context, {rows, context_weight->size(1)}, h);
+    } else {
+      check_labels(*context, rows, context_weight->size(1));
+    }
+    params.push_back(*context_weight);
+  }
+  args.state = split_state(state, params, optimizer, hyper);
+  return args;
+}
+
 }  // namespace fastdni

@@ -51,16 +51,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dni_forw
     at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context,
     std::string_view activation) {
   const Activation act = parse_activation(activation);
-  check_layer(x, weight, bias);
-  const int64_t rows = x.size(0), features = weight.size(0);
-  TORCH_CHECK(sg_weights.size() == sg_biases.size(), "sg_biases: expected one per SG weight (", sg_weights.size(), "), got ",
-              sg_biases.size());
+  check_forward_args(x, weight, bias, sg_weights, sg_biases, context_weight, context);
 
   at::Tensor pre = at::addmm(bias, x, weight.t());
   at::Tensor h = activate(pre, act);
   at::Tensor saved_pre = needs_pre(act) ? pre : at::empty({0}, x.options());
   if (sg_weights.empty()) {
-    TORCH_CHECK(!context.has_value(), "context: given, but there is no SG model to condition");
     return {h, saved_pre, at::empty({0}, x.options()), {}};
   }
 
@@ -68,26 +64,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dni_forw
   at::Tensor z = h;
   const size_t last = sg_weights.size() - 1;
   for (size_t l = 0; l < sg_weights.size(); ++l) {
-    const int64_t out = l == last ? features : sg_weights[l].size(0);
-    check_tensor("sg_weights", sg_weights[l], {out, z.size(1)}, x);
-    check_tensor("sg_biases", sg_biases[l], {out}, x);
     at::Tensor a = at::addmm(sg_biases[l], z, sg_weights[l].t());
     const bool relu = l != last;
     if (l == 0 && context.has_value()) {
-      TORCH_CHECK(context_weight.has_value(), "context: given, but the SG model has no context_weight");
-      const at::Tensor& u = *context_weight;
-      check_tensor("context_weight", u, {out, -1}, x);
       if (at::isFloatingType(context->scalar_type())) {
-        check_tensor("context", *context, {rows, u.size(1)}, x);
-        a.addmm_(*context, u.t());
+        a.addmm_(*context, context_weight->t());
         if (relu) a.relu_();
       } else {
-        check_labels(*context, rows, u.size(1));
-        add_label_context_relu_(a, u, *context, relu);
+        add_label_context_relu_(a, *context_weight, *context, relu);
       }
-    } else {
-      TORCH_CHECK(l != 0 || !context_weight.has_value(), "context: the SG model has a context_weight, so a context is required");
-      if (relu) a.relu_();
+    } else if (relu) {
+      a.relu_();
     }
     if (relu) hidden.push_back(a);
     z = a;

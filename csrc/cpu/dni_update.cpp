@@ -16,15 +16,8 @@ at::Tensor dni_update_(const at::Tensor& x, const at::Tensor& weight, const at::
                        const at::Tensor& pre, const at::Tensor& prediction, at::TensorList state, std::string_view optimizer,
                        c10::ArrayRef<double> hyper, double grad_scale, std::string_view activation, bool need_input_grad) {
   const Activation act = parse_activation(activation);
-  check_layer(x, weight, bias);
+  const auto grouped = check_update_args(x, weight, bias, h, pre, prediction, state, optimizer, hyper, grad_scale, act);
   const int64_t rows = x.size(0), features = weight.size(0);
-  check_tensor("h", h, {rows, features}, x);
-  check_tensor("prediction", prediction, {rows, features}, x);
-  if (needs_pre(act)) check_tensor("pre", pre, {rows, features}, x);
-  check_updatable("weight", weight);
-  check_updatable("bias", bias);
-  TORCH_CHECK(grad_scale > 0, "grad_scale: expected a positive value, got ", grad_scale);
-  const auto grouped = split_state(state, {weight, bias}, optimizer, hyper);
 
   const at::Tensor h_c = h.contiguous(), pred_c = prediction.contiguous();
   const at::Tensor pre_c = needs_pre(act) ? pre.contiguous() : h_c;

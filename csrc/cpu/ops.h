@@ -1,27 +1,12 @@
-// The CPU backend of torch.ops.fastdni (schemas: fastdni/ops/schema.py).
+// The CPU backend of torch.ops.fastdni (schemas: fastdni/ops/schema.py; signatures: common/op_signatures.h).
 #pragma once
 
-#include <ATen/ATen.h>
-
-#include <optional>
-#include <string_view>
-#include <tuple>
-#include <vector>
+#include "common/op_signatures.h"
 
 namespace fastdni::cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dni_forward(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights,
-    at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context,
-    std::string_view activation);
-
-at::Tensor dni_update_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& h,
-                       const at::Tensor& pre, const at::Tensor& prediction, at::TensorList state, std::string_view optimizer,
-                       c10::ArrayRef<double> hyper, double grad_scale, std::string_view activation, bool need_input_grad);
-
-at::Tensor sg_regression_(const at::Tensor& h, at::TensorList sg_hidden, const at::Tensor& prediction, const at::Tensor& target,
-                          at::TensorList sg_weights, at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
-                          const std::optional<at::Tensor>& context, at::TensorList state, std::string_view optimizer,
-                          c10::ArrayRef<double> hyper, double target_scale, double loss_weight);
+DniForwardFn dni_forward;
+DniUpdateFn dni_update_;
+SgRegressionFn sg_regression_;
 
 }  // namespace fastdni::cpu

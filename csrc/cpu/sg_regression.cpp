@@ -56,46 +56,11 @@ at::Tensor sg_regression_(const at::Tensor& h, at::TensorList sg_hidden, const a
                           at::TensorList sg_weights, at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
                           const std::optional<at::Tensor>& context, at::TensorList state, std::string_view optimizer,
                           c10::ArrayRef<double> hyper, double target_scale, double loss_weight) {
-  TORCH_CHECK(h.dim() == 2, "h: expected a 2-d tensor, got shape ", h.sizes());
-  TORCH_CHECK(at::isFloatingType(h.scalar_type()), "h: expected a floating-point tensor, got ", h.scalar_type());
-  const int64_t rows = h.size(0), features = h.size(1);
+  const RegressionArgs args = check_regression_args(h, sg_hidden, prediction, target, sg_weights, sg_biases, context_weight, context,
+                                                     state, optimizer, hyper, loss_weight);
+  const std::vector<at::Tensor>& inputs = args.inputs;
+  const auto& grouped = args.state;
   const size_t layers = sg_weights.size();
-  TORCH_CHECK(layers >= 1, "sg_weights: expected at least one SG layer");
-  TORCH_CHECK(sg_biases.size() == layers, "sg_biases: expected ", layers, " tensors, got ", sg_biases.size());
-  TORCH_CHECK(sg_hidden.size() == layers - 1, "sg_hidden: expected ", layers - 1, " tensors, got ", sg_hidden.size());
-  TORCH_CHECK(context.has_value() == context_weight.has_value(),
-              context.has_value() ? "context: given, but the SG model has no context_weight"
-                                  : "context: the SG model has a context_weight, so a context is required");
-  check_tensor("prediction", prediction, {rows, features}, h);
-  check_tensor("target", target, {rows, features}, h);
-  TORCH_CHECK(loss_weight > 0, "loss_weight: expected a positive value, got ", loss_weight);
-
-  std::vector<at::Tensor> params;
-  std::vector<at::Tensor> inputs{h};
-  for (size_t l = 0; l < layers; ++l) {
-    const int64_t out = l + 1 == layers ? features : sg_weights[l].size(0);
-    check_tensor("sg_weights", sg_weights[l], {out, inputs.back().size(1)}, h);
-    check_tensor("sg_biases", sg_biases[l], {out}, h);
-    check_updatable("sg_weights", sg_weights[l]);
-    check_updatable("sg_biases", sg_biases[l]);
-    params.push_back(sg_weights[l]);
-    params.push_back(sg_biases[l]);
-    if (l + 1 < layers) {
-      check_tensor("sg_hidden", sg_hidden[l], {rows, out}, h);
-      inputs.push_back(sg_hidden[l]);
-    }
-  }
-  if (context_weight.has_value()) {
-    check_tensor("context_weight", *context_weight, {sg_weights[0].size(0), -1}, h);
-    check_updatable("context_weight", *context_weight);
-    if (at::isFloatingType(context->scalar_type())) {
-      check_tensor("context", *context, {rows, context_weight->size(1)}, h);
-    } else {
-      check_labels(*context, rows, context_weight->size(1));
-    }
-    params.push_back(*context_weight);
-  }
-  const auto grouped = split_state(state, params, optimizer, hyper);
 
   at::Tensor grad;
   at::Tensor loss = error_and_loss(prediction, target, target_scale, loss_weight, grad);

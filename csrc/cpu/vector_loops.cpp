@@ -27,7 +27,7 @@ FASTDNI_INLINE void optimizer_body(T* __restrict param, T* __restrict state0, T*
 template <Activation kAct, typename T>
 FASTDNI_INLINE void delta_for(const T* __restrict prediction, const T* __restrict h, const T* __restrict pre, T* __restrict delta,
                               int64_t n, T scale) {
-  for (int64_t i = 0; i < n; ++i) delta[i] = prediction[i] * activation_derivative(kAct, h[i], pre[i]) / scale;
+  for (int64_t i = 0; i < n; ++i) delta[i] = delta_value(kAct, prediction[i], h[i], pre[i], scale);
 }
 
 template <typename T>
@@ -45,7 +45,7 @@ FASTDNI_INLINE double error_body(const T* __restrict prediction, const T* __rest
                                  T factor) {
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const T e = prediction[i] - scale * target[i];
+    const T e = sg_error_value(prediction[i], target[i], scale);
     grad[i] = e * factor;
     sum += static_cast<double>(e) * static_cast<double>(e);
   }

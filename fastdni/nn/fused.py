@@ -33,7 +33,7 @@ class DecoupledMLP(DecoupledTrainer):
         optimizer, sg_optimizer: build each layer's / SG model's optimizer from its parameters.
         mode: ``"dni"`` or ``"backprop"`` (the same layers by ordinary backprop, for comparison).
         sg_loss_weight, gradient_scale: as in :class:`DNI`.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"`` (see :mod:`fastdni.ops`).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (see :mod:`fastdni.ops`).
     """
 
     def __init__(

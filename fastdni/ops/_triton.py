@@ -1,4 +1,5 @@
-"""The Triton backend (``kernels/``, installed as ``fastdni.kernels``) behind ``torch.ops.fastdni`` for CUDA.
+"""The Triton backend (``kernels/``, installed as ``fastdni.kernels``): ``backend="triton"``, and ``torch.ops.fastdni``
+on CUDA tensors in an install built without the C++ CUDA kernels (``fastdni.ops._extension.HAS_CUDA_KERNELS``).
 
 Registering needs neither a GPU nor importing triton: the CUDA implementations import ``fastdni.kernels.ops``
 on their first call. Under ``TRITON_INTERPRET=1`` (set before torch/triton are imported) the same kernels
@@ -13,6 +14,7 @@ import os
 import torch
 
 from . import registration
+from ._extension import HAS_CUDA_KERNELS
 from .schema import NAMESPACE, SCHEMAS
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("fastdni.kernels") is not None
@@ -44,7 +46,9 @@ def register(dispatch_key: str = "CUDA", library: "torch.library.Library | None"
     return library
 
 
-_CUDA_LIBRARY = register("CUDA") if HAS_TRITON else None
+# The CUDA dispatch key belongs to the C++ CUDA kernels when the extension has them (registering here would
+# override them); Triton takes it only in an install without them, and backend="triton" reaches it either way.
+_CUDA_LIBRARY = register("CUDA") if HAS_TRITON and not HAS_CUDA_KERNELS else None
 
 
 class _DniForward(torch.autograd.Function):

@@ -4,9 +4,11 @@
 
 - ``"reference"``: :mod:`.reference_backend` (pure PyTorch, the oracle);
 - ``"cpu"``: the C++ kernels of ``csrc/cpu`` (ATen GEMMs with fused epilogues);
+- ``"cuda"``: the CUDA C++ kernels of ``csrc/cuda`` (cuBLASLt GEMMs and fused optimizer kernels; CUDA tensors
+  of fp32, bf16 or fp16), where the extension was built with them;
 - ``"triton"``: the Triton kernels of ``kernels/`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``);
 - ``"auto"``: ``torch.ops.fastdni``, i.e. the compiled kernel for the tensors' device where this
-  install has one (CPU: the C++ kernels; CUDA: Triton), else the reference. This is the path to use
+  install has one (CPU: the C++ kernels; CUDA: the CUDA C++ kernels if built, else Triton), else the reference. This is the path to use
   under ``torch.compile``: the ops are opaque nodes with fake implementations, so ``fullgraph=True`` holds.
 """
 from __future__ import annotations
@@ -22,11 +24,11 @@ from ..reference.activations import check_activation
 from ..reference.layer import check_layer
 from ..reference.synthetic import check_sg
 from . import _triton, reference_backend, registration  # noqa: F401  (registration: fake, fallback, autograd)
-from ._extension import HAS_CPU_KERNELS, LOAD_ERROR
+from ._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, LOAD_ERROR
 from .optim import check_optimizer_args
 from .reference_backend import ordered_params
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _OPS = torch.ops.fastdni
 
 
@@ -37,7 +39,7 @@ class ForwardResult(NamedTuple):
     sg_hidden: list[Tensor]  #: the SG's hidden activations, kept for the regression
 
 
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  #: also the CUDA C++ backend's
 
 
 def check_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None, name: str = "x") -> str:
@@ -55,6 +57,14 @@ def check_backend(backend: str, device: torch.device, dtype: Optional[torch.dtyp
         if dtype is not None and dtype not in TRITON_DTYPES:
             raise TypeError(f"{name}: backend 'triton' takes float32, bfloat16 or float16 tensors, got {dtype}")
         return "triton"
+    if backend == "cuda":
+        if not HAS_CUDA_KERNELS:
+            raise RuntimeError("backend: 'cuda' needs fastdni._C built with its CUDA kernels (csrc/cuda; nvcc at build time), "
+                               f"which this install lacks ({LOAD_ERROR or 'built without CUDA'})")
+        if device.type != "cuda":
+            raise ValueError(f"backend: 'cuda' runs on CUDA tensors, got tensors on {device}")
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            raise TypeError(f"{name}: backend 'cuda' takes float32, bfloat16 or float16 tensors, got {dtype}")
     if backend == "cpu":
         if not HAS_CPU_KERNELS:
             raise RuntimeError(f"backend: 'cpu' needs the compiled extension fastdni._C, which did not load ({LOAD_ERROR})")

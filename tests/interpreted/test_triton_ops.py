@@ -18,20 +18,14 @@ from fastdni.kernels import launch_counter
 from fastdni.reference import SGParams
 
 from conftest import DEVICE
-from op_cases import OPTIMIZERS, Case, clone_all, clone_sg, make_inputs, make_state
+from op_cases import (
+    OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_TOLERANCES, Case, clone_all, clone_sg, make_inputs, make_state,
+)
 
 BUILDS_ON_CPU = True  # seeded CPU generators (op_cases), then moved: see conftest.py
 
-# Per dtype: results are O(1) (inputs scaled by 1/sqrt(fan_in)); fp32 sees only summation order (worst seen
-# ~4e-6 on these shapes); bf16 (8 mantissa bits, eps 7.8e-3) and fp16 (11 bits, eps 9.8e-4) add the rounding
-# of each stored result and of the operands formed on the fly (delta, error) before a low-precision dot.
-TOLERANCES = {
-    torch.float32: dict(rtol=2e-5, atol=2e-5),
-    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
-    torch.float16: dict(rtol=4e-3, atol=4e-3),
-}
-DTYPES = tuple(TOLERANCES)
-DTYPE_IDS = [str(d).replace("torch.", "") for d in DTYPES]
+# Per dtype (why these values: op_cases.STEP_TOLERANCES).
+TOLERANCES, DTYPES, DTYPE_IDS = STEP_TOLERANCES, STEP_DTYPES, STEP_DTYPE_IDS
 # B, K, N and an SG hidden width: odd, none a multiple of 32, each more than one tile.
 SHAPE = dict(batch=37, in_features=45, features=33)
 MLP_HIDDEN = (40,)

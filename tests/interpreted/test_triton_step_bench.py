@@ -28,6 +28,7 @@ def test_quick_rows_report_checked_times_and_launches(tmp_path):
     assert report["device"] and report["torch"] and report["triton"]
     assert [(r["sg"], r["dtype"], r["batch"], r["width"]) for r in rows] == [(sg, "fp32", BATCH, WIDTH) for sg in ("linear", "mlp")]
     timed = {"triton", "eager", "gemm_floor"} | ({"compiled"} if DEVICE.type == "cuda" else set())  # --quick on CPU skips compiled
+    timed |= {"cuda"} if triton_step.has_cuda_backend(DEVICE) else set()  # the CUDA C++ backend beside Triton
     for row in rows:
         assert row["status"] == "ok" and row["check"]["ok"]
         assert set(row["ms"]) == timed and all(math.isfinite(t) and t > 0 for t in row["ms"].values())
@@ -36,6 +37,8 @@ def test_quick_rows_report_checked_times_and_launches(tmp_path):
         # the cost model's launch plan is what the Triton path launches (5 linear, 8 mlp)
         assert row["launches"]["triton"]["total"] == row["model"]["fastdni_launches"], row["launches"]["triton"]
         assert row["launches"]["eager"]["total"] > row["launches"]["triton"]["total"]
+        if "cuda" in timed:
+            assert row["check_cuda"]["ok"] and row["ratios"]["cuda/gemm_floor"] > 0 and row["launches"]["cuda"]["total"] > 0
         assert set(row["targets"]) == set(triton_step.TARGETS)
     table = md_path.read_text()
     assert table.count("\n| linear | fp32 |") == 1 and table.count("\n| mlp | fp32 |") == 1

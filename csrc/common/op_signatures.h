@@ -1,0 +1,27 @@
+// The C++ signatures of the torch.ops.fastdni schemas (fastdni/ops/schema.py), as function types: each backend
+// declares its kernels with them (csrc/cpu/ops.h, csrc/cuda/ops.h), so the signatures are written once.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+namespace fastdni {
+
+using DniForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights, at::TensorList sg_biases,
+    const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context, std::string_view activation);
+
+using DniUpdateFn = at::Tensor(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& h,
+                               const at::Tensor& pre, const at::Tensor& prediction, at::TensorList state, std::string_view optimizer,
+                               c10::ArrayRef<double> hyper, double grad_scale, std::string_view activation, bool need_input_grad);
+
+using SgRegressionFn = at::Tensor(const at::Tensor& h, at::TensorList sg_hidden, const at::Tensor& prediction, const at::Tensor& target,
+                                  at::TensorList sg_weights, at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
+                                  const std::optional<at::Tensor>& context, at::TensorList state, std::string_view optimizer,
+                                  c10::ArrayRef<double> hyper, double target_scale, double loss_weight);
+
+}  // namespace fastdni

@@ -1,0 +1,177 @@
+"""The CUDA C++ backend (csrc/cuda, ``backend="cuda"``) against the reference, on a GPU.
+
+Run by ``benchmarks/gpu.sh`` (``FASTDNI_TEST_DEVICE=cuda``); skipped where torch sees no GPU or fastdni._C has no
+CUDA kernels (CI: there the kernels' math is checked through their CPU twin, tests/test_cuda_twin.py, and their
+build by tests/test_cuda_build.py). Oracle: the reference backend in fp32 on the same (already rounded) inputs and
+state, upcast; tolerances those of the Triton suite (tests/interpreted/test_triton_ops.py), whose results are
+rounded the same way. Shapes are odd and, in the large case, span several 64-wide tiles of the grad-step kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import fastdni.ops as ops
+from fastdni.ops import ForwardResult
+from fastdni.reference import SGParams
+from op_cases import OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_TOLERANCES, Case, make_inputs, make_state
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS),
+                                reason="needs a CUDA device and fastdni._C built with csrc/cuda")
+DEVICE = torch.device("cuda")
+TOLERANCES, DTYPES, DTYPE_IDS = STEP_TOLERANCES, STEP_DTYPES, STEP_DTYPE_IDS  # why these: op_cases.py
+SHAPES = {"small": dict(batch=37, in_features=45, features=33), "tiles": dict(batch=150, in_features=130, features=97)}
+SGS = {"nosg": None, "linear": (), "mlp": (40,), "mlp2": (40, 35)}
+CONTEXTS = ("none", "labels64", "labels32", "float")
+
+
+def _inputs(dtype, activation="relu", sg="linear", context="none", shape="small"):
+    case = Case(dtype=torch.float32, activation=activation, sg=None if SGS[sg] is None else "linear", sg_hidden=SGS[sg],
+                context=context, **SHAPES[shape])
+    inp = make_inputs(case)
+    cast = lambda t: t if t is None else (t.to(DEVICE, dtype) if t.is_floating_point() else t.to(DEVICE))  # noqa: E731
+    sg_params = None if inp.sg is None else SGParams(tuple(map(cast, inp.sg.weights)), tuple(map(cast, inp.sg.biases)),
+                                                     cast(inp.sg.context_weight))
+    return dataclasses.replace(inp, x=cast(inp.x), weight=cast(inp.weight), bias=cast(inp.bias), sg=sg_params,
+                               context=cast(inp.context), target=cast(inp.target))
+
+
+def _up(t):
+    return t if t is None or not t.is_floating_point() else t.to(torch.float32, copy=True)
+
+
+def _up_sg(sg):
+    return None if sg is None else SGParams(tuple(map(_up, sg.weights)), tuple(map(_up, sg.biases)), _up(sg.context_weight))
+
+
+def _close(got, want, dtype, name):
+    torch.testing.assert_close(got.float(), want.float(), msg=lambda m: f"{name}: {m}", **TOLERANCES[dtype])
+
+
+def _state(optimizer, hyper, params, dtype):
+    return [s.to(DEVICE, dtype) for s in make_state(optimizer, hyper, [p.cpu().float() for p in params])]
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+@pytest.mark.parametrize("sg", tuple(SGS))
+@pytest.mark.parametrize("activation", ("identity", "relu", "tanh", "gelu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forward(dtype, activation, sg, context):
+    if context != "none" and SGS[sg] is None:
+        pytest.skip("a context needs an SG model")
+    inp = _inputs(dtype, activation, sg, context)
+    got = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=activation, backend="cuda")
+    want = ops.dni_forward(_up(inp.x), _up(inp.weight), _up(inp.bias), _up_sg(inp.sg), _up(inp.context), activation=activation,
+                           backend="reference")
+    for name in ("h", "pre", "prediction"):
+        _close(getattr(got, name), getattr(want, name), dtype, name)
+    for i, (g, w) in enumerate(zip(got.sg_hidden, want.sg_hidden, strict=True)):
+        _close(g, w, dtype, f"sg_hidden[{i}]")
+
+
+@pytest.mark.parametrize("shape", tuple(SHAPES))
+@pytest.mark.parametrize("need_input_grad", (False, True))
+@pytest.mark.parametrize("opt_name", ("adam-l2-step3", "adamw-step7", "sgd", "sgd-nesterov"))
+@pytest.mark.parametrize("activation", ("identity", "relu", "tanh", "gelu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_update(dtype, activation, opt_name, need_input_grad, shape):
+    inp = _inputs(dtype, activation, "linear", shape=shape)
+    optimizer, hyper = OPTIMIZERS[opt_name]
+    f = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, activation=activation, backend="cuda")
+    state = _state(optimizer, hyper, [inp.weight, inp.bias], dtype)
+    want_w, want_b, want_state = _up(inp.weight), _up(inp.bias), [_up(s) for s in state]
+    up_f = ForwardResult(_up(f.h), _up(f.pre), _up(f.prediction), [])
+    want_dx = ops.dni_update_(_up(inp.x), want_w, want_b, up_f, optimizer, hyper, want_state, grad_scale=2.5, activation=activation,
+                              need_input_grad=need_input_grad, backend="reference")
+    dx = ops.dni_update_(inp.x, inp.weight, inp.bias, f, optimizer, hyper, state, grad_scale=2.5, activation=activation,
+                         need_input_grad=need_input_grad, backend="cuda")
+    if need_input_grad:
+        _close(dx, want_dx, dtype, "dx")
+    _close(inp.weight, want_w, dtype, "weight")
+    _close(inp.bias, want_b, dtype, "bias")
+    for i, (s, w) in enumerate(zip(state, want_state, strict=True)):
+        _close(s, w, dtype, f"state[{i}]")
+
+
+@pytest.mark.parametrize("shape", tuple(SHAPES))
+@pytest.mark.parametrize("opt_name", ("adam-l2-step3", "sgd-dampening"))
+@pytest.mark.parametrize("context", CONTEXTS)
+@pytest.mark.parametrize("sg", ("linear", "mlp", "mlp2"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sg_regression(dtype, sg, context, opt_name, shape):
+    inp = _inputs(dtype, "relu", sg, context, shape)
+    optimizer, hyper = OPTIMIZERS[opt_name]
+    f = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation="relu", backend="cuda")
+    params = list(ops.ordered_params(inp.sg))
+    state = _state(optimizer, hyper, params, dtype)
+    want_sg, want_state = _up_sg(inp.sg), [_up(s) for s in state]
+    up_f = ForwardResult(_up(f.h), _up(f.pre), _up(f.prediction), [_up(z) for z in f.sg_hidden])
+    want_loss = ops.sg_regression_(up_f.h, up_f, _up(inp.target), want_sg, optimizer, hyper, want_state, _up(inp.context),
+                                   target_scale=0.5, loss_weight=2.0, backend="reference")
+    loss = ops.sg_regression_(f.h, f, inp.target, inp.sg, optimizer, hyper, state, inp.context, target_scale=0.5, loss_weight=2.0,
+                              backend="cuda")
+    _close(loss, want_loss, dtype, "loss")
+    for i, (p, w) in enumerate(zip(params, ops.ordered_params(want_sg), strict=True)):
+        _close(p, w, dtype, f"param[{i}]")
+    for i, (s, w) in enumerate(zip(state, want_state, strict=True)):
+        _close(s, w, dtype, f"state[{i}]")
+
+
+def test_loss_is_the_same_bits_every_run():
+    inp = _inputs(torch.float32, "relu", "linear", shape="tiles")
+    f = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, activation="relu", backend="cuda")
+    optimizer, hyper = OPTIMIZERS["sgd"]
+    losses = []
+    for _ in range(3):
+        sg = SGParams(tuple(w.clone() for w in inp.sg.weights), tuple(b.clone() for b in inp.sg.biases), None)
+        losses.append(ops.sg_regression_(f.h, f, inp.target, sg, optimizer, hyper, [], backend="cuda").item())
+    assert losses[0] == losses[1] == losses[2]
+
+
+def _kernels(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def test_launches_of_a_layer_step():
+    """relu, linear SG, Adam, dx on: forward 2 GEMMs; update: delta store, dx GEMM, fused step; regression: error
+    and loss pass, fused step (plus the fill of its arrival counter). Printed for docs/performance.md."""
+    inp = _inputs(torch.float32, "relu", "linear", shape="tiles")
+    optimizer, hyper = OPTIMIZERS["adam-l2-step3"]
+    layer_state = _state(optimizer, hyper, [inp.weight, inp.bias], torch.float32)
+    sg_state = _state(optimizer, hyper, list(ops.ordered_params(inp.sg)), torch.float32)
+    box = {}
+
+    def forward():
+        box["f"] = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, activation="relu", backend="cuda")
+
+    def update():
+        ops.dni_update_(inp.x, inp.weight, inp.bias, box["f"], optimizer, hyper, layer_state, need_input_grad=True, backend="cuda")
+
+    def regression():
+        ops.sg_regression_(box["f"].h, box["f"], inp.target, inp.sg, optimizer, hyper, sg_state, backend="cuda")
+
+    counts = {name: _kernels(fn) for name, fn in (("forward", forward), ("update", update), ("regression", regression))}
+    print({name: len(k) for name, k in counts.items()}, counts)
+    assert len(counts["forward"]) == 2
+    assert len(counts["update"]) == 3
+    assert len([k for k in counts["regression"] if "fill" not in k.lower()]) == 2
+
+
+def test_bad_input_raises_naming_the_argument():
+    inp = _inputs(torch.float32)
+    with pytest.raises(RuntimeError, match="x: the CUDA backend takes float32, bfloat16 or float16 tensors, got Double"):
+        torch.ops.fastdni.dni_forward(inp.x.double(), inp.weight.double(), inp.bias.double(), [], [], None, None, "relu")
+    with pytest.raises(RuntimeError, match="weight: expected size"):
+        torch.ops.fastdni.dni_forward(inp.x, inp.weight[:, :-1], inp.bias, [], [], None, None, "relu")
+    labels = torch.full((inp.x.shape[0],), 99, device=DEVICE)
+    sg = _inputs(torch.float32, sg="linear", context="labels64").sg
+    with pytest.raises(RuntimeError, match=r"context: labels must lie in \[0, "):
+        torch.ops.fastdni.dni_forward(inp.x, inp.weight, inp.bias, list(sg.weights), list(sg.biases), sg.context_weight, labels, "relu")
