@@ -77,9 +77,9 @@ def test_two_ranks_with_torchrun_all_modes(tmp_path):
         assert row["samples"] == 12 * 2 * 16 and row["train_seconds"] > 0
         assert row["test_error"] < 85.0, row  # chance is 90%: every mode learned something in 12 steps
     cdni = rows["cdni"]
-    # With one SG (stage 0) each target comes back after at most a few micro-batches, and none was dropped.
+    # Every micro-batch's target came back to stage 0: applied, or dropped as older than --max-staleness.
+    assert cdni["targets_applied"][0] + cdni["targets_dropped"][0] == 24 and cdni["targets_applied"][0] > 0
     assert 0 <= cdni["staleness_mean"][0] <= cdni["staleness_max"][0] <= 8
-    assert cdni["targets_dropped"] == [0]
     assert "| cdni |" in (out / "table.md").read_text() and (out / "curves.png").stat().st_size > 0
 
 
@@ -120,15 +120,17 @@ def test_four_ranks_killed_rank_stops_everyone_then_resume(tmp_path):
 def test_hung_rank_is_named_and_others_exit_within_timeout(tmp_path):
     out = tmp_path / "run"
     timeout = 3.0
-    procs = launch(3, [*SMALL, "--modes", "dni", "--steps", "40", "--timeout", str(timeout), "--fault", "1:6:hang"], out)
-    codes = wait_all(procs[::2])  # ranks 0 and 2; rank 1 sleeps until killed
+    procs = launch(2, [*SMALL, "--modes", "dni", "--steps", "40", "--timeout", str(timeout), "--fault", "1:6:hang"], out)
+    started = time.monotonic()
+    codes = wait_all(procs[:1])  # rank 1 sleeps until killed
+    elapsed = time.monotonic() - started
     hung_alive = procs[1].poll() is None
     wait_all([procs[1]], timeout=0.1)
-    text = logs(out, 3)
+    text = logs(out, 2)
     assert hung_alive
-    for rank, code in zip((0, 2), codes):
-        assert code == 1, text[rank]
-        assert "rank 1 died or hung" in text[rank], text[rank]
+    assert codes == [1], text[0]
+    assert "rank 1 died or hung (no heartbeat for" in text[0], text[0]
+    assert elapsed < 60, elapsed
 
 
 def test_wrong_activation_shape_fails_with_a_clear_error(tmp_path):

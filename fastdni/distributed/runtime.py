@@ -45,7 +45,7 @@ class PipelineConfig:
     steps: int  #: micro-batches to train (each stage updates once per micro-batch)
     micro_batch_size: int
     seed: int = 0
-    queue_depth: int = 4  #: messages in flight per direction before a sender waits
+    queue_depth: int = 2  #: messages queued per channel and direction before a sender waits
     timeout: float = 60.0  #: seconds after which a silent rank counts as dead or hung
     eval_every: int = 0  #: micro-batches between test evaluations (0: only at the end)
     checkpoint_dir: Optional[Path] = None

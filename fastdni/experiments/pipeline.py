@@ -114,6 +114,7 @@ def run_dni(args, data: Optional[Data], health: Health, run_config: dict) -> dic
         "curve": [(h["step"] * args.micro_batch_size, h["train_seconds"], h["test_error"]) for h in last["history"]],
         "staleness_mean": [r["staleness_mean"] for r in reports[:-1]],
         "staleness_max": [r["staleness_max"] for r in reports[:-1]],
+        "targets_applied": [r["targets_applied"] for r in reports[:-1]],
         "targets_dropped": [r["targets_dropped"] for r in reports[:-1]],
         "resumed_from": last["start_step"],
     }
@@ -235,7 +236,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sg-hidden", type=_sizes, default=(), help="hidden sizes of the SG models (default: linear)")
     p.add_argument("--no-context", dest="context", action="store_false", help="plain DNI: SG models without the labels")
     p.add_argument("--max-staleness", type=int, default=8, help="micro-batches after which an SG target is dropped")
-    p.add_argument("--queue-depth", type=int, default=4, help="messages in flight per direction before a sender waits")
+    p.add_argument("--queue-depth", type=int, default=2, help="messages in flight per direction before a sender waits")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds after which a silent rank counts as dead or hung")
     p.add_argument("--eval-every", type=int, default=0, help="batches between test evaluations (0: at the end only)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="batches between dni checkpoints (0: none)")
