@@ -48,7 +48,7 @@ class DecoupledStage:
         self.staleness: list[int] = []  #: staleness of every target applied since the last :meth:`pop_stats`
         self.dropped = 0  #: targets that arrived too late (or for an output never kept)
         self.sg_losses: list[float] = []
-        self._pending: OrderedDict[int, tuple[Tensor, int]] = OrderedDict()  # micro-batch -> (graph to SG, step)
+        self._pending: OrderedDict[int, tuple] = OrderedDict()  # micro-batch -> (output, context, step)
 
     def modules(self) -> nn.ModuleDict:
         parts = {"blocks": self.blocks}
@@ -66,12 +66,13 @@ class DecoupledStage:
             loss = loss_fn(out, labels)
             loss.backward()
         else:
-            # Through the DNI: the SG's prediction goes into the blocks now; `cut` regresses the SG
-            # model onto whatever gradient is later pushed into it (apply_target).
+            # Through the DNI: the SG's prediction goes into the blocks now. The output (and context)
+            # is kept for the regression of the SG model when the target comes back (apply_target).
             self.interface.train()
-            cut = self.interface(out, labels if self.use_context else None)
+            context = labels if self.use_context else None
+            self.interface(out, context)
             # Staleness counts the micro-batches this stage trains after this one.
-            self._pending[micro_batch] = (cut, self.steps + 1)
+            self._pending[micro_batch] = (out.detach(), context, self.steps + 1)
         for opt in self.optimizers:
             step_optimizer(opt)
         self.steps += 1
@@ -80,7 +81,7 @@ class DecoupledStage:
         return MicroBatchResult(out.detach(), input_grad, None if loss is None else loss.detach())
 
     def _forget_stale(self) -> None:
-        while self._pending and self.steps - next(iter(self._pending.values()))[1] > self.max_staleness:
+        while self._pending and self.steps - next(iter(self._pending.values()))[-1] > self.max_staleness:
             self._pending.popitem(last=False)
 
     def apply_target(self, micro_batch: int, target: Tensor) -> bool:
@@ -89,11 +90,14 @@ class DecoupledStage:
         if entry is None:
             self.dropped += 1
             return False
-        cut, produced_at = entry
-        if target.shape != cut.shape or target.dtype != cut.dtype:
-            raise ValueError(f"target: expected {cut.dtype}{list(cut.shape)} for micro-batch {micro_batch}, "
+        output, context, produced_at = entry
+        if target.shape != output.shape or target.dtype != output.dtype:
+            raise ValueError(f"target: expected {output.dtype}{list(output.shape)} for micro-batch {micro_batch}, "
                              f"got {target.dtype}{list(target.shape)}")
-        cut.backward(target)
+        # The prediction is made again with the SG's *current* parameters: regressing the one made
+        # when the output was produced would apply a gradient taken at stale parameters, and with a
+        # delay of just two micro-batches that made cDNI on MNIST several times worse (docs/distributed.md).
+        self.interface(output, context).backward(target)
         step_optimizer(self.sg_optimizer)
         self.staleness.append(self.steps - produced_at)
         self.sg_losses.append(float(self.interface.last_sg_loss))
