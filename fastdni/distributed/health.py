@@ -10,8 +10,6 @@ Counters, not timestamps: ranks on different machines need not share a clock.
 from __future__ import annotations
 
 import time
-from typing import Optional
-
 import torch.distributed as dist
 
 ABORT_KEY = "fastdni/abort"
@@ -95,12 +93,6 @@ class Health:
             self.store.compare_set(ABORT_KEY, "", reason)
         except Exception:
             pass
-
-    def recorded_failure(self) -> Optional[str]:
-        try:
-            return self.store.get(ABORT_KEY).decode() if self.store.check([ABORT_KEY]) else None
-        except Exception:
-            return None
 
     def diagnose(self, error: str) -> PeerFailure:
         """A broken connection says which neighbour went away, not why: wait (up to ``timeout``) for

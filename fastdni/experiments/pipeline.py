@@ -274,7 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     health = Health(dist.distributed_c10d._get_default_store(), rank, world, timeout=args.timeout)
     try:
         data = load_data(args.data, args.seed)
-        run_config = {k: str(v) for k, v in vars(args).items() if k not in ("modes", "resume", "fault", "out", "threads")}
+        # What a checkpoint must match to be resumed: the model and the training, not how ranks talk or report.
+        operational = ("modes", "resume", "fault", "out", "threads", "timeout", "queue_depth", "eval_every")
+        run_config = {k: str(v) for k, v in vars(args).items() if k not in operational}
         rows = []
         for mode in args.modes:
             dist.barrier()
