@@ -4,8 +4,10 @@ from .fused import DecoupledMLP
 from .interface import DNI
 from .recurrent import TruncationDNI, flatten_state, truncation_windows, unflatten_state
 from .synthetic_gradient import ConvSyntheticGradient, SyntheticGradient
+from .unlocked import ForwardUnlockedSequential, RandomRateSequential
 
 __all__ = [
     "SyntheticGradient", "ConvSyntheticGradient", "DNI", "DecoupledSequential", "DecoupledMLP", "StepResult",
     "TruncationDNI", "flatten_state", "unflatten_state", "truncation_windows",
+    "RandomRateSequential", "ForwardUnlockedSequential",
 ]

@@ -151,6 +151,17 @@ class DecoupledSequential(DecoupledTrainer):
         return x
 
     def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
+        return self._decoupled_pass(x, target, loss_fn, context, self._update)
+
+    def _update(self, i: int, output: Tensor) -> None:
+        """Called after block ``i``'s backward: step block ``i`` and SG ``i - 1`` (whose target that
+        backward produced). Variants (e.g. layers updated at random rates) override this."""
+        step_optimizer(self.optimizers[i])
+        if i > 0:
+            step_optimizer(self.sg_optimizers[i - 1])
+
+    def _decoupled_pass(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor],
+                        update: Callable[[int, Tensor], None]) -> StepResult:
         for interface in self.interfaces:
             interface.last_sg_loss = None
         h = x
@@ -163,9 +174,7 @@ class DecoupledSequential(DecoupledTrainer):
             else:
                 loss = loss_fn(out, target)
                 loss.backward()  # the true gradient: block i's and the top SG's target
-            step_optimizer(self.optimizers[i])
-            if i > 0:
-                step_optimizer(self.sg_optimizers[i - 1])
+            update(i, out.detach())
         sg_losses = tuple(i.last_sg_loss for i in self.interfaces)
         return StepResult(loss.detach(), out.detach(), sg_losses)
 
