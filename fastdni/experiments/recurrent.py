@@ -401,10 +401,13 @@ def plot_curves(rows: Sequence[dict], path: Path) -> None:
 
     task = rows[0]["task"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    styles = ("-", "--", "-.", ":")  # colour: the method; line style: T (12 curves in a grid)
+    truncations = sorted({r["truncation"] for r in rows})
     for r in rows:
         if r["curve"]:
             steps, values = zip(*r["curve"])
-            ax.plot(steps, values, label=f"{r['method']} T={r['truncation']}")
+            ax.plot(steps, values, label=f"{r['method']} T={r['truncation']}", color=f"C{METHODS.index(r['method'])}",
+                    linestyle=styles[truncations.index(r["truncation"]) % len(styles)])
     ax.set_xlabel("training step")
     ax.set_ylabel("validation BPC" if task == "ptb" else "max length N reached")
     ax.set_title(f"{task}: " + ("LSTM language model" if task == "ptb" else "curriculum"))
