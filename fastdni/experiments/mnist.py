@@ -28,7 +28,7 @@ from ..data import DatasetError, load_mnist
 from ..nn import DecoupledMLP, DecoupledSequential
 from ..ops import BACKENDS
 from ..train import CheckpointError, train
-from .models import NUM_CLASSES, cnn_blocks, fcn_blocks, synthetic_gradients
+from .models import NUM_CLASSES, cnn_blocks, fcn_blocks, parse_sizes, synthetic_gradients
 from .report import plot_curves, results_table
 
 MODES = ("backprop", "dni", "cdni")
@@ -124,17 +124,6 @@ def run(config: RunConfig, data, out: Path, *, eval_every: int, checkpoint_every
     }
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none", "linear"):
-        return ()
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated ints such as 1024,1024 or 'linear', got {text!r}"
-        ) from None
-
-
 def _mode(text: str) -> str:
     mode = MODE_ALIASES.get(text, text)
     if mode not in MODES:
@@ -152,10 +141,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="fused-op backend of the fcn model (auto: the compiled kernels where built, else reference)")
     p.add_argument("--hidden-layers", type=int, default=3, help="FCN hidden layers (paper: 3-6)")
     p.add_argument("--width", type=int, default=256, help="FCN hidden units (paper: 256)")
-    p.add_argument("--cnn-channels", type=_sizes, default=(32, 64), help="CNN conv block channels")
-    p.add_argument("--dni-sg-hidden", type=_sizes, default=None,
+    p.add_argument("--cnn-channels", type=parse_sizes, default=(32, 64), help="CNN conv block channels")
+    p.add_argument("--dni-sg-hidden", type=parse_sizes, default=None,
                    help="hidden sizes of the DNI SG model (default: 1024,1024 for fcn as in the paper, 64 for cnn)")
-    p.add_argument("--cdni-sg-hidden", type=_sizes, default=(), help="hidden sizes of the cDNI SG model (default: linear)")
+    p.add_argument("--cdni-sg-hidden", type=parse_sizes, default=(), help="hidden sizes of the cDNI SG model (default: linear)")
     p.add_argument("--steps", type=int, default=None, help="training steps per mode (default 4680 = 20 epochs)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None,

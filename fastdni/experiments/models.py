@@ -1,6 +1,7 @@
 """The paper's MNIST models as block lists, and the SG models that go between the blocks."""
 from __future__ import annotations
 
+import argparse
 from typing import Sequence
 
 import torch
@@ -59,3 +60,15 @@ def synthetic_gradients(
         else:
             models.append(SyntheticGradient(shape[0], hidden, context_features=context_features))
     return models
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """``"1024,1024"`` -> ``(1024, 1024)``; ``"linear"``/``"none"``/``""`` -> ``()`` (an argparse type for SG sizes)."""
+    if text.strip().lower() in ("", "none", "linear"):
+        return ()
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints such as 1024,1024 or 'linear', got {text!r}"
+        ) from None

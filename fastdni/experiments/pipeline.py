@@ -45,7 +45,7 @@ from ..distributed.baselines import SCHEDULES, assemble, gather_state_dicts, tra
 from ..nn import DecoupledSequential
 from ..train import CheckpointError
 from ..train.loop import evaluate_error
-from .models import block_output_shapes, fcn_blocks, synthetic_gradients
+from .models import block_output_shapes, fcn_blocks, parse_sizes, synthetic_gradients
 
 MODES = ("dni",) + SCHEDULES + ("backprop",)
 INPUT_FEATURES = 784
@@ -203,15 +203,6 @@ def plot_curves(rows: Sequence[dict], path: Path, *, train_size: int, title: str
     plt.close(fig)
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none", "linear"):
-        return ()
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 1024 or 'linear', got {text!r}") from None
-
-
 def _fault(text: str) -> Fault:
     parts = text.split(":")
     try:
@@ -233,7 +224,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--emulated-ms", type=float, default=0.0, help="sleep per micro-batch per stage, forward and backward each")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the blocks")
     p.add_argument("--sg-lr", type=float, default=1e-3, help="Adam learning rate of the SG models")
-    p.add_argument("--sg-hidden", type=_sizes, default=(), help="hidden sizes of the SG models (default: linear)")
+    p.add_argument("--sg-hidden", type=parse_sizes, default=(), help="hidden sizes of the SG models (default: linear)")
     p.add_argument("--no-context", dest="context", action="store_false", help="plain DNI: SG models without the labels")
     p.add_argument("--max-staleness", type=int, default=8, help="micro-batches after which an SG target is dropped")
     p.add_argument("--queue-depth", type=int, default=2, help="messages in flight per direction before a sender waits")
