@@ -82,6 +82,22 @@ def test_every_config_of_every_kernel_is_in_the_set(aot):
                         assert {(kernel, label, c, dtype, arch, sizes) for c in want} <= full, (kernel, label, dtype, arch, sizes)
 
 
+def test_configs_pruned_by_operand_dtype(aot):
+    """A launch tunes only over its dtype's configs (fp32 and bf16/fp16 lists), the ones the set compiles."""
+    import torch
+
+    from fastdni.kernels import grad_step, linear_act
+
+    cases = [(linear_act._linear_act_kernel, "linear_act", "x_ptr", dict(M=4096, N=4096, K=4096)),
+             (grad_step._gemm_grad_step_kernel, "gemm_grad_step", "g_ptr", dict(B=4096, N=4096, K=4096))]
+    for tuner, kernel, arg, sizes in cases:
+        configs = aot.kernel_configs(kernel)
+        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            kept = tuner.early_config_prune(tuner.configs, {arg: torch.empty(0, dtype=dtype), **sizes})
+            assert [i for c in kept for i, x in enumerate(configs) if x is c] == aot.dtype_configs(kernel, name), (kernel, name)
+        assert not set(aot.dtype_configs(kernel, "fp32")) & set(aot.dtype_configs(kernel, "bf16")), kernel
+
+
 def test_ptxas_report_parsed_and_reproduced(aot):
     """The usage read from the log of Triton's own ptxas run is what a separate ``ptxas -v`` on the same PTX
     reports (the fallback where a Triton prints no log), and what the cubin holds."""
