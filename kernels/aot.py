@@ -171,9 +171,7 @@ def kernel_configs(name: str) -> list:
 def dtype_configs(name: str, dtype: str) -> list[int]:
     """Indices into :func:`kernel_configs` of the configs a launch of ``name`` on ``dtype`` operands tunes over
     (kernels/_tiling.py ``for_dtype``: fp32 and bf16/fp16 have their own lists); the others never run on it."""
-    from importlib import import_module
-
-    for_dtype = import_module(f"{__package__ or 'fastdni.kernels'}._tiling").for_dtype
+    for_dtype = importlib.import_module(f"{__package__ or 'fastdni.kernels'}._tiling").for_dtype
     configs = kernel_configs(name)
     kept = for_dtype(configs, dtype)
     return [i for i, c in enumerate(configs) if any(c is k for k in kept)]

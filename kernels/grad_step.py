@@ -116,16 +116,14 @@ def _gemm_grad_step_kernel(
     mask_n = offs_n < N
     mask_k = offs_k < K
 
-
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # db (unscaled), used by the pid_k == 0 programs
     sq_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # the SG loss, sum of error^2 (unscaled)
     for b0 in range(0, B, BLOCK_B):
         rows = offs_b + b0
         mask_b = rows < B  # masked loads with 0 fill: a ragged B contributes nothing
-        # Tile offsets formed from the row/column vectors in each iteration rather than carried over as
-        # [BLOCK, BLOCK] int64 tensors: with ragged sizes (no vector loads) those cost 2 registers per element
-        # and, software-pipelined, made the fp32 variants spill.
+        # Tile offsets are formed here from the row/column vectors, not carried across iterations as
+        # [BLOCK, BLOCK] int64 tensors: with ragged sizes (scalar loads) those cost registers per element.
         g_offs = offs_n[:, None] * stride_gn + rows[None, :] * stride_gb  # grad_out^T tile [BLOCK_N, BLOCK_B]
         # The gradient tile, stored or formed here from prediction and h/target (kernels/prologue.py).
         a = gradient_tile(g_ptr + g_offs, g2_ptr + g_offs, mask_n[:, None] & mask_b[None, :], GRAD_TARGET_SCALE,
@@ -138,7 +136,8 @@ def _gemm_grad_step_kernel(
             y = tl.load(y_ptr + rows * stride_y, mask=mask_b, other=-1)
             x = tl.where(y[:, None] == offs_k[None, :], 1.0, 0.0)
         else:
-            x = tl.load(x_ptr + rows[:, None] * stride_xb + offs_k[None, :] * stride_xk, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            x_offs = rows[:, None] * stride_xb + offs_k[None, :] * stride_xk  # input tile [BLOCK_B, BLOCK_K]
+            x = tl.load(x_ptr + x_offs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
         if UPCAST_DOT:  # interpreter only: exact, a product of two bf16/fp16 values fits in fp32
             x = x.to(tl.float32)
         else:  # the input dtype for the tensor cores (exact for a stored gradient; a formed one rounds as eager)
