@@ -86,11 +86,9 @@ def test_configs_pruned_by_operand_dtype(aot):
     """A launch tunes only over its dtype's configs (fp32 and bf16/fp16 lists), the ones the set compiles."""
     import torch
 
-    from fastdni.kernels import grad_step, linear_act
-
-    cases = [(linear_act._linear_act_kernel, "linear_act", "x_ptr", dict(M=4096, N=4096, K=4096)),
-             (grad_step._gemm_grad_step_kernel, "gemm_grad_step", "g_ptr", dict(B=4096, N=4096, K=4096))]
-    for tuner, kernel, arg, sizes in cases:
+    cases = [("linear_act", "x_ptr", dict(M=4096, N=4096, K=4096)), ("gemm_grad_step", "g_ptr", dict(B=4096, N=4096, K=4096))]
+    for kernel, arg, sizes in cases:
+        tuner = aot._kernel(kernel)[0]
         configs = aot.kernel_configs(kernel)
         for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
             kept = tuner.early_config_prune(tuner.configs, {arg: torch.empty(0, dtype=dtype), **sizes})
