@@ -50,12 +50,13 @@ _RESTORE_BIAS = ["p_ptr", "s0_ptr", "s1_ptr"]
 _MIN_BLOCK_N = 32  # the smallest BLOCK_N of any config: sizes the buffer of per-program loss partials
 # (BLOCK_N, BLOCK_K, BLOCK_B, warps, stages). The Adam epilogue keeps four fp32 tiles live (grad, param,
 # exp_avg, exp_avg_sq) and, with ragged sizes (scalar loads), a 64-bit address per element for each of the three
-# arrays: tiles stay at <= 16 elements per thread (32 spilled, kernels/aot.py). fp32 (FMA dot, both operands in
-# registers) also takes BLOCK_B <= 32 (16 for 64x64) or fewer stages.
+# arrays: tiles stay at <= 16 elements per thread (32 spilled, kernels/aot.py). A gradient formed in the prologue
+# (gelu' of each element) keeps BLOCK_B at 32 (64 spilled on sm_80). fp32 (FMA dot, both operands in registers)
+# takes BLOCK_B 16 for the 64x64 tile.
 _GEMM_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_B"), [
-    (64, 64, 64, 8, 3), (64, 32, 64, 4, 4), (32, 64, 64, 4, 4), (32, 32, 64, 2, 4),
+    (64, 64, 32, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 4, 4), (32, 32, 32, 2, 4),
 ], group_key="GROUP_N", fp32_shapes=[
-    (64, 64, 16, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 8, 3), (32, 32, 64, 4, 2),
+    (64, 64, 16, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 8, 3), (32, 32, 32, 4, 3),
 ])
 _KEY_FLAGS = ["IS_ADAM", "HAS_WD", "DECOUPLED", "HAS_BUF", "NESTEROV", "FIRST_STEP"]
 _BIAS_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_B"), [(128, 32, 4), (64, 64, 4), (32, 128, 4), (256, 16, 4)])
