@@ -56,7 +56,7 @@ _MIN_BLOCK_N = 32  # the smallest BLOCK_N of any config: sizes the buffer of per
 _GEMM_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_B"), [
     (64, 64, 32, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 4, 4), (32, 32, 32, 2, 4),
 ], group_key="GROUP_N", fp32_shapes=[
-    (64, 64, 16, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 8, 3), (32, 32, 32, 4, 3),
+    (64, 64, 16, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 8, 3),  # 32x32 (w2, w4) spilled on sm_80 or sm_90
 ])
 _KEY_FLAGS = ["IS_ADAM", "HAS_WD", "DECOUPLED", "HAS_BUF", "NESTEROV", "FIRST_STEP"]
 _BIAS_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_B"), [(128, 32, 4), (64, 64, 4), (32, 128, 4), (256, 16, 4)])
