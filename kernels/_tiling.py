@@ -5,6 +5,7 @@ import math
 import os
 from typing import Optional, Sequence
 
+import torch
 import triton
 import triton.language as tl
 
@@ -12,24 +13,46 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gemm_configs(keys: Sequence[str], shapes: Sequence[tuple[int, ...]], group_key: Optional[str] = None) -> list[triton.Config]:
+#: torch dtype -> the names kernels/aot.py uses.
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def gemm_configs(keys: Sequence[str], shapes: Sequence[tuple[int, ...]], group_key: Optional[str] = None,
+                 fp32_shapes: Sequence[tuple[int, ...]] = ()) -> list[triton.Config]:
     """One config per ``(*block sizes for keys, num_warps[, num_stages])``; interpreted, a single one with
-    32-wide blocks: fast, and still several tiles with a ragged edge in every dimension of an odd test shape."""
+    32-wide blocks: fast, and still several tiles with a ragged edge in every dimension of an odd test shape.
+
+    With ``fp32_shapes``, those configs serve fp32 operands and ``shapes`` 16-bit ones (:func:`for_dtype`):
+    IEEE fp32 has no tensor-core path, ``tl.dot`` runs on FMAs with both operand tiles in registers, so fp32
+    needs fewer elements per thread and a shorter reduction block than bf16/fp16 before it spills."""
     group = {group_key: 8} if group_key else {}  # grouped program order: tiles sharing an operand run together
     if INTERPRETED:
         return [triton.Config({**{k: 32 for k in keys}, **group}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({**dict(zip(keys, shape[: len(keys)])), **group}, num_warps=shape[len(keys)],
-                      **({"num_stages": shape[len(keys) + 1]} if len(shape) > len(keys) + 1 else {}))
-        for shape in shapes
-    ]
+
+    def build(shape, dtypes):
+        config = triton.Config({**dict(zip(keys, shape[: len(keys)])), **group}, num_warps=shape[len(keys)],
+                               **({"num_stages": shape[len(keys) + 1]} if len(shape) > len(keys) + 1 else {}))
+        config.dtypes = dtypes  # None: any dtype
+        return config
+
+    if not fp32_shapes:
+        return [build(shape, None) for shape in shapes]
+    return [build(shape, ("bf16", "fp16")) for shape in shapes] + [build(shape, ("fp32",)) for shape in fp32_shapes]
 
 
-def pruner(sizes: dict[str, str]):
-    """An ``early_config_prune`` dropping configs whose blocks exceed twice the (power-of-two rounded) problem
-    size (``sizes``: block key -> size argument): they only add masked-out work and tuning time."""
+def for_dtype(configs: Sequence[triton.Config], dtype: str) -> list[triton.Config]:
+    """The configs that serve operands of ``dtype`` (``"fp32"``, ``"bf16"``, ``"fp16"``)."""
+    return [c for c in configs if getattr(c, "dtypes", None) is None or dtype in c.dtypes]
+
+
+def pruner(sizes: dict[str, str], dtype_arg: Optional[str] = None):
+    """An ``early_config_prune`` keeping the configs of the dtype of tensor argument ``dtype_arg``
+    (:func:`for_dtype`) and dropping those whose blocks exceed twice the (power-of-two rounded) problem size
+    (``sizes``: block key -> size argument): they only add masked-out work and tuning time."""
 
     def prune(configs, named_args, **kwargs):
+        if dtype_arg is not None:
+            configs = for_dtype(configs, DTYPE_NAMES[named_args[dtype_arg].dtype])
         caps = {k: 2 * max(32, triton.next_power_of_2(named_args[arg])) for k, arg in sizes.items()}
         kept = [c for c in configs if all(c.kwargs[k] <= cap for k, cap in caps.items())]
         area = lambda c: 1 if not sizes else math.prod(c.kwargs[k] for k in sizes)  # noqa: E731

@@ -16,8 +16,8 @@ operands as constexpr 1 (which strides depends on the call site: ``W`` or ``W.T`
 the two kinds of cubin a real model gets.
 
 :func:`compile_variant` compiles one variant and returns a :class:`CompileRecord`; :func:`variant_set` is the
-set CI compiles (every autotune config of every kernel with its heaviest flags, plus one compile of each
-other flag combination :mod:`kernels.ops` launches); :func:`compile_all` runs a set in a process pool.
+set CI compiles (every autotune config of every kernel with its heaviest flags on one arch, plus one compile
+of each other flag combination :mod:`kernels.ops` launches); :func:`compile_all` runs a set in a process pool.
 ``tests/test_triton_compile.py`` asserts that every variant compiles and none spills. As a script::
 
     python -m fastdni.kernels.aot [--arch 80 90] [--dtype fp32 bf16 fp16] [--sizes aligned ragged]
@@ -43,7 +43,8 @@ from multiprocessing import get_context
 from typing import Iterable, Optional, Sequence
 
 __all__ = ["Variant", "CompileRecord", "ToolMissing", "KERNELS", "CALL_SITES", "ARCHS", "SHARED_LIMIT", "find_tool",
-           "compile_variant", "variant_set", "compile_all", "format_table", "kernel_configs", "config_name"]
+           "compile_variant", "variant_set", "compile_all", "format_table", "kernel_configs", "dtype_configs",
+           "config_name"]
 
 #: Targets CI compiles for (A100, H100). ``GPUTarget("cuda", 90, ...)`` compiles for sm_90a.
 ARCHS = (80, 90)
@@ -165,6 +166,15 @@ def _kernel(name: str):
 def kernel_configs(name: str) -> list:
     """The autotune configs (``triton.Config``) of kernel ``name``."""
     return list(_kernel(name)[0].configs)
+
+
+def dtype_configs(name: str, dtype: str) -> list[int]:
+    """Indices into :func:`kernel_configs` of the configs a launch of ``name`` on ``dtype`` operands tunes over
+    (kernels/_tiling.py ``for_dtype``: fp32 and bf16/fp16 have their own lists); the others never run on it."""
+    for_dtype = importlib.import_module(f"{__package__ or 'fastdni.kernels'}._tiling").for_dtype
+    configs = kernel_configs(name)
+    kept = for_dtype(configs, dtype)
+    return [i for i, c in enumerate(configs) if any(c is k for k in kept)]
 
 
 def config_name(config) -> str:
@@ -316,17 +326,19 @@ def _bs(opt, grad=_STORED, grad_act=_IDENTITY, loss=False):
 
 
 #: Per kernel: ``(label, flags, unit strides or None, heaviest)``, the flag combinations kernels/ops.py launches.
-#: The heaviest (the most live values: epilogue loads and math, an Adam step) is compiled with every autotune config
-#: and both ``sizes``; each other one once per arch and dtype, configs and sizes taken in turn. Register allocation
-#: is not monotone in the flags (a lighter variant can spill where the heaviest does not), so after changing a
-#: kernel or its configs, run ``python -m fastdni.kernels.aot --all`` (every site x config x sizes) once.
+#: The heaviest (the most live values: prologue loads and math, epilogue loads and math, an Adam step) are compiled
+#: with every autotune config of each dtype; each other one once, arch, dtype, sizes and config taken in turn.
+#: Register allocation is not monotone in the flags (a lighter variant can spill where the heaviest does not), so
+#: after changing a kernel or its configs, run ``python -m fastdni.kernels.aot --all`` (every site x config x
+#: dtype x sizes x arch) once.
 CALL_SITES = {
     "linear_act": [
         # Every epilogue input at once: bias, a label gather, a saved pre-activation and gelu (a superset of the
         # forward launches: gelu layers save pre, the first SG layer of a cDNI model gathers labels).
         ("fwd gelu+bias+labels+pre", _la(_GELU, bias=True, labels=True, pre=True), None, True),
         # dx = delta W, delta = prediction * act'(h or pre) formed as the tile is loaded (weight = W.T).
-        ("dx delta(gelu) @ W", _la(grad=_DELTA, grad_act=_GELU), W_TRANSPOSED, False),
+        # The heaviest prologue: two loads and gelu' per element of the A tile, pipelined.
+        ("dx delta(gelu) @ W", _la(grad=_DELTA, grad_act=_GELU), W_TRANSPOSED, True),
         ("dx delta(relu) @ W", _la(grad=_DELTA, grad_act=_RELU), W_TRANSPOSED, False),
         ("dx delta(tanh) @ W", _la(grad=_DELTA, grad_act=_TANH), W_TRANSPOSED, False),
         # The gradient through an SG layer: the error (top layer) or a stored gradient, times relu'(z).
@@ -370,23 +382,30 @@ def _dtype_flags(kernel: str, dtype: str) -> dict:
 
 def variant_set(archs: Sequence[int] = ARCHS, dtypes: Sequence[str] = ("fp32", "bf16"), sizes: Sequence[str] = SIZES,
                 full: bool = False) -> list[Variant]:
-    """The variants CI compiles, for each arch: every autotune config of each kernel with its heaviest flag
-    combination, for every dtype and ``sizes``; every other call site of :data:`CALL_SITES` once, its dtype
-    alternating between archs, configs and sizes taken in turn (each config, then each config again with the
-    other sizes, ...). ``full``: every call site with every config, dtype and sizes."""
+    """The variants CI compiles: each heaviest call site of each kernel with every autotune config of each dtype,
+    on the last of ``archs`` with the last of ``sizes`` (by default sm_90 and ragged sizes, where loads and stores
+    are scalar and every element has its own address: where the spills showed); every other call site once, its
+    arch, sizes, dtype and config taken in turn. ``full``: every call site with every config of every dtype, on
+    every arch with both ``sizes``."""
     variants = []
+
+    def add(kernel, label, flags, unit, picks):
+        variants.extend(Variant(kernel, c, dtype, tuple(sorted({**flags, **_dtype_flags(kernel, dtype)}.items())),
+                                arch, size, unit, label) for arch, dtype, size, c in picks)
+
     for kernel, sites in CALL_SITES.items():
-        n_configs = len(kernel_configs(kernel))
+        configs = {dtype: dtype_configs(kernel, dtype) for dtype in dtypes}
         turn = 0
-        for a, arch in enumerate(archs):
-            for s, (label, flags, unit, heavy) in enumerate(sites):
-                if heavy or full:
-                    picks = list(product(range(n_configs), dtypes, sizes))
-                else:
-                    picks = [(turn % n_configs, dtypes[(s + a) % len(dtypes)], sizes[turn // n_configs % len(sizes)])]
-                    turn += 1
-                variants += [Variant(kernel, c, dtype, tuple(sorted({**flags, **_dtype_flags(kernel, dtype)}.items())),
-                                     arch, size, unit, label) for c, dtype, size in picks]
+        for label, flags, unit, heavy in sites:
+            if full:
+                add(kernel, label, flags, unit, [(a, d, z, c) for a, d, z in product(archs, dtypes, sizes) for c in configs[d]])
+            elif heavy:
+                add(kernel, label, flags, unit, [(archs[-1], d, sizes[-1], c) for d in dtypes for c in configs[d]])
+            else:
+                arch, size = archs[turn % len(archs)], sizes[turn // len(archs) % len(sizes)]
+                dtype = dtypes[turn // (len(archs) * len(sizes)) % len(dtypes)]
+                add(kernel, label, flags, unit, [(arch, dtype, size, configs[dtype][turn % len(configs[dtype])])])
+                turn += 1
     return variants
 
 

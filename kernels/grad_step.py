@@ -49,10 +49,15 @@ _RESTORE = ["p_ptr", "s0_ptr", "s1_ptr", "pb_ptr", "sb0_ptr", "sb1_ptr"]
 _RESTORE_BIAS = ["p_ptr", "s0_ptr", "s1_ptr"]
 _MIN_BLOCK_N = 32  # the smallest BLOCK_N of any config: sizes the buffer of per-program loss partials
 # (BLOCK_N, BLOCK_K, BLOCK_B, warps, stages). The Adam epilogue keeps four fp32 tiles live (grad, param,
-# exp_avg, exp_avg_sq): tiles stay at <= 128x64 so they fit in registers.
+# exp_avg, exp_avg_sq) and, with ragged sizes (scalar loads), a 64-bit address per element for each of the three
+# arrays: tiles stay at <= 16 elements per thread (32 spilled, kernels/aot.py). A gradient formed in the prologue
+# (gelu' of each element) keeps BLOCK_B at 32 (64 spilled on sm_80). fp32 (FMA dot, both operands in registers)
+# takes BLOCK_B 16 for the 64x64 tile.
 _GEMM_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_B"), [
-    (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 4), (32, 64, 64, 4, 4), (32, 32, 64, 2, 4),
-], group_key="GROUP_N")
+    (64, 64, 32, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 4, 4), (32, 32, 32, 2, 4),
+], group_key="GROUP_N", fp32_shapes=[
+    (64, 64, 16, 8, 3), (64, 32, 32, 8, 3), (32, 64, 32, 8, 3),  # 32x32 (w2, w4) spilled on sm_80 or sm_90
+])
 _KEY_FLAGS = ["IS_ADAM", "HAS_WD", "DECOUPLED", "HAS_BUF", "NESTEROV", "FIRST_STEP"]
 _BIAS_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_B"), [(128, 32, 4), (64, 64, 4), (32, 128, 4), (256, 16, 4)])
 
@@ -78,7 +83,7 @@ def reduce_partials(value, slot, num_slots, partial_ptr, counter_ptr, out_ptr, S
 @triton.autotune(
     configs=_GEMM_CONFIGS,
     key=["N", "K", "B", "GRAD_MODE", "GRAD_ACTIVATION", "ONEHOT_INPUT", "HAS_BIAS", "HAS_LOSS"] + _KEY_FLAGS,
-    prune_configs_by=pruner({"BLOCK_N": "N", "BLOCK_K": "K"}),
+    prune_configs_by=pruner({"BLOCK_N": "N", "BLOCK_K": "K"}, dtype_arg="g_ptr"),
     restore_value=None if INTERPRETED else _RESTORE,
 )
 @triton.jit
@@ -112,14 +117,15 @@ def _gemm_grad_step_kernel(
     mask_n = offs_n < N
     mask_k = offs_k < K
 
-    g_offs = offs_n[:, None] * stride_gn + offs_b[None, :] * stride_gb  # grad_out^T tile [BLOCK_N, BLOCK_B]
-    x_ptrs = x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :] * stride_xk  # input tile [BLOCK_B, BLOCK_K]
-
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # db (unscaled), used by the pid_k == 0 programs
     sq_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # the SG loss, sum of error^2 (unscaled)
     for b0 in range(0, B, BLOCK_B):
-        mask_b = (offs_b + b0) < B  # masked loads with 0 fill: a ragged B contributes nothing
+        rows = offs_b + b0
+        mask_b = rows < B  # masked loads with 0 fill: a ragged B contributes nothing
+        # Tile offsets are formed here from the row/column vectors, not carried across iterations as
+        # [BLOCK, BLOCK] int64 tensors: with ragged sizes (scalar loads) those cost registers per element.
+        g_offs = offs_n[:, None] * stride_gn + rows[None, :] * stride_gb  # grad_out^T tile [BLOCK_N, BLOCK_B]
         # The gradient tile, stored or formed here from prediction and h/target (kernels/prologue.py).
         a = gradient_tile(g_ptr + g_offs, g2_ptr + g_offs, mask_n[:, None] & mask_b[None, :], GRAD_TARGET_SCALE,
                           GRAD_MODE, GRAD_ACTIVATION)
@@ -128,10 +134,11 @@ def _gemm_grad_step_kernel(
         if HAS_LOSS:
             sq_sum += tl.sum(a * a, axis=1)
         if ONEHOT_INPUT:  # cDNI dU = g^T onehot(y): the one-hot tile is built from the labels, never stored
-            y = tl.load(y_ptr + (offs_b + b0) * stride_y, mask=mask_b, other=-1)
+            y = tl.load(y_ptr + rows * stride_y, mask=mask_b, other=-1)
             x = tl.where(y[:, None] == offs_k[None, :], 1.0, 0.0)
         else:
-            x = tl.load(x_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            x_offs = rows[:, None] * stride_xb + offs_k[None, :] * stride_xk  # input tile [BLOCK_B, BLOCK_K]
+            x = tl.load(x_ptr + x_offs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
         if UPCAST_DOT:  # interpreter only: exact, a product of two bf16/fp16 values fits in fp32
             x = x.to(tl.float32)
         else:  # the input dtype for the tensor cores (exact for a stored gradient; a formed one rounds as eager)
@@ -141,8 +148,6 @@ def _gemm_grad_step_kernel(
             acc = tl.dot(a, x, acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(a, x, acc, input_precision="ieee", out_dtype=tl.float32)
-        g_offs += BLOCK_B * stride_gb
-        x_ptrs += BLOCK_B * stride_xb
 
     # ---- epilogue: the optimizer step on this tile; dW (acc) never leaves registers ----
     offs = offs_n[:, None] * stride_pn + offs_k[None, :]

@@ -44,17 +44,22 @@ _NEEDS_PRE = ("gelu",)  # as fastdni.reference.NEEDS_PRE
 _LABEL_DTYPES = (torch.int32, torch.int64)
 
 # Standard GEMM shapes (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for big batches, narrow ones
-# for the small batches/widths of SG models; the pruner drops those far larger than the problem.
+# for the small batches/widths of SG models; the pruner drops those far larger than the problem. Sized so that
+# no variant spills registers (kernels/aot.py): with ragged sizes every load and store is scalar, with its own
+# 64-bit address per element (out, pre, the label gather), so at most 32 accumulator elements per thread (64
+# spilled); a gradient formed in the prologue (gelu' of each element) takes at most 8 elements of the A tile per
+# thread (16 spilled on sm_80). fp32 runs tl.dot on FMAs with both operand tiles in registers: at most 16
+# accumulator elements per thread, and fewer stages.
 _CONFIGS = gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
-    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3), (32, 64, 64, 4, 4), (32, 32, 64, 2, 4),
-], group_key="GROUP_M")
+    (128, 64, 16, 8, 4), (64, 128, 32, 8, 4), (64, 64, 32, 8, 4), (32, 64, 32, 4, 4), (32, 32, 32, 4, 4),
+], group_key="GROUP_M", fp32_shapes=[(64, 64, 32, 8, 2), (32, 64, 32, 4, 4), (32, 32, 32, 4, 2)])
 
 
 @triton.autotune(
     configs=_CONFIGS,
     key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_LABELS", "HAS_ADDEND", "SAVE_PRE", "OUT_DERIVATIVE",
          "GRAD_MODE", "GRAD_ACTIVATION"],
-    prune_configs_by=pruner({"BLOCK_M": "M", "BLOCK_N": "N"}),
+    prune_configs_by=pruner({"BLOCK_M": "M", "BLOCK_N": "N"}, dtype_arg="x_ptr"),
 )
 @triton.jit
 def _linear_act_kernel(

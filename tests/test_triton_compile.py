@@ -44,7 +44,7 @@ def aot():
 
 @pytest.fixture(scope="module")
 def records(aot):
-    """Compile the CI variant set once for the module, one process per core (two cores: under 2 minutes)."""
+    """Compile the CI variant set once for the module, one process per core."""
     variants = aot.variant_set()
     start = time.perf_counter()
     result = aot.compile_all(variants)
@@ -54,18 +54,46 @@ def records(aot):
 
 
 def test_every_config_of_every_kernel_is_in_the_set(aot):
-    """For each arch and dtype, each autotune config of each kernel is compiled with each heaviest flag combination."""
+    """For each dtype, each autotune config of each kernel that serves that dtype is compiled with each heaviest
+    flag combination (on one arch, ragged sizes); every other call site is compiled too; and the full set
+    (``--all``) holds every call site with every config of every dtype, on each arch with both sizes."""
     variants = aot.variant_set()
+    full = {(v.kernel, v.label, v.config, v.dtype, v.arch, v.sizes) for v in aot.variant_set(full=True)}
     for kernel, sites in aot.CALL_SITES.items():
+        configs = {dtype: aot.dtype_configs(kernel, dtype) for dtype in ("fp32", "bf16")}
         n_configs = len(aot.kernel_configs(kernel))
         assert n_configs > 1, f"{kernel}: one autotune config; the kernels were built for the interpreter?"
+        assert set(configs["fp32"]) | set(configs["bf16"]) == set(range(n_configs)), (kernel, configs)
         heaviest = [label for label, _, _, heavy in sites if heavy]
         assert heaviest, f"{kernel}: no call site marked heaviest"
-        for arch in aot.ARCHS:
-            for dtype in ("fp32", "bf16"):
-                for label in heaviest:
-                    got = {v.config for v in variants if (v.kernel, v.arch, v.dtype, v.label) == (kernel, arch, dtype, label)}
-                    assert got == set(range(n_configs)), (kernel, arch, dtype, label, sorted(got))
+        for label, _, _, heavy in sites:
+            got = [v for v in variants if (v.kernel, v.label) == (kernel, label)]
+            if not heavy:
+                assert len(got) == 1, (kernel, label, got)
+                continue
+            for dtype, want in configs.items():
+                compiled = {v.config for v in got if v.dtype == dtype}
+                assert compiled == set(want), (kernel, label, dtype, sorted(compiled), want)
+            assert {(v.arch, v.sizes) for v in got} == {(aot.ARCHS[-1], "ragged")}, (kernel, label)
+        for label, _, _, _ in sites:
+            for dtype, want in configs.items():
+                for arch in aot.ARCHS:
+                    for sizes in aot.SIZES:
+                        assert {(kernel, label, c, dtype, arch, sizes) for c in want} <= full, (kernel, label, dtype, arch, sizes)
+
+
+def test_configs_pruned_by_operand_dtype(aot):
+    """A launch tunes only over its dtype's configs (fp32 and bf16/fp16 lists), the ones the set compiles."""
+    import torch
+
+    cases = [("linear_act", "x_ptr", dict(M=4096, N=4096, K=4096)), ("gemm_grad_step", "g_ptr", dict(B=4096, N=4096, K=4096))]
+    for kernel, arg, sizes in cases:
+        tuner = aot._kernel(kernel)[0]
+        configs = aot.kernel_configs(kernel)
+        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            kept = tuner.early_config_prune(tuner.configs, {arg: torch.empty(0, dtype=dtype), **sizes})
+            assert [i for c in kept for i, x in enumerate(configs) if x is c] == aot.dtype_configs(kernel, name), (kernel, name)
+        assert not set(aot.dtype_configs(kernel, "fp32")) & set(aot.dtype_configs(kernel, "bf16")), kernel
 
 
 def test_ptxas_report_parsed_and_reproduced(aot):
