@@ -24,10 +24,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..data import DatasetError, load_mnist
 from ..nn import DecoupledMLP, DecoupledSequential
 from ..ops import BACKENDS
 from ..train import CheckpointError, train
+from .cli import prepare_mnist_run, require_positive
 from .models import NUM_CLASSES, cnn_blocks, fcn_blocks, parse_sizes, synthetic_gradients
 from .report import plot_curves, results_table
 
@@ -171,9 +171,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.dni_sg_hidden is None:
         args.dni_sg_hidden = (64,) if args.model == "cnn" else (1024, 1024)
-    for name in ("steps", "batch_size", "eval_every", "hidden_layers", "width"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    require_positive(p, args, ("steps", "batch_size", "eval_every", "hidden_layers", "width"))
     if args.checkpoint_every < 0:
         p.error(f"--checkpoint-every: expected >= 0, got {args.checkpoint_every}")
     return args
@@ -181,14 +179,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        data = load_mnist(args.data)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
+    data = prepare_mnist_run(args)
+    if data is None:
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode in dict.fromkeys(args.modes):
         config = RunConfig(

@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..data import DatasetError, load_mnist
 from ..nn import DecoupledSequential, ForwardUnlockedSequential, RandomRateSequential
 from ..train import train
+from .cli import prepare_mnist_run, require_positive
 from .models import fcn_blocks, synthetic_gradients
 from .report import plot_curves, results_table
 
@@ -75,22 +75,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 < args.min_rate <= 1.0:
         p.error(f"--min-rate: expected a probability in (0, 1], got {args.min_rate}")
-    for name in ("steps", "batch_size", "eval_every", "hidden_layers", "width", "input_hidden"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    require_positive(p, args, ("steps", "batch_size", "eval_every", "hidden_layers", "width", "input_hidden"))
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        data = load_mnist(args.data)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
+    data = prepare_mnist_run(args)
+    if data is None:
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
     flat = lambda images: images.reshape(-1, INPUT_FEATURES)
     rows = []
     for mode in args.modes:
