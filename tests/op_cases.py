@@ -123,6 +123,21 @@ def make_inputs(case: Case) -> Inputs:
     return Inputs(x, weight, bias, sg, context, target, case.activation)
 
 
+
+def step_inputs(dtype: torch.dtype, device, *, sg_hidden: Optional[tuple[int, ...]], activation: str = "relu",
+                context: str = "none", seed: int = 0, **shape: int) -> Inputs:
+    """The GPU-kernel suites' inputs: :func:`make_inputs` in fp32 from seeded CPU generators (the same values on every
+    device), then every float tensor cast to ``dtype`` and all moved to ``device``. ``sg_hidden``: None for no SG
+    model, else its hidden widths; ``shape``: ``batch``, ``in_features``, ``features``."""
+    case = Case(dtype=torch.float32, activation=activation, sg=None if sg_hidden is None else "linear",
+                sg_hidden=sg_hidden, context=context, seed=seed, **shape)
+    inp = make_inputs(case)
+    cast = lambda t: t if t is None else (t.to(device, dtype) if t.is_floating_point() else t.to(device))  # noqa: E731
+    sg_params = None if inp.sg is None else SGParams(tuple(map(cast, inp.sg.weights)), tuple(map(cast, inp.sg.biases)),
+                                                     cast(inp.sg.context_weight))
+    return dataclasses.replace(inp, x=cast(inp.x), weight=cast(inp.weight), bias=cast(inp.bias), sg=sg_params,
+                               context=cast(inp.context), target=cast(inp.target))
+
 def case_id(case: Case) -> str:
     parts = [DTYPE_IDS[case.dtype], case.activation, case.sg or "nosg"]
     if case.context != "none":

@@ -8,15 +8,13 @@ rounded the same way. Shapes are odd and, in the large case, span several 64-wid
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import fastdni.ops as ops
 from fastdni.ops import ForwardResult
 from fastdni.reference import SGParams
-from op_cases import OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_TOLERANCES, Case, make_inputs, make_state
+from op_cases import OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_TOLERANCES, make_state, step_inputs
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS),
                                 reason="needs a CUDA device and fastdni._C built with csrc/cuda")
@@ -28,14 +26,7 @@ CONTEXTS = ("none", "labels64", "labels32", "float")
 
 
 def _inputs(dtype, activation="relu", sg="linear", context="none", shape="small"):
-    case = Case(dtype=torch.float32, activation=activation, sg=None if SGS[sg] is None else "linear", sg_hidden=SGS[sg],
-                context=context, **SHAPES[shape])
-    inp = make_inputs(case)
-    cast = lambda t: t if t is None else (t.to(DEVICE, dtype) if t.is_floating_point() else t.to(DEVICE))  # noqa: E731
-    sg_params = None if inp.sg is None else SGParams(tuple(map(cast, inp.sg.weights)), tuple(map(cast, inp.sg.biases)),
-                                                     cast(inp.sg.context_weight))
-    return dataclasses.replace(inp, x=cast(inp.x), weight=cast(inp.weight), bias=cast(inp.bias), sg=sg_params,
-                               context=cast(inp.context), target=cast(inp.target))
+    return step_inputs(dtype, DEVICE, sg_hidden=SGS[sg], activation=activation, context=context, **SHAPES[shape])
 
 
 def _up(t):

@@ -19,7 +19,7 @@ from fastdni.reference import SGParams
 
 from conftest import DEVICE
 from op_cases import (
-    OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_TOLERANCES, Case, clone_all, clone_sg, make_inputs, make_state,
+    OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_TOLERANCES, clone_all, clone_sg, make_state, step_inputs,
 )
 
 BUILDS_ON_CPU = True  # seeded CPU generators (op_cases), then moved: see conftest.py
@@ -34,14 +34,7 @@ CONTEXTS = ("none", "labels64", "labels32", "float")
 
 
 def _inputs(dtype, activation="relu", sg="linear", context="none", seed=0, device=DEVICE):
-    case = Case(dtype=torch.float32, activation=activation, sg=None if SGS[sg] is None else "linear",
-                sg_hidden=SGS[sg], context=context, seed=seed, **SHAPE)
-    inp = make_inputs(case)
-    cast = lambda t: t if t is None else (t.to(device, dtype) if t.is_floating_point() else t.to(device))  # noqa: E731
-    sg_params = None if inp.sg is None else SGParams(tuple(map(cast, inp.sg.weights)), tuple(map(cast, inp.sg.biases)),
-                                                     cast(inp.sg.context_weight))
-    return dataclasses.replace(inp, x=cast(inp.x), weight=cast(inp.weight), bias=cast(inp.bias), sg=sg_params,
-                               context=cast(inp.context), target=cast(inp.target))
+    return step_inputs(dtype, device, sg_hidden=SGS[sg], activation=activation, context=context, seed=seed, **SHAPE)
 
 
 def _state(optimizer, hyper, params, dtype=torch.float32):
