@@ -4,35 +4,65 @@
 #
 #   benchmarks/gpu.sh                       # full grid -> docs/benchmarks/triton_step_gpu.{json,md}
 #   benchmarks/gpu.sh --dtype bf16 --sg mlp # extra arguments go to benchmarks/triton_step.py
-#   SKIP_TESTS=1 benchmarks/gpu.sh --quick  # benchmark only
+#   SKIP_TESTS=1 benchmarks/gpu.sh --quick  # benchmark only (SKIP_BENCH=1: tests only; SKIP_BUILD=1: use the install as is)
 #
 # Tests: tests/interpreted with FASTDNI_TEST_DEVICE=cuda (the Triton kernels' suite, which CI runs under the
 # interpreter, here on the compiled kernels; see tests/interpreted/conftest.py) and tests/gpu (the CUDA C++ backend
 # against the reference: tests/gpu/test_cuda_ops.py).
-# Exits non-zero when there is no CUDA device, when a test fails, or when a benchmark row fails its equal-work check.
+# Exits non-zero when there is no CUDA device, when a test fails (after the benchmark has run), or when a benchmark row
+# fails its equal-work check.
 # The full grid (80 rows, torch.compile per row) takes tens of minutes; --skip compiled or a subset is faster.
+#
+# A machine with torch already installed and no package index (a lent GPU box): FASTDNI_PYTHON=python3 uses that
+# interpreter and installs fastdni into it, editable, offline (CUDA_HOME from the nvcc on PATH when unset) instead of scripts/setup.sh;
+# PYTEST_ARGS adds pytest options (e.g. "-n 8" with pytest-xdist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tests_failed=0
 
-scripts/setup.sh
+if [ -n "${FASTDNI_PYTHON:-}" ]; then
+  PY=$FASTDNI_PYTHON
+fi
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  PY=${PY:-.venv/bin/python}
+elif [ -n "${FASTDNI_PYTHON:-}" ]; then
+  # The first CUDA root with a compiler and headers: CUDA_HOME as given, /usr/local/cuda, the nvcc on PATH's.
+  nvcc_root=$(command -v nvcc >/dev/null && dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")" || true)
+  for root in "${CUDA_HOME:-}" /usr/local/cuda "$nvcc_root"; do
+    if [ -n "$root" ] && [ -x "$root/bin/nvcc" ] && [ -f "$root/include/cuda_runtime.h" ]; then
+      export CUDA_HOME=$root
+      break
+    fi
+  done
+  echo "== build: $PY -m pip install --no-index --no-deps -e . (CUDA_HOME=${CUDA_HOME:-unset}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
+  mkdir -p build
+  # editable: fastdni.kernels is the top-level kernels/ folder, importable only through the install's mapping
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --disable-pip-version-check -e . \
+    > build/gpu_build.out 2>&1 || { tail -50 build/gpu_build.out; exit 1; }
+else
+  scripts/setup.sh
+  PY=.venv/bin/python
+fi
 
-if ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "benchmarks/gpu.sh: torch sees no CUDA device (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'));" \
-       "this script is for a GPU machine. On a CPU: TRITON_INTERPRET=1 .venv/bin/python benchmarks/triton_step.py --quick --device cpu" >&2
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "benchmarks/gpu.sh: torch sees no CUDA device (torch $("$PY" -c 'import torch; print(torch.__version__)'));" \
+       "this script is for a GPU machine. On a CPU: TRITON_INTERPRET=1 "$PY" benchmarks/triton_step.py --quick --device cpu" >&2
   exit 2
 fi
-.venv/bin/python -c 'import torch, triton; print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")'
-.venv/bin/python -c 'import fastdni.ops as o; print(f"CUDA C++ backend built: {o.HAS_CUDA_KERNELS}" + ("" if o.HAS_CUDA_KERNELS else " (rows without cuda columns)"))'
+"$PY" -c 'import torch, triton; print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")'
+"$PY" -c 'import fastdni.ops as o; print(f"CUDA C++ backend built: {o.HAS_CUDA_KERNELS}" + ("" if o.HAS_CUDA_KERNELS else " (rows without cuda columns)"))'
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv 2>/dev/null || true
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  suites=(tests/interpreted)
-  if [ -d tests/gpu ]; then suites+=(tests/gpu); fi
+  suites=(tests/gpu tests/interpreted)  # the CUDA C++ suite first: it compiles nothing at run time
   echo "== tests: ${suites[*]} (FASTDNI_TEST_DEVICE=cuda)"
-  FASTDNI_TEST_DEVICE=cuda .venv/bin/python -m pytest -q -p no:cacheprovider "${suites[@]}"
+  # A failing test does not stop the benchmark (one call on a lent machine should bring back both); it sets the exit.
+  FASTDNI_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} "${suites[@]}" || tests_failed=1
 fi
 
+[ "${SKIP_BENCH:-0}" = 1 ] && exit "$tests_failed"
 echo "== benchmark: benchmarks/triton_step.py $*"
 mkdir -p docs/benchmarks
-.venv/bin/python benchmarks/triton_step.py --device cuda \
+"$PY" benchmarks/triton_step.py --device cuda \
   --json docs/benchmarks/triton_step_gpu.json --markdown docs/benchmarks/triton_step_gpu.md "$@"
+exit "$tests_failed"

@@ -497,6 +497,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for sg, dtype, batch, width in _grid(opts):
         row = run_row(batch, width, sg, dtype, device, opts, peak)
         rows.append(row)
+        if opts.json:  # after every row: a run stopped at a time limit keeps what it measured
+            Path(opts.json).write_text(json.dumps(_report(rows, info, peak), indent=1) + "\n")
         if row["status"] == "ok":
             cuda = f", cuda {row['ms'][CUDA_VARIANT]:.4f} ms" if CUDA_VARIANT in row["ms"] else ""
             print(f"  {sg} {dtype} B={batch} W={width}: triton {row['ms']['triton']:.4f} ms{cuda}", flush=True)
