@@ -35,10 +35,15 @@ struct GradSource {
         const float b = static_cast<float>(second[i]);  // act' needs h (identity, relu, tanh) or pre (gelu)
         return delta_value(act, a, b, b, scale);
       }
-      case GradKind::kError: return sg_error_value(a, static_cast<float>(second[i]), scale) * factor;
+      case GradKind::kError: return error(i) * factor;
       case GradKind::kReluMasked: return static_cast<float>(second[i]) > 0.f ? a : 0.f;
       default: return a;
     }
+  }
+
+  // An error source's e = prediction - scale * target, before its factor (the SG loss sums e^2).
+  FASTDNI_HOST_DEVICE float error(int64_t i) const {
+    return sg_error_value(static_cast<float>(first[i]), static_cast<float>(second[i]), scale);
   }
 };
 

@@ -35,8 +35,8 @@ at::Tensor dni_update_(const at::Tensor& x, const at::Tensor& weight, const at::
       lt_gemm(delta_stored, weight, false, grad_input, LtEpilogue::kNone, {}, 0.f);
       delta = stored_grad<T>(delta_stored);
     }
-    check_launch(launch_grad_step<T>(delta, dense_input<T>(x_c), rows, features, in_features, slot<T>(weight, grouped[0]),
-                                     slot<T>(bias, grouped[1]), o, current_stream()),
+    const StepTarget<T> w{dense_input<T>(x_c), in_features, slot<T>(weight, grouped[0])};
+    check_launch(launch_grad_step<T>(delta, rows, features, w, {}, slot<T>(bias, grouped[1]), o, {}, current_stream()),
                  "grad_step_kernel (W, b)");
   });
   return grad_input;

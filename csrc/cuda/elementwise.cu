@@ -1,18 +1,19 @@
 // The CUDA backend's elementwise kernels: what neither cuBLASLt's epilogues nor the fused grad-step kernel
 // cover (exact-erf gelu and tanh after a bias epilogue, cDNI's label gather, a formed gradient stored for a
-// library GEMM, the SG error with its loss reduction). Grid-stride loops; math in fp32 via dni_math.h.
+// library GEMM, the SG error stored with its loss where a library GEMM reads it). Grid-stride loops; math in fp32
+// via dni_math.h.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 
+#include "cuda/grid_sum.cuh"
 #include "cuda/kernels.h"
 
 namespace fastdni::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarp = 32;
 // Enough blocks to fill an H100 (132 SMs x 8 resident blocks of 256 threads); beyond it the grid-stride loop.
 constexpr int64_t kMaxBlocks = 1056;
 
@@ -41,47 +42,17 @@ __global__ void store_grad_kernel(GradSource<T> grad, T* out, int64_t n) {
   }
 }
 
-// Sum over the block, valid in thread 0: shuffles within each warp, then the first warp over the warps' sums.
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[kThreads / kWarp];
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreads / kWarp ? warp_sums[threadIdx.x] : 0.f;
-  if (warp == 0) {
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) error_loss_kernel(const T* prediction, const T* target, T* grad, int64_t n, float scale,
-                                                              float factor, float loss_scale, T* loss, float* partials,
-                                                              unsigned* arrivals) {
+                                                              float factor, LossSink<T> loss) {
   float sum = 0.f;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const float e = sg_error_value(static_cast<float>(prediction[i]), static_cast<float>(target[i]), scale);
-    if (grad != nullptr) grad[i] = static_cast<T>(e * factor);
-    sum += e * e;
+    grad[i] = static_cast<T>(e * factor);
+    sum = fmaf(e, e, sum);
   }
-  sum = block_sum(sum);
-  __shared__ bool last;
-  if (threadIdx.x == 0) {
-    partials[blockIdx.x] = sum;
-    __threadfence();  // the partial is visible device-wide before this block counts itself in
-    last = atomicAdd(arrivals, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  // The last block: every partial is written; summed in block order, so the loss is the same on every run.
   float total = 0.f;
-  for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += static_cast<volatile float*>(partials)[b];
-  total = block_sum(total);
-  if (threadIdx.x == 0) {
-    *loss = static_cast<T>(loss_scale * total);
-    *arrivals = 0u;  // ready for the next launch on this workspace
-  }
+  if (grid_sum<kThreads>(sum, loss.partials, loss.arrivals, blockIdx.x, gridDim.x, total)) *loss.loss = static_cast<T>(loss.scale * total);
 }
 
 }  // namespace
@@ -105,14 +76,12 @@ cudaError_t launch_store_grad(GradSource<T> grad, T* out, int64_t n, cudaStream_
   return cudaGetLastError();
 }
 
-int64_t error_loss_workspace_floats(int64_t n) { return blocks_for(n); }
+int64_t error_loss_partials(int64_t n) { return blocks_for(n); }
 
 template <typename T>
-cudaError_t launch_error_loss(const T* prediction, const T* target, T* grad, int64_t n, float scale, float factor, float loss_scale,
-                              T* loss, float* workspace, cudaStream_t stream) {
-  const int blocks = blocks_for(n);
-  auto* arrivals = reinterpret_cast<unsigned*>(workspace + blocks);
-  error_loss_kernel<T><<<blocks, kThreads, 0, stream>>>(prediction, target, grad, n, scale, factor, loss_scale, loss, workspace, arrivals);
+cudaError_t launch_error_loss(const T* prediction, const T* target, T* grad, int64_t n, float scale, float factor, LossSink<T> loss,
+                              cudaStream_t stream) {
+  error_loss_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(prediction, target, grad, n, scale, factor, loss);
   return cudaGetLastError();
 }
 
@@ -120,7 +89,7 @@ cudaError_t launch_error_loss(const T* prediction, const T* target, T* grad, int
   template cudaError_t launch_activate<T>(const T*, T*, int64_t, Activation, cudaStream_t);                                     \
   template cudaError_t launch_label_context<T>(T*, const T*, const int64_t*, int64_t, int64_t, int64_t, bool, cudaStream_t);    \
   template cudaError_t launch_store_grad<T>(GradSource<T>, T*, int64_t, cudaStream_t);                                          \
-  template cudaError_t launch_error_loss<T>(const T*, const T*, T*, int64_t, float, float, float, T*, float*, cudaStream_t);
+  template cudaError_t launch_error_loss<T>(const T*, const T*, T*, int64_t, float, float, LossSink<T>, cudaStream_t);
 FASTDNI_INSTANTIATE(float)
 FASTDNI_INSTANTIATE(c10::BFloat16)
 FASTDNI_INSTANTIATE(c10::Half)

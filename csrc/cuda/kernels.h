@@ -26,19 +26,39 @@ cudaError_t launch_label_context(T* a, const T* u, const int64_t* labels, int64_
 template <typename T>
 cudaError_t launch_store_grad(GradSource<T> grad, T* out, int64_t n, cudaStream_t stream);
 
-// The SG regression's error pass: grad[i] = factor * (prediction[i] - scale * target[i]) (unless grad is null:
-// a linear SG's step forms it as it loads it) and *loss = loss_scale * sum(e^2), reduced deterministically (warp shuffles, per-block partials summed in a fixed
-// order by the last block to finish). `workspace` holds error_loss_workspace_floats(n) floats followed by an
-// unsigned arrival counter that must be zero on entry (the last block resets it).
-int64_t error_loss_workspace_floats(int64_t n);
+// The SG loss a kernel reduces as it reads the error: *loss = scale * sum(e^2), summed deterministically
+// (csrc/cuda/grid_sum.cuh). `loss` null: none wanted. `partials`: as many floats as the launcher's *_loss_partials
+// says; `arrivals`: a counter that is zero on entry (arrival_counter(), launch.h) and that the kernel leaves zero.
 template <typename T>
-cudaError_t launch_error_loss(const T* prediction, const T* target, T* grad, int64_t n, float scale, float factor, float loss_scale,
-                              T* loss, float* workspace, cudaStream_t stream);
+struct LossSink {
+  T* loss;
+  float scale;
+  float* partials;
+  unsigned* arrivals;
+};
 
-// param [rows, cols] stepped in place on G^T X (G [batch, rows], X [batch, cols]), and bias [rows] (if given)
-// on the column sums of G, the gradients never leaving registers (docs/performance.md: why hand-written).
+// The SG regression's error pass, where a library GEMM must read the error's gradient (an SG with hidden
+// layers): grad[i] = factor * (prediction[i] - scale * target[i]), and the loss.
+int64_t error_loss_partials(int64_t n);
 template <typename T>
-cudaError_t launch_grad_step(GradSource<T> grad, InputSource<T> input, int64_t batch, int64_t rows, int64_t cols, ParamSlot<T> param,
-                             ParamSlot<T> bias, const OptimizerStep<float>& o, cudaStream_t stream);
+cudaError_t launch_error_loss(const T* prediction, const T* target, T* grad, int64_t n, float scale, float factor, LossSink<T> loss,
+                              cudaStream_t stream);
+
+// One parameter of a fused step: param [rows, cols], stepped on G^T X with X [batch, cols] its input operand.
+template <typename T>
+struct StepTarget {
+  InputSource<T> input;
+  int64_t cols;
+  ParamSlot<T> param;  // param.param null: no such target
+};
+
+// first.param (and second.param, if given: cDNI's U, which shares G with the SG's bottom layer) stepped in place on
+// G^T X (G [batch, rows]), and bias [rows] (if given) on the column sums of G, in one launch; the gradients never
+// leave registers (docs/performance.md: why hand-written). With a loss sink (G must be an error source: a linear
+// SG's step), the kernel also reduces the SG loss from the errors it loads.
+int64_t grad_step_loss_partials(int64_t rows);
+template <typename T>
+cudaError_t launch_grad_step(GradSource<T> grad, int64_t batch, int64_t rows, StepTarget<T> first, StepTarget<T> second, ParamSlot<T> bias,
+                             const OptimizerStep<float>& o, LossSink<T> loss, cudaStream_t stream);
 
 }  // namespace fastdni::cuda

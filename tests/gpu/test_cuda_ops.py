@@ -110,8 +110,11 @@ def test_sg_regression(dtype, sg, context, opt_name, shape):
         _close(s, w, dtype, f"state[{i}]")
 
 
-def test_loss_is_the_same_bits_every_run():
-    inp = _inputs(torch.float32, "relu", "linear", shape="tiles")
+@pytest.mark.parametrize("sg", ("linear", "mlp"))  # the loss reduced by the fused step, or by the error pass
+def test_loss_is_the_same_bits_every_run(sg):
+    """Also checks that the reduction leaves its arrival counter at zero: a counter left behind would make the
+    next call's last block miss its turn, and the loss would not be written."""
+    inp = _inputs(torch.float32, "relu", sg, shape="tiles")
     f = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, activation="relu", backend="cuda")
     optimizer, hyper = OPTIMIZERS["sgd"]
     losses = []
@@ -131,29 +134,37 @@ def _kernels(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def test_launches_of_a_layer_step():
-    """relu, linear SG, Adam, dx on: forward 2 GEMMs; update: delta store, dx GEMM, fused step; regression: error
-    and loss pass, fused step (plus the fill of its arrival counter). Printed for docs/performance.md."""
-    inp = _inputs(torch.float32, "relu", "linear", shape="tiles")
+@pytest.mark.parametrize("context", ("none", "labels64"))
+def test_launches_of_a_layer_step(context):
+    """relu, linear SG, Adam, dx on: forward 2 GEMMs (+1 label gather for cDNI); update: delta store, dx GEMM, fused
+    step; regression: one fused step (the error formed as it is loaded, the loss reduced on the way, cDNI's U in the
+    same launch). Counted after a warm-up call (the first call on a stream zeroes the loss's arrival counter).
+    Printed for docs/performance.md."""
+    inp = _inputs(torch.float32, "relu", "linear", context=context, shape="tiles")
     optimizer, hyper = OPTIMIZERS["adam-l2-step3"]
     layer_state = _state(optimizer, hyper, [inp.weight, inp.bias], torch.float32)
     sg_state = _state(optimizer, hyper, list(ops.ordered_params(inp.sg)), torch.float32)
     box = {}
 
     def forward():
-        box["f"] = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, activation="relu", backend="cuda")
+        box["f"] = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation="relu", backend="cuda")
 
     def update():
         ops.dni_update_(inp.x, inp.weight, inp.bias, box["f"], optimizer, hyper, layer_state, need_input_grad=True, backend="cuda")
 
     def regression():
-        ops.sg_regression_(box["f"].h, box["f"], inp.target, inp.sg, optimizer, hyper, sg_state, backend="cuda")
+        ops.sg_regression_(box["f"].h, box["f"], inp.target, inp.sg, optimizer, hyper, sg_state, inp.context, backend="cuda")
 
-    counts = {name: _kernels(fn) for name, fn in (("forward", forward), ("update", update), ("regression", regression))}
+    steps = (("forward", forward), ("update", update), ("regression", regression))
+    for _, fn in steps:
+        fn()
+    counts = {name: _kernels(fn) for name, fn in steps}
     print({name: len(k) for name, k in counts.items()}, counts)
-    assert len(counts["forward"]) == 2
+    # cDNI labels: the gather, plus the labels' range check (ATen's reductions and a copy to the host) in the forward
+    own = {name: [k for k in kernels if "at::native" not in k and not k.startswith(("Memcpy", "Memset"))] for name, kernels in counts.items()}
+    assert len(own["forward"]) == (2 if context == "none" else 3)
     assert len(counts["update"]) == 3
-    assert len([k for k in counts["regression"] if "fill" not in k.lower()]) == 2
+    assert len(counts["regression"]) == 1
 
 
 def test_bad_input_raises_naming_the_argument():
