@@ -1,5 +1,6 @@
 """The CUDA backend as built: fastdni._C has CUDA kernels registered (where nvcc was there to build them), and its
-fatbin holds, for every kernel of csrc/cuda, an sm_80 and an sm_90 cubin and compute_90 PTX, none spilling.
+fatbin holds, for every kernel of csrc/cuda, an sm_80 and an sm_90 cubin and compute_90 PTX, none spilling, and the
+bf16/fp16 weight-gradient step runs on tensor cores (HMMA instructions in its machine code).
 
 No GPU needed: cuobjdump (shipped with the triton wheel; kernels/aot.py finds it) reads the built library. Spills
 go to the thread's stack in local memory, so a cubin with a zero stack frame and zero local memory spills nothing
@@ -22,7 +23,10 @@ from fastdni.ops import _extension
 
 ARCHS = ("sm_80", "sm_90")
 PTX_ARCH = "sm_90"  # TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX": PTX for the newest target, for GPUs after it
-DTYPES = ("float", "BFloat16", "Half")  # each kernel's instantiations
+DTYPES = ("float", "BFloat16", "Half")  # each kernel's instantiations, except those of KERNEL_DTYPES
+# The weight-gradient step: fp32 on SIMT FMAs (IEEE products), bf16 / fp16 on tensor cores (WMMA).
+KERNEL_DTYPES = {"grad_step_kernel": ("float",), "grad_step_tc_kernel": ("BFloat16", "Half")}
+TENSOR_CORE_KERNELS = ("grad_step_tc_kernel",)
 CUDA_SOURCES = sorted((Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu"))
 
 
@@ -110,13 +114,13 @@ def _dtype_of(function: str) -> str:
 
 
 def test_the_sources_define_kernels():
-    assert {"grad_step_kernel", "error_loss_kernel"} <= _kernel_names(), _kernel_names()
+    assert {"grad_step_kernel", "error_loss_kernel", *TENSOR_CORE_KERNELS} <= _kernel_names(), _kernel_names()
 
 
 def test_every_kernel_has_a_cubin_per_arch_and_dtype(usage):
     for arch in ARCHS:
         found = {(_kernel_of(f), _dtype_of(f)) for (a, f) in usage if a == arch}
-        missing = {(k, d) for k in _kernel_names() for d in DTYPES} - found
+        missing = {(k, d) for k in _kernel_names() for d in KERNEL_DTYPES.get(k, DTYPES)} - found
         assert not missing, f"{arch}: no cubin for {sorted(missing)}"
 
 
@@ -131,3 +135,24 @@ def test_every_kernel_has_ptx(cuobjdump, library, usage):
 def test_no_kernel_spills(usage):
     spilling = {key: res for key, res in usage.items() if res["STACK"] or res["LOCAL"]}
     assert not spilling, f"kernels with a stack frame or local memory (spills): {spilling}"
+
+
+def _sass_by_function(cuobjdump: str, library: str, arch: str) -> dict[str, str]:
+    """``{function: its machine code}`` for one architecture, from ``cuobjdump -sass``."""
+    functions, name = {}, None
+    for line in _run(cuobjdump, "-arch", arch, "-sass", library).splitlines():
+        if m := re.match(r"\s*Function : (\S+)", line):
+            name = m.group(1)
+            functions[name] = ""
+        elif name is not None:
+            functions[name] += line + "\n"
+    return functions
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_and_fp16_steps_run_on_tensor_cores(cuobjdump, library, arch):
+    sass = _sass_by_function(cuobjdump, library, arch)
+    steps = {f: code for f, code in sass.items() if _kernel_of(f) in TENSOR_CORE_KERNELS}
+    assert {_dtype_of(f) for f in steps} == {"BFloat16", "Half"}, sorted(steps)
+    without = [f for f, code in steps.items() if "HMMA" not in code]
+    assert not without, f"{arch}: no tensor-core instruction (HMMA) in {without}"

@@ -1,11 +1,13 @@
 // CPU twin of the CUDA backend's fused grad-step kernel (csrc/cuda/grad_step.cu): the same per-element math,
 // from the same header (csrc/common/grad_step_math.h: the gradient formed as it is loaded, the one-hot label
 // operand, the fp32 optimizer step on fp32/bf16/fp16 storage), run on the host in the kernel's order (each
-// output's batch sum in row order). CI has no GPU: tests/test_cuda_twin.py checks this math against the
-// reference through torch.ops.fastdni_twin.grad_step_. Test-only; the ops never call it.
+// output's batch sum in row order; bf16/fp16 with G rounded as the tensor-core kernel stages it). CI has no GPU:
+// tests/test_cuda_twin.py checks this math against the reference through torch.ops.fastdni_twin.grad_step_.
+// Test-only; the ops never call it.
 #include <torch/library.h>
 
 #include <string_view>
+#include <type_traits>
 
 #include "common/op_args.h"
 #include "common/step_tensors.h"
@@ -21,13 +23,24 @@ GradKind parse_grad_kind(std::string_view kind) {
   TORCH_CHECK(false, "kind: expected one of stored, delta, error, relu_masked, got '", kind, "'");
 }
 
+// G's element as the kernel multiplies it: bf16 / fp16 steps run on tensor cores (grad_step_tc_kernel), which stage G
+// rounded to the storage type; fp32 keeps it (the bias gradient always sums it unrounded).
+template <typename T>
+float operand(float g) {
+  if constexpr (std::is_same_v<T, float>) {
+    return g;
+  } else {
+    return static_cast<float>(static_cast<T>(g));
+  }
+}
+
 template <typename T>
 void grad_step(const GradSource<T>& grad, const InputSource<T>& input, int64_t batch, int64_t rows, int64_t cols, const ParamSlot<T>& param,
                const ParamSlot<T>& bias, const OptimizerStep<float>& o) {
   for (int64_t n = 0; n < rows; ++n) {
     for (int64_t k = 0; k < cols; ++k) {
       float acc = 0.f;
-      for (int64_t b = 0; b < batch; ++b) acc = std::fma(grad.at(b * rows + n), input.at(b, k, cols), acc);
+      for (int64_t b = 0; b < batch; ++b) acc = std::fma(operand<T>(grad.at(b * rows + n)), input.at(b, k, cols), acc);
       optimizer_update_stored(param, n * cols + k, acc, o);
     }
     if (bias.param != nullptr) {

@@ -161,7 +161,8 @@ def test_launches_of_a_layer_step(context):
     counts = {name: _kernels(fn) for name, fn in steps}
     print({name: len(k) for name, k in counts.items()}, counts)
     # cDNI labels: the gather, plus the labels' range check (ATen's reductions and a copy to the host) in the forward
-    own = {name: [k for k in kernels if "at::native" not in k and not k.startswith(("Memcpy", "Memset"))] for name, kernels in counts.items()}
+    own = {name: [k for k in kernels if "at::native" not in k and not k.startswith(("Memcpy", "Memset"))]
+           for name, kernels in counts.items()}
     assert len(own["forward"]) == (2 if context == "none" else 3)
     assert len(counts["update"]) == 3
     assert len(counts["regression"]) == 1
