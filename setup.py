@@ -147,7 +147,9 @@ setup(
     packages=find_packages(include=["fastdni", "fastdni.*"]) + ["fastdni.kernels"],
     package_dir={"fastdni.kernels": "kernels"},
     install_requires=["torch>=2.14", "numpy", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    # nvidia-cutlass: headers only, for scripts/cutlass_probe.sh (tests/test_cutlass_probe.py); pinned, the probe's
+    # findings in docs/performance.md are for this version.
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "nvidia-cutlass==4.2.0.0"]},
     entry_points={"console_scripts": ["fastdni-mnist=fastdni.experiments.mnist:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -10,6 +10,6 @@ if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+
   .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1
 fi
 # Asks the installed metadata, not `import fastdni`, which would find the source tree in the cwd.
-if ! .venv/bin/python -c 'import importlib.metadata as m; [m.version(p) for p in ("fastdni", "pytest", "pytest-benchmark", "hypothesis")]' 2>/dev/null; then
+if ! .venv/bin/python -c 'import importlib.metadata as m; [m.version(p) for p in ("fastdni", "pytest", "pytest-benchmark", "hypothesis", "nvidia-cutlass")]' 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
 fi
