@@ -30,7 +30,7 @@ namespace fastdni::cuda {
 namespace {
 
 constexpr int kTile = 64;                           // parameter rows and columns per block
-constexpr int kThreadTile = 4;                      // each thread steps 4 x 4 outputs (and, SIMT, accumulates them)
+constexpr int kThreadTile = 4;                      // SIMT: each thread accumulates and steps 4 x 4 outputs
 constexpr int kThreadsPerSide = kTile / kThreadTile;  // 16
 constexpr int kThreads = kThreadsPerSide * kThreadsPerSide;  // 256
 constexpr int kBatchChunk = 16;                     // batch rows staged in shared memory per step (one WMMA k-step)
@@ -69,19 +69,10 @@ __device__ float load_grad(const GradSource<T>& grad, int64_t row, int64_t n, in
   }
 }
 
-// The epilogue: thread (ty, tx) steps outputs (ty * 4 + i, tx * 4 + j) of the tile on their gradient acc(i, j).
-template <typename T, typename Acc>
-__device__ void step_tile(const BlockTile<T>& tile, const ParamSlot<T>& param, int64_t rows, const OptimizerStep<float>& o, Acc acc) {
-  const int tx = threadIdx.x % kThreadsPerSide, ty = threadIdx.x / kThreadsPerSide;
-#pragma unroll
-  for (int i = 0; i < kThreadTile; ++i) {
-    const int64_t n = tile.row0 + ty * kThreadTile + i;
-#pragma unroll
-    for (int j = 0; j < kThreadTile; ++j) {
-      const int64_t k = tile.col0 + tx * kThreadTile + j;
-      if (n < rows && k < tile.cols) optimizer_update_stored(param, n * tile.cols + k, acc(i, j), o);
-    }
-  }
+// X's element (row, k) of the block's input operand, 0 outside.
+template <typename T>
+__device__ float load_input(const BlockTile<T>& tile, int64_t row, int64_t k, int64_t batch) {
+  return row < batch && k < tile.cols ? tile.input.at(row, k, tile.cols) : 0.f;
 }
 
 // kLoss: the first tile column's blocks together loaded every error once; their sums make the loss.
@@ -113,9 +104,9 @@ __global__ void __launch_bounds__(kThreads) grad_step_kernel(GradSource<T> grad,
     // Consecutive threads load consecutive columns of one batch row: coalesced.
     for (int e = tid; e < kBatchChunk * kTile; e += kThreads) {
       const int b = e / kTile, j = e % kTile;
-      const int64_t row = b0 + b, k = tile.col0 + j;
+      const int64_t row = b0 + b;
       grad_tile[b][j] = load_grad<T, kLoss>(grad, row, tile.row0 + j, batch, rows, squared_errors);
-      input_tile[b][j] = row < batch && k < tile.cols ? tile.input.at(row, k, tile.cols) : 0.f;
+      input_tile[b][j] = load_input(tile, row, tile.col0 + j, batch);
     }
     __syncthreads();
     if (steps_bias && tid < kTile) {
@@ -136,7 +127,16 @@ __global__ void __launch_bounds__(kThreads) grad_step_kernel(GradSource<T> grad,
     __syncthreads();
   }
 
-  step_tile(tile, block_param(first, second, first_blocks), rows, o, [&](int i, int j) { return acc[i][j]; });
+  const ParamSlot<T> param = block_param(first, second, first_blocks);
+#pragma unroll
+  for (int i = 0; i < kThreadTile; ++i) {
+    const int64_t n = tile.row0 + ty * kThreadTile + i;
+#pragma unroll
+    for (int j = 0; j < kThreadTile; ++j) {
+      const int64_t k = tile.col0 + tx * kThreadTile + j;
+      if (n < rows && k < tile.cols) optimizer_update_stored(param, n * tile.cols + k, acc[i][j], o);
+    }
+  }
   if (steps_bias && tid < kTile && tile.row0 + tid < rows) optimizer_update_stored(bias, tile.row0 + tid, bias_grad, o);
   if constexpr (kLoss) finish_loss(squared_errors, loss);
 }
@@ -193,11 +193,11 @@ __global__ void __launch_bounds__(kThreads) grad_step_tc_kernel(GradSource<T> gr
   for (int64_t b0 = 0; b0 < batch; b0 += kBatchChunk) {
     for (int e = tid; e < kBatchChunk * kTile; e += kThreads) {
       const int b = e / kTile, j = e % kTile;
-      const int64_t row = b0 + b, k = tile.col0 + j;
+      const int64_t row = b0 + b;
       const float g = load_grad<T, kLoss>(grad, row, tile.row0 + j, batch, rows, squared_errors);
       bias_part += g;
       grad_tile[b][j] = E::from(g);
-      input_tile[b][j] = E::from(row < batch && k < tile.cols ? tile.input.at(row, k, tile.cols) : 0.f);
+      input_tile[b][j] = E::from(load_input(tile, row, tile.col0 + j, batch));
     }
     __syncthreads();
     wmma::fragment<wmma::matrix_a, kWmma, kWmma, kWmma, Element, wmma::col_major> a;
