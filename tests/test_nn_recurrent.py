@@ -227,13 +227,15 @@ def test_aux_weight_zero_is_exactly_dni():
     assert torch.equal(loss_a, loss_b)
 
 
-def test_aux_gradients_match_the_explicit_objective():
+@pytest.mark.parametrize("bootstrap", [0.25, 1.0, 0.6, 0.0])
+def test_aux_gradients_match_the_explicit_objective(bootstrap):
     """One non-final segment in fp64: core, aux predictor and SG gradients equal those of the written-out
     objective loss + <s_end, sg_scale M(s_end)/scale> + w mean_{j,b} ||P(o_j) - M(s_end)||^2, and the SG at the
-    start boundary is regressed onto the gradient of that whole objective."""
+    start boundary is regressed onto the gradient of that objective with the bootstrap weight in place of
+    sg_scale (the core learns from sg_scale * M; M's target bootstraps from bootstrap * M)."""
     inputs, targets = sequence(4)
     core = randomise_(StepCore(), 0.5)
-    boundary = aux_boundary(0.3, gradient_scale=2.0, sg_scale=0.25, loss_weight=0.5)
+    boundary = aux_boundary(0.3, gradient_scale=2.0, sg_scale=0.25, loss_weight=0.5, bootstrap=bootstrap)
     sg, aux = boundary.synthetic_gradient, boundary.aux_predictor
     start = (torch.randn(BATCH, HIDDEN, dtype=F64), torch.randn(BATCH, HIDDEN, dtype=F64))
     loss, s_end, outputs = core(inputs, targets, boundary.begin_segment(start))
@@ -248,7 +250,8 @@ def test_aux_gradients_match_the_explicit_objective():
     aux_loss = 0.3 * (predictions - m_end).pow(2).sum() / (len(outputs2) * BATCH)
     objective = loss2 + (flat_end * (0.25 * m_end / 2.0)).sum() + aux_loss
     params = list(core.parameters()) + list(aux.parameters())
-    *want, arriving = torch.autograd.grad(objective, params + [leaf])
+    *want, _ = torch.autograd.grad(objective, params + [leaf], retain_graph=True)
+    (arriving,) = torch.autograd.grad(objective + (flat_end * ((bootstrap - 0.25) * m_end / 2.0)).sum(), leaf)
     for got, expected in zip([p.grad for p in params], want):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(boundary.last_aux_loss, aux_loss.detach(), rtol=1e-12, atol=1e-12)

@@ -2,12 +2,12 @@
 from .decoupled import DecoupledSequential, StepResult
 from .fused import DecoupledMLP
 from .interface import DNI
-from .recurrent import TruncationDNI, flatten_state, truncation_windows, unflatten_state
+from .recurrent import Alignment, TruncationDNI, flatten_state, sg_alignment, truncation_windows, unflatten_state
 from .synthetic_gradient import ConvSyntheticGradient, SyntheticGradient
 from .unlocked import ForwardUnlockedSequential, RandomRateSequential
 
 __all__ = [
     "SyntheticGradient", "ConvSyntheticGradient", "DNI", "DecoupledSequential", "DecoupledMLP", "StepResult",
-    "TruncationDNI", "flatten_state", "unflatten_state", "truncation_windows",
+    "TruncationDNI", "sg_alignment", "Alignment", "flatten_state", "unflatten_state", "truncation_windows",
     "RandomRateSequential", "ForwardUnlockedSequential",
 ]

@@ -40,7 +40,7 @@ of a ``T``-step segment predicts it ``T - j`` steps ahead (``T - 1`` down to 0).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,7 @@ class TruncationDNI(nn.Module):
         aux_predictor: Optional[nn.Module] = None,
         aux_weight: float = 1.0,
         sg_scale: float = 1.0,
+        bootstrap: float = 1.0,
     ):
         super().__init__()
         self.synthetic_gradient = synthetic_gradient
@@ -120,7 +121,10 @@ class TruncationDNI(nn.Module):
         self.gradient_scale = check_positive("gradient_scale", float(gradient_scale))
         self.aux_weight = check_positive("aux_weight", float(aux_weight), allow_zero=True)
         self.sg_scale = check_positive("sg_scale", float(sg_scale))
+        self.bootstrap = check_positive("bootstrap", float(bootstrap), allow_zero=True)
         self.last_sg_loss: Optional[Tensor] = None
+        self._segment_start: Optional[Tensor] = None  # the flattened state the open segment consumed
+        self._bootstrap_correction = _Correction()
         self.last_aux_loss: Optional[Tensor] = None
 
     def _predict(self, flat: Tensor) -> Tensor:
@@ -140,8 +144,12 @@ class TruncationDNI(nn.Module):
         flat = flatten_state(state, self.batch_dim).detach()
         if has_trainable_params(self.synthetic_gradient):
             flat = _RegressOnArrivingGradient.apply(flat, self._predict(flat), self)
+            # The target M regresses onto: what arrives here plus the bootstrap correction of end_segment.
+            flat = _AddToArrivingGradient.apply(flat, self._bootstrap_correction)
+            self._segment_start = flat
         else:  # nothing to train (e.g. an oracle SG): just cut the graph
             flat = flat.requires_grad_()
+            self._segment_start = None
         return unflatten_state(flat, state, self.batch_dim)
 
     def end_segment(
@@ -156,6 +164,16 @@ class TruncationDNI(nn.Module):
             prediction = torch.zeros_like(flat) if final else self._predict(flat.detach())
         synthetic = prediction * (self.sg_scale / self.gradient_scale)
         tensors, grads = ([], []) if final else ([flat], [synthetic])
+        self._bootstrap_correction.value = None
+        start = self._segment_start
+        self._segment_start = None
+        if not final and self.bootstrap != self.sg_scale and start is not None and flat.requires_grad:
+            # The segment learns from sg_scale * M, but M's target bootstraps from bootstrap * M: the
+            # difference, pushed back through the segment (a second, state-only backward pass).
+            (correction,) = torch.autograd.grad(
+                flat, start, prediction * ((self.bootstrap - self.sg_scale) / self.gradient_scale),
+                retain_graph=True, allow_unused=True)
+            self._bootstrap_correction.value = correction
         if loss is not None:
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError(f"loss: expected a scalar tensor or None, got {loss!r}")
@@ -168,6 +186,7 @@ class TruncationDNI(nn.Module):
         live = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
         if live:
             torch.autograd.backward([t for t, _ in live], [g for _, g in live])
+        self._bootstrap_correction.value = None
         return synthetic
 
     def _aux_loss(self, aux_inputs: Optional[StepOutputs], target: Tensor) -> Optional[Tensor]:
@@ -200,7 +219,67 @@ class TruncationDNI(nn.Module):
     def extra_repr(self) -> str:
         aux = f", aux_weight={self.aux_weight}" if self.aux_predictor is not None else ""
         return (f"batch_dim={self.batch_dim}, loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}, "
-                f"sg_scale={self.sg_scale}{aux}")
+                f"sg_scale={self.sg_scale}, bootstrap={self.bootstrap}{aux}")
+
+
+class _Correction:
+    """A slot for the bootstrap correction of the open segment (None: nothing to add)."""
+
+    value: Optional[Tensor] = None
+
+
+class _AddToArrivingGradient(torch.autograd.Function):
+    """Identity whose backward adds ``correction.value`` (when set) to the gradient passing through."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, correction: _Correction) -> Tensor:
+        ctx.correction = correction
+        return flat.view_as(flat)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        extra = ctx.correction.value
+        return (grad if extra is None else grad + extra), None
+
+
+class Alignment(NamedTuple):
+    cosine: float  #: cosine between the synthetic and the dropped gradient (over the batch and features)
+    norm_ratio: float  #: ||synthetic|| / ||dropped||
+    dropped_norm: float  #: ||dropped||
+
+
+def sg_alignment(boundary: TruncationDNI, state: State, future_loss: Callable[[State], Tensor]) -> Alignment:
+    """How well the boundary's SG predicts the gradient that truncation drops at ``state``.
+
+    ``future_loss(state)`` runs the core on from ``state`` over what follows the boundary (the rest of the
+    sequence, or a horizon of it) and returns that loss; its gradient with respect to ``state`` by full
+    BPTT is what truncated BPTT drops. It is compared with the SG's estimate of it, ``M(state) /
+    gradient_scale``; the segment itself is handed ``sg_scale`` times this. Nothing is stepped or
+    accumulated (parameters' ``.grad`` are left as they are)."""
+    flat = flatten_state(state, boundary.batch_dim).detach().requires_grad_()
+    with torch.enable_grad():
+        loss = future_loss(unflatten_state(flat, state, boundary.batch_dim))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError(f"future_loss: expected a scalar tensor, got {loss!r}")
+        (dropped,) = torch.autograd.grad(loss, flat, allow_unused=True)
+    if dropped is None:
+        dropped = torch.zeros_like(flat)
+    with torch.no_grad():
+        synthetic = boundary._predict(flat.detach()) / boundary.gradient_scale
+        return alignment_of(synthetic, dropped)
+
+
+def alignment_of(synthetic: Tensor, dropped: Tensor, dims: Optional[Sequence[int]] = None) -> Alignment:
+    """Cosine and norm ratio of two gradients, reduced over ``dims`` (default all); nan where undefined."""
+    dims = tuple(range(synthetic.dim())) if dims is None else tuple(dims)
+    dot = (synthetic * dropped).sum(dims)
+    s_norm, d_norm = synthetic.norm(dim=dims), dropped.norm(dim=dims)
+    nan = torch.full_like(dot, float("nan"))
+    cosine = torch.where((s_norm > 0) & (d_norm > 0), dot / (s_norm * d_norm), nan)
+    ratio = torch.where(d_norm > 0, s_norm / d_norm, nan)
+    if cosine.dim() == 0:
+        return Alignment(float(cosine), float(ratio), float(d_norm))
+    return Alignment(cosine, ratio, d_norm)
 
 
 def _stack_steps(aux_inputs: StepOutputs, target: Tensor) -> Tensor:

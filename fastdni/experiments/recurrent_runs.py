@@ -1,0 +1,183 @@
+"""Many recurrent-DNI runs in one process and one set of GEMMs: the budget behind the recurrent grid.
+
+A :class:`RunGroup` holds ``R`` independent runs (a method and a seed each) of the recurrent experiments'
+model (one-layer LSTM, linear readout, linear SG over ``(h, c)`` at every truncation boundary, DNI+Aux's
+linear aux predictor), every parameter stacked on a leading run dimension, so each step of all runs is one
+batched GEMM (``torch.baddbmm``) and one Adam over the stacked tensors (elementwise: exactly ``R``
+independent Adams). The methods differ only in two numbers per run: the scale of the synthetic gradient
+the segment receives (0 for ``bptt``) and the aux weight (0 unless ``dni-aux``); every run's SG is
+regressed, so the alignment diagnostic is defined for all of them.
+
+The math is :class:`fastdni.nn.TruncationDNI`'s, written out for the stacked runs (tests check the two
+agree in fp64): per window of ``T`` steps,
+
+* loss ``L`` of the window (per run: summed over steps and outputs, mean over its ``B`` streams);
+* the segment's backward pass starts from ``L``, ``sg_scale * M(s_end) / B`` at its end state and, for
+  DNI+Aux, ``aux_weight * mean_{j,b} ||P(o_j) - M(s_end)||^2``;
+* ``M`` at the start boundary is regressed onto ``B`` times the gradient arriving there, with its bootstrap
+  term weighted ``bootstrap`` instead of ``sg_scale`` (a second, state-only backward pass).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.recurrent import alignment_of
+
+METHODS = ("bptt", "dni", "dni-aux")
+
+
+class WindowStats(NamedTuple):
+    loss: Tensor  #: ``[R]`` the window's task loss per run (nats, mean over streams)
+    sg_loss: Tensor  #: ``[R]`` the SG regression loss at the window's start boundary
+    aux_loss: Tensor  #: ``[R]`` the DNI+Aux loss (0 for the other methods)
+
+
+def _stack(tensors: Sequence[Tensor]) -> nn.Parameter:
+    return nn.Parameter(torch.stack([t.detach().clone() for t in tensors]))
+
+
+class RunGroup(nn.Module):
+    """``R`` independent LSTM runs stacked on dim 0; ``methods[r]`` and ``seeds[r]`` define run ``r``.
+
+    Run ``r`` starts from the weights ``torch.manual_seed(seeds[r])`` gives ``nn.LSTM(in, hidden)`` and
+    ``nn.Linear(hidden, out)`` built in that order (the per-run experiment's initialisation); SG and aux
+    predictor start at zero, as in the paper."""
+
+    def __init__(self, methods: Sequence[str], seeds: Sequence[int], in_features: int, hidden: int,
+                 out_features: int, *, sg_scale: float = 0.1, aux_weight: float = 0.1, bootstrap: float = 1.0):
+        super().__init__()
+        if len(methods) != len(seeds) or not methods:
+            raise ValueError(f"methods/seeds: expected equal, non-zero lengths, got {len(methods)} and {len(seeds)}")
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; expected a subset of {METHODS}")
+        self.methods, self.seeds, self.hidden = list(methods), list(seeds), hidden
+        lstms, readouts = [], []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            lstms.append(nn.LSTM(in_features, hidden))
+            readouts.append(nn.Linear(hidden, out_features))
+        # Stored transposed so that every product is x @ W: [R, rows, in] @ [R, in, out].
+        self.w_ih = _stack([m.weight_ih_l0.t() for m in lstms])
+        self.w_hh = _stack([m.weight_hh_l0.t() for m in lstms])
+        self.b_ih = _stack([m.bias_ih_l0[None] for m in lstms])
+        self.b_hh = _stack([m.bias_hh_l0[None] for m in lstms])
+        self.w_out = _stack([m.weight.t() for m in readouts])
+        self.b_out = _stack([m.bias[None] for m in readouts])
+        runs, state = len(methods), 2 * hidden
+        self.sg_w = nn.Parameter(torch.zeros(runs, state, state))
+        self.sg_b = nn.Parameter(torch.zeros(runs, 1, state))
+        self.aux_w = nn.Parameter(torch.zeros(runs, hidden, state))
+        self.aux_b = nn.Parameter(torch.zeros(runs, 1, state))
+        # Python floats, not buffers: a buffer would be rounded to the parameters' dtype once and for all.
+        self.sg_scales = [0.0 if m == "bptt" else float(sg_scale) for m in methods]
+        self.aux_weights = [float(aux_weight) if m == "dni-aux" else 0.0 for m in methods]
+        self.bootstrap = float(bootstrap)
+
+    @property
+    def runs(self) -> int:
+        return len(self.methods)
+
+    def core_parameters(self) -> list[nn.Parameter]:
+        return [self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_out, self.b_out]
+
+    def sg_parameters(self) -> list[nn.Parameter]:
+        return [self.sg_w, self.sg_b, self.aux_w, self.aux_b]
+
+    def initial_state(self, streams: int) -> tuple[Tensor, Tensor]:
+        zeros = self.w_hh.new_zeros(self.runs, streams, self.hidden)
+        return zeros, zeros.clone()
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """``x`` ``[T, R, B, in]`` -> logits ``[T, R, B, out]``, outputs ``[T, R, B, hidden]``, final state."""
+        steps, runs, batch, _ = x.shape
+        xw = torch.baddbmm(self.b_ih + self.b_hh, x.transpose(0, 1).reshape(runs, steps * batch, -1), self.w_ih)
+        xw = xw.view(runs, steps, batch, -1)
+        h, c = state
+        outputs = []
+        for t in range(steps):
+            gates = torch.baddbmm(xw[:, t], h, self.w_hh)
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        out = torch.stack(outputs, dim=1)  # [R, T, B, H]
+        logits = torch.baddbmm(self.b_out, out.view(runs, steps * batch, -1), self.w_out).view(runs, steps, batch, -1)
+        return logits.transpose(0, 1), out.transpose(0, 1), (h, c)
+
+    def predict(self, flat: Tensor) -> Tensor:
+        """``M(s)`` of every run: ``[R, B, 2H]``."""
+        return torch.baddbmm(self.sg_b, flat, self.sg_w)
+
+    def train_window(self, x: Tensor, loss_fn, state: tuple[Tensor, Tensor], *, final: bool = False):
+        """One truncated-BPTT window of every run: accumulates ``.grad`` of the core and SG parameters (the
+        caller steps the optimizers). ``loss_fn(logits)`` returns the per-run loss ``[R]``. Returns the
+        logits (detached), the final state (detached) and :class:`WindowStats`."""
+        batch = x.shape[2]
+        h0 = state[0].detach().requires_grad_()
+        c0 = state[1].detach().requires_grad_()
+        logits, outputs, (h1, c1) = self(x, (h0, c0))
+        loss = loss_fn(logits)
+        end = torch.cat([h1, c1], dim=-1)
+        with torch.no_grad():
+            m_end = torch.zeros_like(end) if final else self.predict(end)
+        scale = end.new_tensor(self.sg_scales)[:, None, None]
+        aux_weight = end.new_tensor(self.aux_weights)
+        terms, grads = [loss.sum()], [None]
+        aux_loss = torch.zeros_like(loss)
+        if any(self.aux_weights):
+            steps = outputs.shape[0]
+            flat_out = outputs.transpose(0, 1).reshape(self.runs, steps * batch, -1)
+            pred = torch.baddbmm(self.aux_b, flat_out, self.aux_w).view(self.runs, steps, batch, -1)
+            aux_loss = aux_weight * (pred - m_end[:, None]).pow(2).sum((1, 2, 3)) / (steps * batch)
+            terms.append(aux_loss.sum())
+            grads.append(None)
+        correction = None
+        if not final:
+            terms.append(end)
+            grads.append(m_end * scale / batch)
+            # M's target bootstraps from bootstrap * M(s_end), the segment from sg_scale * M(s_end).
+            extra = m_end * (self.bootstrap - scale) / batch
+            if bool(extra.any()):
+                correction = torch.autograd.grad(end, (h0, c0), extra, retain_graph=True)
+        torch.autograd.backward(terms, grads)
+        arriving = torch.cat([h0.grad, c0.grad], dim=-1)
+        if correction is not None:
+            arriving = arriving + torch.cat(correction, dim=-1)
+        sg_loss = self._regress(torch.cat([h0, c0], dim=-1).detach(), batch * arriving)
+        return logits.detach(), (h1.detach(), c1.detach()), WindowStats(loss.detach(), sg_loss, aux_loss.detach())
+
+    def _regress(self, start: Tensor, target: Tensor) -> Tensor:
+        """Accumulate the gradient of ``mean_b ||M(s) - target||^2`` into the SG; returns it per run."""
+        with torch.no_grad():
+            error = self.predict(start) - target
+            batch = start.shape[1]
+            for p, g in ((self.sg_w, torch.bmm(start.transpose(1, 2), error) * (2.0 / batch)),
+                         (self.sg_b, error.sum(1, keepdim=True) * (2.0 / batch))):
+                p.grad = g if p.grad is None else p.grad + g
+            return error.pow(2).sum((1, 2)) / batch
+
+    def alignment(self, state: tuple[Tensor, Tensor], future_loss) -> tuple[Tensor, Tensor]:
+        """Per run: cosine and norm ratio between ``M(s) / B`` and the gradient of ``future_loss(state)``
+        (per-run losses ``[R]``, the core run on from ``state`` by the caller) with respect to ``s``: the
+        gradient truncation drops there. Parameters' ``.grad`` are left alone."""
+        h = state[0].detach().requires_grad_()
+        c = state[1].detach().requires_grad_()
+        with torch.enable_grad():
+            dh, dc = torch.autograd.grad(future_loss((h, c)).sum(), (h, c), allow_unused=True)
+        dropped = torch.cat([torch.zeros_like(h) if dh is None else dh, torch.zeros_like(c) if dc is None else dc], -1)
+        with torch.no_grad():
+            synthetic = self.predict(torch.cat([h, c], -1).detach()) / h.shape[1]
+        a = alignment_of(synthetic, dropped, dims=(1, 2))
+        return a.cosine, a.norm_ratio
+
+
+def masked_bce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Per run ``[R]``: binary cross-entropy (nats) of the scored steps, summed over steps and outputs,
+    mean over the streams. ``logits``/``targets`` ``[T, R, B, out]``, ``mask`` ``[T, R, B]``."""
+    nats = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
+    return (nats * mask).sum((0, 2)) / logits.shape[2]

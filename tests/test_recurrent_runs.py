@@ -1,0 +1,152 @@
+"""The stacked-runs engine equals per-run TruncationDNI training (fp64), and its stream data and diagnostic."""
+import pytest
+import torch
+from torch import nn
+
+from fastdni.data.copy_streams import CopyStreams
+from fastdni.experiments.recurrent_runs import RunGroup, masked_bce
+from fastdni.nn import SyntheticGradient, TruncationDNI, sg_alignment
+
+F64 = torch.float64
+IN, HIDDEN, OUT, BATCH = 9, 6, 8, 5
+
+
+def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap):
+    """The per-run model of the experiments (nn.LSTM + readout), with the boundary of its method."""
+    torch.manual_seed(seed)
+    lstm, readout = nn.LSTM(IN, HIDDEN).double(), nn.Linear(HIDDEN, OUT).double()
+    boundary = None
+    if method != "bptt":
+        aux = None
+        if method == "dni-aux":
+            aux = nn.Linear(HIDDEN, 2 * HIDDEN).double()
+            nn.init.zeros_(aux.weight)
+            nn.init.zeros_(aux.bias)
+        boundary = TruncationDNI(SyntheticGradient(2 * HIDDEN).double(), batch_dim=1, aux_predictor=aux,
+                                 aux_weight=aux_weight, sg_scale=sg_scale, gradient_scale=BATCH, bootstrap=bootstrap)
+    return lstm, readout, boundary
+
+
+@pytest.mark.parametrize("bootstrap", [1.0, 0.1, 0.5])
+def test_stacked_runs_equal_per_run_truncation_dni(bootstrap):
+    methods, seeds = ["bptt", "dni", "dni-aux"], [0, 1, 2]
+    group = RunGroup(methods, seeds, IN, HIDDEN, OUT, sg_scale=0.1, aux_weight=0.3, bootstrap=bootstrap).double()
+    # Give the zero-initialised SG and aux predictor non-zero weights so that every term is exercised.
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in group.sg_parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=F64))
+    refs = [per_run_reference(m, s, 0.1, 0.3, bootstrap) for m, s in zip(methods, seeds)]
+    for r, (_, _, boundary) in enumerate(refs):
+        if boundary is not None:
+            with torch.no_grad():
+                boundary.synthetic_gradient.layers[0].weight.copy_(group.sg_w[r].t())
+                boundary.synthetic_gradient.layers[0].bias.copy_(group.sg_b[r, 0])
+                if boundary.aux_predictor is not None:
+                    boundary.aux_predictor.weight.copy_(group.aux_w[r].t())
+                    boundary.aux_predictor.bias.copy_(group.aux_b[r, 0])
+    streams = CopyStreams(len(methods), BATCH, bits=OUT, seed=3)
+    streams.set_lengths(torch.tensor([2, 3, 2]))
+    windows = [streams.window(3) for _ in range(4)]
+    state = tuple(s.double() for s in group.initial_state(BATCH))
+    for w in windows:
+        x = w.inputs.double()
+        _, state, stats = group.train_window(x, lambda logits: masked_bce(logits, w.targets.double(), w.mask), state)
+    ref_states = [(torch.zeros(1, BATCH, HIDDEN, dtype=F64),) * 2 for _ in refs]
+    for r, (lstm, readout, boundary) in enumerate(refs):
+        st = ref_states[r]
+        for w in windows:
+            st = boundary.begin_segment(st) if boundary is not None else tuple(s.detach() for s in st)
+            out, st = lstm(w.inputs[:, r].double(), st)
+            logits = readout(out)
+            loss = masked_bce(logits[:, None], w.targets[:, r, None].double(), w.mask[:, r, None])[0]
+            if boundary is None:
+                loss.backward()
+            else:
+                boundary.end_segment(loss, st, aux_inputs=out if boundary.aux_predictor is not None else None)
+        # Gradients accumulated over the 4 windows (no step in between) must agree.
+        pairs = [(group.w_ih.grad[r], lstm.weight_ih_l0.grad.t()), (group.w_hh.grad[r], lstm.weight_hh_l0.grad.t()),
+                 (group.b_ih.grad[r, 0], lstm.bias_ih_l0.grad), (group.w_out.grad[r], readout.weight.grad.t()),
+                 (group.b_out.grad[r, 0], readout.bias.grad)]
+        if boundary is not None:
+            sg = boundary.synthetic_gradient.layers[0]
+            pairs += [(group.sg_w.grad[r], sg.weight.grad.t()), (group.sg_b.grad[r, 0], sg.bias.grad)]
+            torch.testing.assert_close(stats.sg_loss[r], boundary.last_sg_loss, rtol=1e-10, atol=1e-12)
+            if boundary.aux_predictor is not None:
+                pairs += [(group.aux_w.grad[r], boundary.aux_predictor.weight.grad.t())]
+        for got, want in pairs:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_streams_lay_out_copy_episodes_and_fork_sees_the_same_future():
+    s = CopyStreams(2, 3, bits=4, seed=0, max_offset=0)
+    s.set_lengths(torch.tensor([2, 3]))
+    w0 = s.window(1)  # the first episodes were drawn at length 1 before set_lengths: 3 steps
+    twin = s.fork()
+    a, b = s.window(20), twin.window(20)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    x = torch.cat([w0.inputs, a.inputs])[:, 0, 0]
+    y = torch.cat([w0.targets, a.targets])[:, 0, 0]
+    m = torch.cat([w0.mask, a.mask])[:, 0, 0]
+    # Run 0: one episode of N=1 (3 steps), then N=2 (5 steps): read, delimiter, write.
+    assert m.tolist()[:8] == [False, False, True, False, False, False, True, True]
+    assert x[1, 4] == 1 and x[5, 4] == 1 and x[:, 4].sum() >= 3
+    torch.testing.assert_close(y[2], x[0, :4])
+    torch.testing.assert_close(y[6:8], x[3:5, :4])
+    assert bool(a.current[:, 1].any()) and not bool(w0.current.any())
+
+
+def test_repeat_copy_streams_repeat_and_mark_the_end():
+    s = CopyStreams(1, 2, bits=3, max_repeats=3, seed=1, max_offset=0)
+    s.set_lengths(torch.tensor([2]))
+    s.window(3)  # the first episode (N=1) ends within 1 + 1 + R + 1 <= 6 steps; drain it
+    while int(s.position[0, 0]) != 0:
+        s.window(1)
+    w = s.window(12)
+    r = int(s.repeats[0, 0]) if int(s.position[0, 0]) > 0 else None
+    x, y, m = w.inputs[:, 0, 0], w.targets[:, 0, 0], w.mask[:, 0, 0]
+    repeats = round(float(x[2, 4]) * 3)
+    total = 2 + 1 + 2 * repeats + 1
+    assert m[:3].sum() == 0 and m[3:total].all()
+    for k in range(repeats):
+        torch.testing.assert_close(y[3 + 2 * k : 5 + 2 * k, :3], x[0:2, :3])
+    assert y[total - 1, 3] == 1 and y[: total - 1, 3].sum() == 0
+    del r
+
+
+def test_alignment_of_a_perfect_sg_is_one_and_matches_the_library_diagnostic():
+    torch.manual_seed(0)
+    group = RunGroup(["dni"], [0], IN, HIDDEN, OUT).double()
+    streams = CopyStreams(1, BATCH, bits=OUT, seed=2)
+    state = tuple(s.double() + 0.1 for s in group.initial_state(BATCH))
+    future = streams.window(6)
+
+    def future_loss(st):
+        logits, _, _ = group(future.inputs.double(), st)
+        return masked_bce(logits, future.targets.double(), future.mask)
+
+    cos0, ratio0 = group.alignment(state, future_loss)
+    assert torch.isnan(cos0).all() and ratio0[0] == 0  # a zero SG: no direction, no norm
+    # Make the SG a perfect (linear) predictor of the dropped gradient at exactly this state: it then aligns.
+    h = state[0].detach().requires_grad_()
+    c = state[1].detach().requires_grad_()
+    dh, dc = torch.autograd.grad(future_loss((h, c)).sum(), (h, c))
+    with torch.no_grad():
+        group.sg_b.copy_(0)
+        group.sg_w.zero_()
+        group.sg_b[0] = 0
+        target = BATCH * torch.cat([dh, dc], -1)[0]  # [B, 2H]
+        group.sg_b[0, 0] = target.mean(0)
+    cos, ratio = group.alignment(state, future_loss)
+    assert cos[0] > 0.5 and ratio[0] > 0
+
+    # The library's diagnostic on TruncationDNI agrees with the engine's on the same SG and future.
+    sg = SyntheticGradient(2 * HIDDEN).double()
+    with torch.no_grad():
+        sg.layers[0].weight.copy_(group.sg_w[0].t())
+        sg.layers[0].bias.copy_(group.sg_b[0, 0])
+    boundary = TruncationDNI(sg, gradient_scale=BATCH)
+    lib = sg_alignment(boundary, (state[0][0], state[1][0]),
+                       lambda st: future_loss((st[0][None], st[1][None]))[0])
+    assert lib.cosine == pytest.approx(float(cos[0]), rel=1e-10)
+    assert lib.norm_ratio == pytest.approx(float(ratio[0]), rel=1e-10)
