@@ -1,10 +1,12 @@
 """TruncationDNI: with a perfect SG, truncated BPTT gives the full-BPTT gradient; bootstrapped targets; states."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdni.nn import SyntheticGradient, TruncationDNI, flatten_state, truncation_windows, unflatten_state
+from fastdni.nn import SyntheticGradient, TruncationDNI, flatten_state, sg_alignment, truncation_windows, unflatten_state
 from helpers import randomise_
 
 F64 = torch.float64
@@ -329,3 +331,48 @@ def test_bad_aux_inputs_are_named():
         TruncationDNI(SyntheticGradient(4), aux_weight=-1)
     with pytest.raises(ValueError, match="sg_scale"):
         TruncationDNI(SyntheticGradient(4), sg_scale=0)
+
+
+def test_sg_alignment_rises_when_the_future_gradient_is_predictable():
+    """A frozen tanh RNN whose only loss is at the end of each episode, 6 steps after the middle boundary:
+    the gradient truncation drops there is a smooth function of the state (the future inputs are noise
+    independent of it), so a linear SG regressed by TruncationDNI learns it: the diagnostic's cosine goes
+    from undefined (M = 0) to well above 0, and the norm ratio towards 1."""
+    torch.manual_seed(0)
+    cell = nn.RNNCell(3, 8).double().requires_grad_(False)
+    readout = nn.Linear(8, 2).double().requires_grad_(False)
+    boundary = TruncationDNI(SyntheticGradient(8).double(), gradient_scale=32)
+    optimizer = torch.optim.Adam(boundary.parameters(), lr=3e-2)
+    gen = torch.Generator().manual_seed(1)
+
+    def run(state, inputs):
+        for x in inputs:
+            state = cell(x, state)
+        return state
+
+    def episode():
+        return torch.randn(12, 32, 3, generator=gen, dtype=F64), torch.randn(32, 2, generator=gen, dtype=F64)
+
+    def end_loss(state, inputs, y):
+        return 0.5 * (readout(run(state, inputs)) - y).pow(2).sum() / 32
+
+    def middle_alignment():
+        inputs, y = episode()
+        with torch.no_grad():
+            middle = run(torch.zeros(32, 8, dtype=F64), inputs[:6])
+        return sg_alignment(boundary, middle, lambda s: end_loss(s, inputs[6:], y * 0))
+
+    before = middle_alignment()
+    for _ in range(300):
+        inputs, y = episode()
+        y = y * 0  # the target: 0, so the future gradient depends on the state alone (and the noise ahead)
+        state = boundary.begin_segment(torch.zeros(32, 8, dtype=F64))
+        middle = run(state, inputs[:6])
+        boundary.end_segment(None, middle)
+        state = boundary.begin_segment(middle)
+        boundary.end_segment(end_loss(state, inputs[6:], y), run(state, inputs[6:]), final=True)
+        optimizer.step()
+        optimizer.zero_grad()
+    after = middle_alignment()
+    assert math.isnan(before.cosine) and before.norm_ratio == 0
+    assert after.cosine > 0.6 and 0.3 < after.norm_ratio < 1.5

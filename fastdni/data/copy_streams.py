@@ -26,6 +26,7 @@ class StreamWindow(NamedTuple):
     targets: Tensor  #: float 0/1 ``[steps, runs, streams, output_channels]``
     mask: Tensor  #: bool ``[steps, runs, streams]``: the scored steps
     current: Tensor  #: bool ``[steps, runs, streams]``: scored steps of episodes at the run's current length
+    starts: Tensor  #: bool ``[steps, runs, streams]``: the first step of an episode (where an episodic core resets)
 
 
 class CopyStreams:
@@ -88,9 +89,10 @@ class CopyStreams:
         inputs = torch.zeros(steps, self.runs, self.streams, self.input_channels)
         targets = torch.zeros(steps, self.runs, self.streams, self.output_channels)
         mask = torch.zeros(steps, self.runs, self.streams, dtype=torch.bool)
-        current = torch.zeros_like(mask)
+        current, starts = torch.zeros_like(mask), torch.zeros_like(mask)
         for t in range(steps):
             pos, n = self.position, self.n
+            starts[t] = pos == 0
             total = self.episode_steps(n, self.repeats)
             reading = (pos >= 0) & (pos < n)
             index = torch.where(reading, pos, (pos - n - 1).clamp(min=0) % n)
@@ -109,7 +111,7 @@ class CopyStreams:
             current[t] = scored & (n == self.lengths[:, None])
             self.position = pos + 1
             self._new_episodes(self.position >= total)
-        return StreamWindow(inputs, targets, mask, current)
+        return StreamWindow(inputs, targets, mask, current, starts)
 
     def fork(self) -> "CopyStreams":
         """An independent copy: the same future, consumed without touching this stream."""
@@ -127,3 +129,48 @@ class CopyStreams:
         self.generator.set_state(state["generator"])
         for k in ("lengths", "n", "repeats", "position", "pattern"):
             setattr(self, k, state[k].clone())
+
+
+class StreamCurriculum:
+    """The paper's curriculum for every run of a stream: run ``r``'s length grows by one each time its average
+    error over the scored steps of its last ``window`` batches of episodes at its current length (``window *
+    streams * N`` scored steps, the paper's 10 batches) is below ``threshold``. The error unit is bits per
+    output bit (``per="bit"``) or bits per step, summed over the output bits (``per="step"``)."""
+
+    def __init__(self, runs: int, streams: int, channels: int, *, threshold: float = 0.15, per: str = "bit",
+                 window: int = 10):
+        if per not in ("bit", "step"):
+            raise ValueError(f"per: expected 'bit' or 'step', got {per!r}")
+        if not threshold > 0:
+            raise ValueError(f"threshold: expected bits > 0, got {threshold!r}")
+        self.streams, self.threshold, self.per = streams, float(threshold), per
+        self.divisor = float(check_int("channels", channels, 1)) if per == "bit" else 1.0
+        self.window = check_int("window", window, 1)
+        self.lengths = torch.ones(runs, dtype=torch.long)
+        self.max_length_reached = torch.zeros(runs, dtype=torch.long)  #: the longest length each run solved
+        self.error_sum = torch.zeros(runs, dtype=torch.float64)
+        self.scored = torch.zeros(runs, dtype=torch.float64)
+        self.last_error = torch.full((runs,), float("nan"), dtype=torch.float64)  #: the last completed block's
+
+    def update(self, bits: Tensor, current: Tensor) -> bool:
+        """Record a window: ``bits`` ``[T, R, B]`` the error of each step (bits, summed over the ``channels``),
+        ``current`` ``[T, R, B]`` the scored steps at the run's current length. True when a length grew."""
+        self.error_sum += (bits.double() / self.divisor * current).sum((0, 2))
+        self.scored += current.sum((0, 2)).double()
+        full = self.scored >= self.window * self.streams * self.lengths
+        if not bool(full.any()):
+            return False
+        average = self.error_sum / self.scored.clamp(min=1)
+        self.last_error = torch.where(full, average, self.last_error)
+        solved = full & (average < self.threshold)
+        self.max_length_reached = torch.where(solved, self.lengths, self.max_length_reached)
+        self.lengths = self.lengths + solved.long()
+        self.error_sum[full], self.scored[full] = 0.0, 0.0
+        return bool(solved.any())
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).clone() for k in ("lengths", "max_length_reached", "error_sum", "scored", "last_error")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v.clone())

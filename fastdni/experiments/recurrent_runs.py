@@ -19,7 +19,7 @@ agree in fp64): per window of ``T`` steps,
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,17 @@ class WindowStats(NamedTuple):
     aux_loss: Tensor  #: ``[R]`` the DNI+Aux loss (0 for the other methods)
 
 
+PerRun = Union[float, Sequence[float]]
+
+
+def _per_run(name: str, value: PerRun, runs: int) -> list[float]:
+    """One float per run (a single float is shared); each >= 0."""
+    values = [float(value)] * runs if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != runs or not all(v >= 0 for v in values):
+        raise ValueError(f"{name}: expected a float >= 0 or {runs} of them (one per run), got {value!r}")
+    return values
+
+
 def _stack(tensors: Sequence[Tensor]) -> nn.Parameter:
     return nn.Parameter(torch.stack([t.detach().clone() for t in tensors]))
 
@@ -48,7 +59,7 @@ class RunGroup(nn.Module):
     predictor start at zero, as in the paper."""
 
     def __init__(self, methods: Sequence[str], seeds: Sequence[int], in_features: int, hidden: int,
-                 out_features: int, *, sg_scale: float = 0.1, aux_weight: float = 0.1, bootstrap: float = 1.0):
+                 out_features: int, *, sg_scale: PerRun = 0.1, aux_weight: PerRun = 0.1, bootstrap: PerRun = 1.0):
         super().__init__()
         if len(methods) != len(seeds) or not methods:
             raise ValueError(f"methods/seeds: expected equal, non-zero lengths, got {len(methods)} and {len(seeds)}")
@@ -74,9 +85,10 @@ class RunGroup(nn.Module):
         self.aux_w = nn.Parameter(torch.zeros(runs, hidden, state))
         self.aux_b = nn.Parameter(torch.zeros(runs, 1, state))
         # Python floats, not buffers: a buffer would be rounded to the parameters' dtype once and for all.
-        self.sg_scales = [0.0 if m == "bptt" else float(sg_scale) for m in methods]
-        self.aux_weights = [float(aux_weight) if m == "dni-aux" else 0.0 for m in methods]
-        self.bootstrap = float(bootstrap)
+        sg_scale, aux_weight = _per_run("sg_scale", sg_scale, runs), _per_run("aux_weight", aux_weight, runs)
+        self.sg_scales = [0.0 if m == "bptt" else s for m, s in zip(methods, sg_scale)]
+        self.aux_weights = [w if m == "dni-aux" else 0.0 for m, w in zip(methods, aux_weight)]
+        self.bootstraps = _per_run("bootstrap", bootstrap, runs)
 
     @property
     def runs(self) -> int:
@@ -92,14 +104,19 @@ class RunGroup(nn.Module):
         zeros = self.w_hh.new_zeros(self.runs, streams, self.hidden)
         return zeros, zeros.clone()
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """``x`` ``[T, R, B, in]`` -> logits ``[T, R, B, out]``, outputs ``[T, R, B, hidden]``, final state."""
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], resets: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """``x`` ``[T, R, B, in]`` -> logits ``[T, R, B, out]``, outputs ``[T, R, B, hidden]``, final state.
+        ``resets`` ``[T, R, B]`` (bool): zero the state before those steps (episodes: no gradient crosses)."""
         steps, runs, batch, _ = x.shape
         xw = torch.baddbmm(self.b_ih + self.b_hh, x.transpose(0, 1).reshape(runs, steps * batch, -1), self.w_ih)
         xw = xw.view(runs, steps, batch, -1)
         h, c = state
         outputs = []
+        keep = None if resets is None or not bool(resets.any()) else (~resets).to(x.dtype)[..., None]
         for t in range(steps):
+            if keep is not None:
+                h, c = h * keep[t], c * keep[t]
             gates = torch.baddbmm(xw[:, t], h, self.w_hh)
             i, f, g, o = gates.chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -113,14 +130,15 @@ class RunGroup(nn.Module):
         """``M(s)`` of every run: ``[R, B, 2H]``."""
         return torch.baddbmm(self.sg_b, flat, self.sg_w)
 
-    def train_window(self, x: Tensor, loss_fn, state: tuple[Tensor, Tensor], *, final: bool = False):
+    def train_window(self, x: Tensor, loss_fn, state: tuple[Tensor, Tensor], *, resets: Optional[Tensor] = None,
+                     final: bool = False):
         """One truncated-BPTT window of every run: accumulates ``.grad`` of the core and SG parameters (the
         caller steps the optimizers). ``loss_fn(logits)`` returns the per-run loss ``[R]``. Returns the
         logits (detached), the final state (detached) and :class:`WindowStats`."""
         batch = x.shape[2]
         h0 = state[0].detach().requires_grad_()
         c0 = state[1].detach().requires_grad_()
-        logits, outputs, (h1, c1) = self(x, (h0, c0))
+        logits, outputs, (h1, c1) = self(x, (h0, c0), resets)
         loss = loss_fn(logits)
         end = torch.cat([h1, c1], dim=-1)
         with torch.no_grad():
@@ -141,7 +159,7 @@ class RunGroup(nn.Module):
             terms.append(end)
             grads.append(m_end * scale / batch)
             # M's target bootstraps from bootstrap * M(s_end), the segment from sg_scale * M(s_end).
-            extra = m_end * (self.bootstrap - scale) / batch
+            extra = m_end * (end.new_tensor(self.bootstraps)[:, None, None] - scale) / batch
             if bool(extra.any()):
                 correction = torch.autograd.grad(end, (h0, c0), extra, retain_graph=True)
         torch.autograd.backward(terms, grads)
