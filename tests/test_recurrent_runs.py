@@ -11,7 +11,7 @@ F64 = torch.float64
 IN, HIDDEN, OUT, BATCH = 9, 6, 8, 5
 
 
-def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap):
+def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap, sg_hidden=0):
     """The per-run model of the experiments (nn.LSTM + readout), with the boundary of its method."""
     torch.manual_seed(seed)
     lstm, readout = nn.LSTM(IN, HIDDEN).double(), nn.Linear(HIDDEN, OUT).double()
@@ -22,26 +22,30 @@ def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap):
             aux = nn.Linear(HIDDEN, 2 * HIDDEN).double()
             nn.init.zeros_(aux.weight)
             nn.init.zeros_(aux.bias)
-        boundary = TruncationDNI(SyntheticGradient(2 * HIDDEN).double(), batch_dim=1, aux_predictor=aux,
+        sg = SyntheticGradient(2 * HIDDEN, hidden=(sg_hidden,) if sg_hidden else ()).double()
+        boundary = TruncationDNI(sg, batch_dim=1, aux_predictor=aux,
                                  aux_weight=aux_weight, sg_scale=sg_scale, gradient_scale=BATCH, bootstrap=bootstrap)
     return lstm, readout, boundary
 
 
-@pytest.mark.parametrize("bootstrap", [1.0, 0.1, 0.5])
-def test_stacked_runs_equal_per_run_truncation_dni(bootstrap):
+@pytest.mark.parametrize("bootstrap, sg_hidden", [(1.0, 0), (0.1, 0), (0.5, 0), (1.0, 7)])
+def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden):
     methods, seeds = ["bptt", "dni", "dni-aux"], [0, 1, 2]
-    group = RunGroup(methods, seeds, IN, HIDDEN, OUT, sg_scale=0.1, aux_weight=0.3, bootstrap=bootstrap).double()
+    group = RunGroup(methods, seeds, IN, HIDDEN, OUT, sg_scale=0.1, aux_weight=0.3, bootstrap=bootstrap,
+                     sg_hidden=sg_hidden).double()
     # Give the zero-initialised SG and aux predictor non-zero weights so that every term is exercised.
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in group.sg_parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=F64))
-    refs = [per_run_reference(m, s, 0.1, 0.3, bootstrap) for m, s in zip(methods, seeds)]
+    refs = [per_run_reference(m, s, 0.1, 0.3, bootstrap, sg_hidden) for m, s in zip(methods, seeds)]
+    sg_layers = [("sg_w1", "sg_b1"), ("sg_w", "sg_b")] if sg_hidden else [("sg_w", "sg_b")]
     for r, (_, _, boundary) in enumerate(refs):
         if boundary is not None:
             with torch.no_grad():
-                boundary.synthetic_gradient.layers[0].weight.copy_(group.sg_w[r].t())
-                boundary.synthetic_gradient.layers[0].bias.copy_(group.sg_b[r, 0])
+                for layer, (w, b) in zip(boundary.synthetic_gradient.layers, sg_layers):
+                    layer.weight.copy_(getattr(group, w)[r].t())
+                    layer.bias.copy_(getattr(group, b)[r, 0])
                 if boundary.aux_predictor is not None:
                     boundary.aux_predictor.weight.copy_(group.aux_w[r].t())
                     boundary.aux_predictor.bias.copy_(group.aux_b[r, 0])
@@ -69,8 +73,8 @@ def test_stacked_runs_equal_per_run_truncation_dni(bootstrap):
                  (group.b_ih.grad[r, 0], lstm.bias_ih_l0.grad), (group.w_out.grad[r], readout.weight.grad.t()),
                  (group.b_out.grad[r, 0], readout.bias.grad)]
         if boundary is not None:
-            sg = boundary.synthetic_gradient.layers[0]
-            pairs += [(group.sg_w.grad[r], sg.weight.grad.t()), (group.sg_b.grad[r, 0], sg.bias.grad)]
+            for layer, (w, b) in zip(boundary.synthetic_gradient.layers, sg_layers):
+                pairs += [(getattr(group, w).grad[r], layer.weight.grad.t()), (getattr(group, b).grad[r, 0], layer.bias.grad)]
             torch.testing.assert_close(stats.sg_loss[r], boundary.last_sg_loss, rtol=1e-10, atol=1e-12)
             if boundary.aux_predictor is not None:
                 pairs += [(group.aux_w.grad[r], boundary.aux_predictor.weight.grad.t())]

@@ -66,6 +66,7 @@ class GroupConfig:
     aux_weight: float = 0.1  #: weight of the DNI+Aux loss (dni-aux only)
     sg_scale: float = 1.0  #: the segment receives sg_scale * M(s_end) / B
     bootstrap: float = 1.0  #: M's target bootstraps from bootstrap * M(s_end) / B
+    sg_hidden: int = 0  #: 0: a linear SG (the paper's); else one ReLU hidden layer of this width
     episodic: bool = True  #: copy tasks: zero the state at every episode start (else one continuous stream)
     threshold: float = 0.15  #: copy tasks: the curriculum's error threshold
     error_unit: str = "bit"  #: copy tasks: the threshold's unit, bits per output bit or per step
@@ -84,7 +85,7 @@ class GroupConfig:
 def build_group(config: GroupConfig, in_features: int, out_features: int) -> tuple[RunGroup, list]:
     methods, seeds = zip(*config.runs)
     group = RunGroup(methods, seeds, in_features, config.hidden, out_features, sg_scale=config.sg_scale,
-                     aux_weight=config.aux_weight, bootstrap=config.bootstrap)
+                     aux_weight=config.aux_weight, bootstrap=config.bootstrap, sg_hidden=config.sg_hidden)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=config.lr),
                   torch.optim.Adam(group.sg_parameters(), lr=config.sg_lr)]
     return group, optimizers
@@ -481,6 +482,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="scale of the synthetic gradient the segment receives (default 1)")
     p.add_argument("--bootstrap", type=_non_negative_float("--bootstrap"), default=1.0,
                    help="weight of the bootstrapped term of the SG's target (default 1: undiscounted)")
+    p.add_argument("--sg-hidden", type=int, default=0,
+                   help="0: a linear SG over (h, c), the paper's (default); N: one ReLU hidden layer of N units")
     p.add_argument("--stream", action="store_true",
                    help="copy tasks: one continuous stream, the state never reset (default: reset at each episode)")
     p.add_argument("--threshold", type=_positive("--threshold", float), default=0.15,
@@ -509,8 +512,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.methods = [args.method]
     args.methods = list(dict.fromkeys(args.methods))
     args.seeds = list(dict.fromkeys(args.seeds))
-    if args.checkpoint_every < 0 or args.eval_chars < 0:
-        p.error("--checkpoint-every/--eval-chars: expected >= 0")
+    if args.checkpoint_every < 0 or args.eval_chars < 0 or args.sg_hidden < 0:
+        p.error("--checkpoint-every/--eval-chars/--sg-hidden: expected >= 0")
     if args.out is None:
         args.out = Path("runs/recurrent") / args.task
     return args
@@ -540,7 +543,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = GroupConfig(
             task=args.task, truncation=truncation, methods=tuple(args.methods), seeds=tuple(args.seeds),
             steps=steps, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, sg_lr=args.sg_lr,
-            aux_weight=args.aux_weight, sg_scale=args.sg_scale, bootstrap=args.bootstrap, episodic=not args.stream,
+            aux_weight=args.aux_weight, sg_scale=args.sg_scale, bootstrap=args.bootstrap, sg_hidden=args.sg_hidden,
+            episodic=not args.stream,
             threshold=args.threshold, error_unit=args.error_unit, bits=args.bits, max_repeats=args.max_repeats,
             data_seed=args.data_seed)
         try:

@@ -59,7 +59,8 @@ class RunGroup(nn.Module):
     predictor start at zero, as in the paper."""
 
     def __init__(self, methods: Sequence[str], seeds: Sequence[int], in_features: int, hidden: int,
-                 out_features: int, *, sg_scale: PerRun = 0.1, aux_weight: PerRun = 0.1, bootstrap: PerRun = 1.0):
+                 out_features: int, *, sg_scale: PerRun = 0.1, aux_weight: PerRun = 0.1, bootstrap: PerRun = 1.0,
+                 sg_hidden: int = 0):
         super().__init__()
         if len(methods) != len(seeds) or not methods:
             raise ValueError(f"methods/seeds: expected equal, non-zero lengths, got {len(methods)} and {len(seeds)}")
@@ -80,7 +81,14 @@ class RunGroup(nn.Module):
         self.w_out = _stack([m.weight.t() for m in readouts])
         self.b_out = _stack([m.bias[None] for m in readouts])
         runs, state = len(methods), 2 * hidden
-        self.sg_w = nn.Parameter(torch.zeros(runs, state, state))
+        # The SG: linear (the paper's), or with one ReLU hidden layer of sg_hidden units (nn.Linear's default
+        # init from a generator of its own per run, not the core's stream); the output layer at zero.
+        if sg_hidden:
+            bound = 1.0 / state ** 0.5
+            gens = [torch.Generator().manual_seed(10_000 + seed) for seed in seeds]
+            self.sg_w1 = _stack([torch.rand(state, sg_hidden, generator=g) * 2 * bound - bound for g in gens])
+            self.sg_b1 = _stack([torch.rand(1, sg_hidden, generator=g) * 2 * bound - bound for g in gens])
+        self.sg_w = nn.Parameter(torch.zeros(runs, sg_hidden or state, state))
         self.sg_b = nn.Parameter(torch.zeros(runs, 1, state))
         self.aux_w = nn.Parameter(torch.zeros(runs, hidden, state))
         self.aux_b = nn.Parameter(torch.zeros(runs, 1, state))
@@ -98,7 +106,8 @@ class RunGroup(nn.Module):
         return [self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_out, self.b_out]
 
     def sg_parameters(self) -> list[nn.Parameter]:
-        return [self.sg_w, self.sg_b, self.aux_w, self.aux_b]
+        hidden = [self.sg_w1, self.sg_b1] if hasattr(self, "sg_w1") else []
+        return hidden + [self.sg_w, self.sg_b, self.aux_w, self.aux_b]
 
     def initial_state(self, streams: int) -> tuple[Tensor, Tensor]:
         zeros = self.w_hh.new_zeros(self.runs, streams, self.hidden)
@@ -128,13 +137,17 @@ class RunGroup(nn.Module):
 
     def predict(self, flat: Tensor) -> Tensor:
         """``M(s)`` of every run: ``[R, B, 2H]``."""
+        if hasattr(self, "sg_w1"):
+            flat = torch.relu(torch.baddbmm(self.sg_b1, flat, self.sg_w1))
         return torch.baddbmm(self.sg_b, flat, self.sg_w)
 
     def train_window(self, x: Tensor, loss_fn, state: tuple[Tensor, Tensor], *, resets: Optional[Tensor] = None,
-                     final: bool = False):
+                     final: bool = False, oracle: Optional[Tensor] = None):
         """One truncated-BPTT window of every run: accumulates ``.grad`` of the core and SG parameters (the
         caller steps the optimizers). ``loss_fn(logits)`` returns the per-run loss ``[R]``. Returns the
-        logits (detached), the final state (detached) and :class:`WindowStats`."""
+        logits (detached), the final state (detached) and :class:`WindowStats`. ``oracle`` ``[R, B, 2H]``: the
+        true gradient beyond the window (see :func:`dropped_gradient`) used in place of ``M(s_end) / B``, the
+        ceiling a perfect SG would reach (M is still regressed, as usual)."""
         batch = x.shape[2]
         h0 = state[0].detach().requires_grad_()
         c0 = state[1].detach().requires_grad_()
@@ -142,7 +155,7 @@ class RunGroup(nn.Module):
         loss = loss_fn(logits)
         end = torch.cat([h1, c1], dim=-1)
         with torch.no_grad():
-            m_end = torch.zeros_like(end) if final else self.predict(end)
+            m_end = torch.zeros_like(end) if final else self.predict(end) if oracle is None else oracle * batch
         scale = end.new_tensor(self.sg_scales)[:, None, None]
         aux_weight = end.new_tensor(self.aux_weights)
         terms, grads = [loss.sum()], [None]
@@ -171,27 +184,38 @@ class RunGroup(nn.Module):
 
     def _regress(self, start: Tensor, target: Tensor) -> Tensor:
         """Accumulate the gradient of ``mean_b ||M(s) - target||^2`` into the SG; returns it per run."""
+        batch = start.shape[1]
+        if hasattr(self, "sg_w1"):  # an MLP SG: its gradient by autograd
+            with torch.enable_grad():
+                prediction = self.predict(start)
+                error = prediction.detach() - target
+                prediction.backward(error * (2.0 / batch))
+            return error.pow(2).sum((1, 2)) / batch
         with torch.no_grad():
             error = self.predict(start) - target
-            batch = start.shape[1]
             for p, g in ((self.sg_w, torch.bmm(start.transpose(1, 2), error) * (2.0 / batch)),
                          (self.sg_b, error.sum(1, keepdim=True) * (2.0 / batch))):
                 p.grad = g if p.grad is None else p.grad + g
             return error.pow(2).sum((1, 2)) / batch
 
     def alignment(self, state: tuple[Tensor, Tensor], future_loss) -> tuple[Tensor, Tensor]:
-        """Per run: cosine and norm ratio between ``M(s) / B`` and the gradient of ``future_loss(state)``
-        (per-run losses ``[R]``, the core run on from ``state`` by the caller) with respect to ``s``: the
-        gradient truncation drops there. Parameters' ``.grad`` are left alone."""
-        h = state[0].detach().requires_grad_()
-        c = state[1].detach().requires_grad_()
-        with torch.enable_grad():
-            dh, dc = torch.autograd.grad(future_loss((h, c)).sum(), (h, c), allow_unused=True)
-        dropped = torch.cat([torch.zeros_like(h) if dh is None else dh, torch.zeros_like(c) if dc is None else dc], -1)
+        """Per run: cosine and norm ratio between ``M(s) / B`` and :func:`dropped_gradient`, the gradient
+        truncation drops at ``s``. Parameters' ``.grad`` are left alone."""
+        dropped = dropped_gradient(state, future_loss)
         with torch.no_grad():
-            synthetic = self.predict(torch.cat([h, c], -1).detach()) / h.shape[1]
+            synthetic = self.predict(torch.cat(state, -1).detach()) / state[0].shape[1]
         a = alignment_of(synthetic, dropped, dims=(1, 2))
         return a.cosine, a.norm_ratio
+
+
+def dropped_gradient(state: tuple[Tensor, Tensor], future_loss) -> Tensor:
+    """``[R, B, 2H]``: the gradient of ``future_loss(state)`` (per-run losses ``[R]`` of the core run on from
+    ``state`` over what follows, by the caller) with respect to ``(h, c)``, by full BPTT."""
+    h = state[0].detach().requires_grad_()
+    c = state[1].detach().requires_grad_()
+    with torch.enable_grad():
+        dh, dc = torch.autograd.grad(future_loss((h, c)).sum(), (h, c), allow_unused=True)
+    return torch.cat([torch.zeros_like(h) if dh is None else dh, torch.zeros_like(c) if dc is None else dc], -1)
 
 
 def masked_bce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
