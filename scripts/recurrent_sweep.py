@@ -44,6 +44,7 @@ def main() -> None:
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=a.lr), torch.optim.Adam(group.sg_parameters(), lr=a.sg_lr)]
     curriculum = StreamCurriculum(len(methods), a.batch_size, streams.output_channels, per=a.error_unit)
     state, sg_loss, cosines, began = group.initial_state(a.batch_size), torch.zeros(len(methods)), [], time.time()
+    sg_norm = torch.full((len(methods),), 1e-30)
 
     def future_loss(future):
         def loss(s):
@@ -75,6 +76,7 @@ def main() -> None:
             if curriculum.update(bits, w.current):
                 streams.set_lengths(curriculum.lengths)
         sg_loss = 0.99 * sg_loss + 0.01 * stats.sg_loss
+        sg_norm = 0.99 * sg_norm + 0.01 * stats.sg_target_norm
         if step % 100 == 0:  # the alignment, averaged over many boundaries: one boundary is a noisy estimate
             cosines.append(group.alignment(state, future_loss(streams.fork().window(horizon())))[0])
         if step % a.every == 0:
@@ -82,7 +84,7 @@ def main() -> None:
             cosines.clear()
             print(f"{step} {time.time() - began:.0f}s length {curriculum.lengths.tolist()} "
                   f"err {[f'{e:.2f}' for e in curriculum.last_error.tolist()]} "
-                  f"sg_loss {[f'{x:.2g}' for x in sg_loss.tolist()]} cos {[f'{x:.2f}' for x in cos.tolist()]}",
+                  f"sg_loss/target {[f'{x:.2f}' for x in (sg_loss / sg_norm).tolist()]} cos {[f'{x:.2f}' for x in cos.tolist()]}",
                   flush=True)
     print("max length reached", curriculum.max_length_reached.tolist(), f"{time.time() - began:.0f}s")
 

@@ -46,8 +46,8 @@ DEMO = {
     "ptb": dict(hidden=128, batch_size=256, steps=None, eval_every=500, lr=2e-3, sg_lr=1e-2),  # steps: one epoch
 }
 PAPER_HIDDEN = {"copy": 256, "repeat-copy": 256, "ptb": 1024}  # the paper's LSTM sizes; the rest stays ours
-LOG_FIELDS = ("step", "length", "max_length", "train_bits", "valid_bpc", "sg_loss", "aux_loss", "sg_cosine",
-              "sg_norm_ratio", "train_seconds")
+LOG_FIELDS = ("step", "length", "max_length", "train_bits", "valid_bpc", "sg_loss", "sg_loss_normalised", "aux_loss",
+              "sg_cosine", "sg_norm_ratio", "train_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,7 @@ def run_copy(config: GroupConfig, out: Path, **run_options) -> list[dict]:
         curriculum.load_state_dict(run.restored["curriculum"])
         state = tuple(run.restored["state"])
     resets = config.episodic
-    sg_losses, aux_losses, errors = [], [], []
+    sg_losses, sg_targets, aux_losses, errors = [], [], [], []
 
     def future_loss(future) -> Callable:
         def loss(s):
@@ -179,9 +179,11 @@ def run_copy(config: GroupConfig, out: Path, **run_options) -> list[dict]:
         horizon = int(streams.episode_steps(curriculum.lengths.max(), torch.tensor(max(repeats, 1)))) + 1
         cosine, ratio = group.alignment(state, future_loss(streams.fork().window(horizon)))
         sg, aux, err = _mean(sg_losses, runs), _mean(aux_losses, runs), _mean(errors, runs)
-        sg_losses.clear(), aux_losses.clear(), errors.clear()
+        normalised = sg / _mean(sg_targets, runs)
+        sg_losses.clear(), sg_targets.clear(), aux_losses.clear(), errors.clear()
         return [dict(length=int(curriculum.lengths[r]), max_length=int(curriculum.max_length_reached[r]),
-                     train_bits=float(err[r]), sg_loss=float(sg[r]), aux_loss=float(aux[r]) if group.aux_weights[r]
+                     train_bits=float(err[r]), sg_loss=float(sg[r]), sg_loss_normalised=float(normalised[r]),
+                     aux_loss=float(aux[r]) if group.aux_weights[r]
                      else float("nan"), sg_cosine=float(cosine[r]), sg_norm_ratio=float(ratio[r]))
                 for r in range(runs)]
 
@@ -203,6 +205,7 @@ def run_copy(config: GroupConfig, out: Path, **run_options) -> list[dict]:
             errors.append(torch.where(scored > 0, (bits * window.mask).sum((0, 2)) / scored.clamp(min=1)
                                       / (streams.output_channels if config.error_unit == "bit" else 1), float("nan")))
         sg_losses.append(stats.sg_loss)
+        sg_targets.append(stats.sg_target_norm)
         aux_losses.append(stats.aux_loss)
         run.end_step(step + 1, record, extra_state)
     run.close()
@@ -279,7 +282,7 @@ def run_ptb(config: GroupConfig, data, out: Path, *, eval_chars: int = 0, **run_
     if run.restored is not None:
         _load(run.restored, group, optimizers)
         position, state, best = run.restored["position"], tuple(run.restored["state"]), run.restored["best"]
-    sg_losses, aux_losses, train_nats = [], [], []
+    sg_losses, sg_targets, aux_losses, train_nats = [], [], [], []
 
     def record(done: int) -> list[dict]:
         valid = evaluate_bpc(group, data.valid, vocab, max_chars=eval_chars)
@@ -290,14 +293,16 @@ def run_ptb(config: GroupConfig, data, out: Path, *, eval_chars: int = 0, **run_
             mask = better.view(-1, *[1] * (value.dim() - 1))
             best["params"][key] = torch.where(mask, value, best["params"][key])
         sg, aux, nats = _mean(sg_losses, runs), _mean(aux_losses, runs), _mean(train_nats, runs)
-        sg_losses.clear(), aux_losses.clear(), train_nats.clear()
+        normalised = sg / _mean(sg_targets, runs)
+        sg_losses.clear(), sg_targets.clear(), aux_losses.clear(), train_nats.clear()
         horizon = max(4 * config.truncation, 20)
         future = text[position : position + horizon + 1]
         cosine, ratio = torch.full((runs,), float("nan")), torch.full((runs,), float("nan"))
         if len(future) > 1:
             cosine, ratio = group.alignment(state, lambda s: _ce_per_run(
                 group(_one_hot(future[:-1], vocab, runs), s)[0], future[1:]))
-        return [dict(valid_bpc=float(valid[r]), sg_loss=float(sg[r]), sg_cosine=float(cosine[r]),
+        return [dict(valid_bpc=float(valid[r]), sg_loss=float(sg[r]), sg_loss_normalised=float(normalised[r]),
+                     sg_cosine=float(cosine[r]),
                      sg_norm_ratio=float(ratio[r]), train_bits=float(nats[r]) / config.truncation / math.log(2.0),
                      aux_loss=float(aux[r]) if group.aux_weights[r] else float("nan")) for r in range(runs)]
 
@@ -315,6 +320,7 @@ def run_ptb(config: GroupConfig, data, out: Path, *, eval_chars: int = 0, **run_
         run.timed(step_optimizers, optimizers)
         train_nats.append(stats.loss)
         sg_losses.append(stats.sg_loss)
+        sg_targets.append(stats.sg_target_norm)
         aux_losses.append(stats.aux_loss)
         position += config.truncation
         run.end_step(step + 1, record, extra_state)

@@ -33,6 +33,7 @@ METHODS = ("bptt", "dni", "dni-aux")
 class WindowStats(NamedTuple):
     loss: Tensor  #: ``[R]`` the window's task loss per run (nats, mean over streams)
     sg_loss: Tensor  #: ``[R]`` the SG regression loss at the window's start boundary
+    sg_target_norm: Tensor  #: ``[R]`` ``mean_b ||target||^2`` of that regression: sg_loss / it is the normalised loss
     aux_loss: Tensor  #: ``[R]`` the DNI+Aux loss (0 for the other methods)
 
 
@@ -179,8 +180,11 @@ class RunGroup(nn.Module):
         arriving = torch.cat([h0.grad, c0.grad], dim=-1)
         if correction is not None:
             arriving = arriving + torch.cat(correction, dim=-1)
-        sg_loss = self._regress(torch.cat([h0, c0], dim=-1).detach(), batch * arriving)
-        return logits.detach(), (h1.detach(), c1.detach()), WindowStats(loss.detach(), sg_loss, aux_loss.detach())
+        target = batch * arriving
+        sg_loss = self._regress(torch.cat([h0, c0], dim=-1).detach(), target)
+        target_norm = target.pow(2).sum((1, 2)) / batch
+        return logits.detach(), (h1.detach(), c1.detach()), WindowStats(loss.detach(), sg_loss, target_norm,
+                                                                         aux_loss.detach())
 
     def _regress(self, start: Tensor, target: Tensor) -> Tensor:
         """Accumulate the gradient of ``mean_b ||M(s) - target||^2`` into the SG; returns it per run."""

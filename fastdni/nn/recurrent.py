@@ -92,8 +92,13 @@ class TruncationDNI(nn.Module):
 
     ``synthetic_gradient`` maps ``[B, features]`` to ``[B, features]`` (e.g. a linear
     :class:`~fastdni.nn.SyntheticGradient`, as in the paper). It predicts ``gradient_scale * dL/ds``;
-    the segment receives ``M / gradient_scale``. :attr:`last_sg_loss` is the regression loss of the last
-    boundary whose target arrived.
+    the segment receives ``sg_scale * M / gradient_scale``. ``M`` at the segment's start is regressed onto
+    ``gradient_scale`` times the gradient of the segment's loss plus ``bootstrap * M(s_end) / gradient_scale``
+    pushed back through the segment: ``bootstrap=1`` (the default) is the undiscounted future gradient
+    whatever ``sg_scale`` the segment learns from (a value other than ``sg_scale`` costs a second, state-only
+    backward pass); ``bootstrap < 1`` discounts each further boundary, which a continuous stream may need to
+    keep the bootstrapped targets bounded. :attr:`last_sg_loss` is the regression loss of the last boundary
+    whose target arrived. :func:`sg_alignment` measures how well ``M`` predicts the gradient truncation drops.
 
     With ``aux_predictor`` (a module mapping ``[N, step_features]`` to ``[N, features]``) the boundary is
     DNI+Aux: :meth:`end_segment` takes the segment's per-step core outputs and adds the auxiliary loss of
