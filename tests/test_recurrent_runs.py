@@ -154,3 +154,31 @@ def test_alignment_of_a_perfect_sg_is_one_and_matches_the_library_diagnostic():
                        lambda st: future_loss((st[0][None], st[1][None]))[0])
     assert lib.cosine == pytest.approx(float(cos[0]), rel=1e-10)
     assert lib.norm_ratio == pytest.approx(float(ratio[0]), rel=1e-10)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _run_script(path, args, capsys, monkeypatch):
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    runpy.run_path(str(path), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def test_sweep_script_runs_variants_and_the_oracle(capsys, monkeypatch):
+    """The sweep behind docs/recurrent.md's settings: variants side by side, the oracle SG (a perfect M) among them."""
+    out = _run_script(ROOT / "scripts" / "recurrent_sweep.py",
+                      ["--runs", "bptt", "dni:0.1:1", "oracle", "--steps", "200", "--every", "100", "--hidden", "8",
+                       "--batch-size", "4"], capsys, monkeypatch)
+    assert out.count("length [") == 2 and "max length reached [" in out
+
+
+def test_recurrent_runs_benchmark_prints_its_ratio_table(capsys, monkeypatch):
+    out = _run_script(ROOT / "benchmarks" / "bench_recurrent_runs.py",
+                      ["--runs", "2", "--hidden", "8", "--batch-size", "4", "--windows", "2", "--repeats", "1"],
+                      capsys, monkeypatch)
+    assert "| sg_scale | bootstrap | separate TruncationDNI loops | stacked RunGroup | speed-up |" in out
+    assert out.count("x |") == 2
