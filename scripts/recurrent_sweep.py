@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--max-repeats", type=int, default=0, help="0: copy; R >= 1: repeat copy")
     p.add_argument("--error-unit", choices=("bit", "step"), default="bit")
     p.add_argument("--stream", action="store_true", help="continuous stream (default: episodes reset the state)")
+    p.add_argument("--sg-warmup", type=int, default=0,
+                   help="ramp every run's sg_scale linearly from 0 over this many windows (default 0: none)")
     p.add_argument("--ptb", action="store_true", help="character-level PTB instead (validation BPC on 50k characters)")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -55,7 +57,10 @@ def main() -> None:
     def horizon() -> int:
         return int(streams.episode_steps(curriculum.lengths.max(), torch.tensor(max(a.max_repeats, 1)))) + 1
 
+    base_scales = list(group.sg_scales)
     for step in range(1, a.steps + 1):
+        if a.sg_warmup:
+            group.sg_scales = [x * min(1.0, step / a.sg_warmup) for x in base_scales]
         w = streams.window(a.truncation)
         resets = None if a.stream else w.starts
         oracle_end = None  # [R, B, 2H]: the oracles' true gradient beyond the window, the others' own M / B
