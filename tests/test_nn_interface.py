@@ -198,7 +198,7 @@ def test_sg_without_parameters_feeds_its_prediction_and_cuts_the_graph(gradient_
 
 def test_input_that_does_not_require_grad_still_trains_the_sg():
     sg = randomise_(SyntheticGradient(4).double())
-    dni = DNI(sg)
+    dni = DNI(sg, gradient_scale=1.0)
     h = torch.randn(3, 4, dtype=F64)
     out = dni(h)
     out.pow(2).sum().backward()
@@ -221,3 +221,49 @@ def test_dni_errors_and_repr():
     with pytest.raises(ValueError, match="^context"):
         DNI(SyntheticGradient(4, context_features=2))(torch.zeros(2, 4))
     assert "loss_weight=0.5, gradient_scale=2.0" in repr(DNI(SyntheticGradient(4), loss_weight=0.5, gradient_scale=2))
+
+
+def test_default_gradient_scale_is_each_calls_batch_size(check_close):
+    """DNI() with no gradient_scale equals DNI(gradient_scale=B) for every batch size B it is called with: the
+    part below receives M / B and M is regressed onto B times the arriving gradient."""
+    for batch in (6, 2):
+        grads = []
+        for scale in ("batch", float(batch)):
+            torch.manual_seed(0)
+            below, sg, x, _, head, y = make_case("mlp", False)
+            x, y = x[:batch].detach().requires_grad_(), y[:batch]
+            dni = DNI(sg) if scale == "batch" else DNI(sg, gradient_scale=scale)
+            F.cross_entropy(head(dni(below(x))), y).backward()
+            grads.append([p.grad for p in [*below.parameters(), *sg.parameters()]] + [dni.last_sg_loss])
+        check_close(grads[0], grads[1])
+    assert DNI(SyntheticGradient(4)).gradient_scale == "batch"
+    with pytest.raises(ValueError, match="^gradient_scale: expected a number > 0 or 'batch'"):
+        DNI(SyntheticGradient(4), gradient_scale="mean")
+
+
+def test_a_diverging_regression_warns_once():
+    """An SG whose output is 100x its target from the start (a constant, so regression cannot fix it at a tiny
+    learning rate) trips the divergence warning once, after the start-up regressions; a sound one does not."""
+    import warnings
+
+    from fastdni.nn import interface
+
+    def run(bias, steps):
+        sg = SyntheticGradient(3)
+        with torch.no_grad():
+            sg.layers[-1].bias.fill_(bias)
+        dni = DNI(sg, gradient_scale=1.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                h = torch.randn(4, 3, requires_grad=True)
+                dni(h).pow(2).sum().backward()  # target 2 h: norm ~ 1 per example
+        return [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+    steps = 2 * interface.DIVERGENCE_WARMUP + 5
+    diverging = run(100.0, steps)
+    assert len(diverging) == 1 and "DNI: the SG's squared error is" in str(diverging[0].message)
+    assert run(0.0, steps) == []
+    assert len(run(100.0, 2 * interface.DIVERGENCE_WARMUP - 1)) == 0  # not during the start-up regressions
+    nan = run(float("nan"), 3)
+    assert len(nan) == 1 and "nan" in str(nan[0].message)

@@ -2,12 +2,20 @@
 below a synthetic gradient at once (update unlocking)."""
 from __future__ import annotations
 
-from typing import Optional
+import math
+import warnings
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_positive
+
+#: The divergence check of the SG regression: past twice this many regressions (the first are a transient), warn
+#: once when the running mean of
+#: ``||M - s t||^2 / ||s t||^2`` is above the limit (M's error over 3x its target's norm: the SG feeds the layers
+#: below more noise than signal) or when the loss is not finite.
+DIVERGENCE_WARMUP, DIVERGENCE_LIMIT, DIVERGENCE_DECAY = 100, 10.0, 0.99
 
 
 def has_trainable_params(module: nn.Module) -> bool:
@@ -27,19 +35,49 @@ class _RegressOnArrivingGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, prediction: Tensor, interface: nn.Module) -> Tensor:
+    def forward(ctx, h: Tensor, prediction: Tensor, interface: nn.Module, scale: Optional[float] = None) -> Tensor:
         ctx.save_for_backward(prediction)
         ctx.interface = interface
+        ctx.scale = interface.gradient_scale if scale is None else scale  # a per-call scale (DNI's "batch")
         return h.view_as(h)
 
     @staticmethod
     def backward(ctx, target: Tensor):
         (prediction,) = ctx.saved_tensors
         interface = ctx.interface
-        error = prediction - interface.gradient_scale * target
+        scaled = ctx.scale * target
+        error = prediction - scaled
         batch = prediction.shape[0]
-        interface.last_sg_loss = interface.loss_weight * (error * error).sum().detach() / batch
-        return None, error * (2.0 * interface.loss_weight / batch), None
+        squared = (error * error).sum().detach()
+        interface.last_sg_loss = interface.loss_weight * squared / batch
+        _watch_divergence(interface, squared, (scaled * scaled).sum().detach())
+        return None, error * (2.0 * interface.loss_weight / batch), None, None
+
+
+def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_target: Tensor) -> None:
+    """Warn once per interface when its SG regression diverges (see ``DIVERGENCE_LIMIT``)."""
+    if getattr(interface, "_divergence_warned", False):
+        return
+    error, target = float(squared_error), float(squared_target)
+    calls = getattr(interface, "_regressions", 0) + 1
+    interface._regressions = calls
+    reason = None
+    if not math.isfinite(error):
+        reason = f"the SG regression loss is {error}"
+    elif calls > DIVERGENCE_WARMUP:  # past the start-up transient of a zero-initialised SG
+        # Running means of the error and of the target, then their ratio: robust to a few tiny targets.
+        d = DIVERGENCE_DECAY
+        means = getattr(interface, "_regression_means", (error, target))
+        means = (d * means[0] + (1 - d) * error, d * means[1] + (1 - d) * target)
+        interface._regression_means = means
+        mean = means[0] / means[1] if means[1] > 0 else 0.0
+        if calls >= 2 * DIVERGENCE_WARMUP and mean > DIVERGENCE_LIMIT:
+            reason = (f"the SG's squared error is {mean:.3g}x its target's (running mean over the last ~100 "
+                      f"regressions): it feeds the layers below more noise than signal")
+    if reason is not None:
+        interface._divergence_warned = True
+        warnings.warn(f"{type(interface).__name__}: {reason}. Lower the SG learning rate, check gradient_scale, "
+                      f"or use a smaller SG model.", RuntimeWarning, stacklevel=2)
 
 
 class DNI(nn.Module):
@@ -56,22 +94,38 @@ class DNI(nn.Module):
        regressed onto it: the SG parameters receive the gradient of
        ``loss_weight * mean_b ||M(h_b) - s t_b||^2``, and :attr:`last_sg_loss` holds its value.
 
-    ``M`` predicts ``s * dL/dh`` with ``s = gradient_scale`` and the part below receives
-    ``M / s``. The scale changes nothing for the layers below, but lets ``M`` learn targets of
-    order one: with a loss averaged over a batch of ``B`` the true gradient of one example is
-    ``O(1/B)``, so ``gradient_scale=B`` (the per-example gradient) suits the usual SG learning
-    rates. Our MNIST sweep needed an SG learning rate about ``B`` times smaller without it.
+    ``M`` predicts ``s * dL/dh`` and the part below receives ``M / s``. The scale changes nothing
+    for the layers below, but lets ``M`` learn targets of order one: with a loss averaged over a
+    batch of ``B`` the true gradient of one example is ``O(1/B)``, so ``s = B`` (the per-example
+    gradient) suits the usual SG learning rates; our MNIST sweep needed an SG learning rate about
+    ``B`` times smaller without it. ``gradient_scale="batch"`` (the default) takes ``s`` from each
+    call, ``h.shape[0]``: a user never passes it, and a last, smaller batch is scaled right. A
+    number fixes ``s`` (``1``: ``M`` predicts the gradient itself, for a loss summed over the batch).
+
+    A warning (``RuntimeWarning``, once) says when the regression diverges: its loss is not finite,
+    or, past its first 200 regressions, ``M``'s squared error runs above 10x its target's
+    (see ``DIVERGENCE_LIMIT``).
 
     The SG parameters are not stepped here: give them to an optimizer of their own. In eval
     mode, or with grad disabled, the interface is the identity.
     """
 
-    def __init__(self, synthetic_gradient: nn.Module, *, loss_weight: float = 1.0, gradient_scale: float = 1.0):
+    def __init__(self, synthetic_gradient: nn.Module, *, loss_weight: float = 1.0,
+                 gradient_scale: Union[float, str] = "batch"):
         super().__init__()
         self.synthetic_gradient = synthetic_gradient
         self.loss_weight = check_positive("loss_weight", float(loss_weight))
-        self.gradient_scale = check_positive("gradient_scale", float(gradient_scale))
+        if isinstance(gradient_scale, str):
+            if gradient_scale != "batch":
+                raise ValueError(f"gradient_scale: expected a number > 0 or 'batch', got {gradient_scale!r}")
+            self.gradient_scale: Union[float, str] = gradient_scale
+        else:
+            self.gradient_scale = check_positive("gradient_scale", float(gradient_scale))
         self.last_sg_loss: Optional[Tensor] = None
+
+    def scale_for(self, h: Tensor) -> float:
+        """The gradient scale of a call on ``h``: the batch size, or the fixed number given."""
+        return float(h.shape[0]) if self.gradient_scale == "batch" else self.gradient_scale
 
     def forward(self, h: Tensor, context: Optional[Tensor] = None) -> Tensor:
         if not (self.training and torch.is_grad_enabled()):
@@ -85,11 +139,12 @@ class DNI(nn.Module):
             raise ValueError(
                 f"synthetic_gradient: returned shape {tuple(prediction.shape)} for h of shape {tuple(h.shape)}"
             )
+        scale = self.scale_for(h)
         if h.requires_grad:
-            h.backward(prediction.detach() / self.gradient_scale)
+            h.backward(prediction.detach() / scale)
         if not prediction.requires_grad:  # an SG without trainable parameters (e.g. an oracle)
             return h.detach().requires_grad_()
-        return _RegressOnArrivingGradient.apply(h.detach(), prediction, self)
+        return _RegressOnArrivingGradient.apply(h.detach(), prediction, self, scale)
 
     def extra_repr(self) -> str:
         return f"loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}"

@@ -86,7 +86,7 @@ class ForwardUnlockedSequential(DecoupledSequential):
                 interface = self.interfaces[i]
                 sg = interface.synthetic_gradient(out.detach(), context) if context is not None \
                     else interface.synthetic_gradient(out.detach())
-                out.backward(sg.detach() / interface.gradient_scale)
+                out.backward(sg.detach() / interface.scale_for(out))
             else:
                 loss_fn(out, target).backward()
             step_optimizer(self.optimizers[i])
