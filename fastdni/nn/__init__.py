@@ -1,4 +1,5 @@
 """What a PyTorch user drops in: SG models, the DNI interface, a decoupled container, recurrent boundaries."""
+from .decouple import Decoupled, decouple, synthetic_gradient_for
 from .decoupled import DecoupledSequential, StepResult
 from .fused import DecoupledMLP
 from .interface import DNI
@@ -7,7 +8,7 @@ from .synthetic_gradient import ConvSyntheticGradient, SyntheticGradient
 from .unlocked import ForwardUnlockedSequential, RandomRateSequential
 
 __all__ = [
-    "SyntheticGradient", "ConvSyntheticGradient", "DNI", "DecoupledSequential", "DecoupledMLP", "StepResult",
+    "SyntheticGradient", "ConvSyntheticGradient", "DNI", "decouple", "Decoupled", "synthetic_gradient_for", "DecoupledSequential", "DecoupledMLP", "StepResult",
     "TruncationDNI", "sg_alignment", "Alignment", "flatten_state", "unflatten_state", "truncation_windows",
     "RandomRateSequential", "ForwardUnlockedSequential",
 ]
