@@ -49,6 +49,14 @@ def check_tensor(
     return value
 
 
+def check_rows(name: str, batch: Tensor) -> None:
+    """A batch ``[B, ...]`` that an op learns from needs ``B >= 1``: with none, a mean over the batch is 0/0 and
+    an optimizer step on a zero gradient is not a no-op (Adam's momentum still moves). Every backend rejects it
+    with this message (the C++ ops with the same one, ``csrc/common/op_args.h``)."""
+    if batch.shape[0] < 1:
+        raise ValueError(f"{name}: expected a batch of at least 1 row, got shape {tuple(batch.shape)}")
+
+
 def check_context(context: object, *, batch: int, features: int, like: Tensor) -> Tensor:
     """A cDNI context: class labels (int tensor ``[batch]``) or features (float ``[batch, features]``)."""
     if not isinstance(context, Tensor):

@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastdni._checks import check_rows
+
 from ._launch import record_launch
 from .grad_step import gemm_grad_step_
 from .linear_act import check_labels, linear_act
@@ -57,6 +59,7 @@ def _check_label_range(context_weight: Optional[Tensor], context: Optional[Tenso
 def dni_forward(x: Tensor, weight: Tensor, bias: Tensor, sg_weights: Sequence[Tensor], sg_biases: Sequence[Tensor],
                 context_weight: Optional[Tensor], context: Optional[Tensor],
                 activation: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    check_rows("x", x)
     _check_label_range(context_weight, context)
     h, pre = linear_act(x, weight, bias, activation)
     saved_pre = pre if pre is not None else h.new_empty(0)
@@ -76,6 +79,7 @@ def dni_forward(x: Tensor, weight: Tensor, bias: Tensor, sg_weights: Sequence[Te
 def dni_update_(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor, pre: Tensor, prediction: Tensor,
                 state: Sequence[Tensor], optimizer: str, hyper: Sequence[float], grad_scale: float, activation: str,
                 need_input_grad: bool) -> Tensor:
+    check_rows("x", x)
     delta = GradSource.delta(prediction, pre if activation in _NEEDS_PRE else h, activation, 1.0 / grad_scale)
     # dx with the pre-update W: launched before the step below, which rewrites W (stream order).
     dx = linear_act(delta, weight.T, None, "identity")[0] if need_input_grad else x.new_empty(0)
@@ -88,6 +92,7 @@ def sg_regression_(h: Tensor, sg_hidden: Sequence[Tensor], prediction: Tensor, t
                    sg_weights: Sequence[Tensor], sg_biases: Sequence[Tensor], context_weight: Optional[Tensor],
                    context: Optional[Tensor], state: Sequence[Tensor], optimizer: str, hyper: Sequence[float],
                    target_scale: float, loss_weight: float) -> Tensor:
+    check_rows("h", h)
     _check_label_range(context_weight, context)
     batch = h.shape[0]
     per = num_state(optimizer, hyper)

@@ -267,3 +267,15 @@ def test_a_diverging_regression_warns_once():
     assert len(run(100.0, 2 * interface.DIVERGENCE_WARMUP - 1)) == 0  # not during the start-up regressions
     nan = run(float("nan"), 3)
     assert len(nan) == 1 and "nan" in str(nan[0].message)
+
+
+def test_a_batch_of_no_examples_passes_through():
+    """An empty batch (e.g. the last slice of a dataset) has nothing to predict or regress: the identity, no
+    ZeroDivisionError from the per-call scale or the regression's mean."""
+    below, sg, x, _, head, _ = make_case("mlp", False)
+    h = below(x[:0])
+    dni = DNI(sg)
+    out = dni(h)
+    assert out is h and out.shape == (0, 9)
+    head(out).sum().backward()
+    assert dni.last_sg_loss is None and all(p.grad is None for p in sg.parameters())

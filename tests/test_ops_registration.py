@@ -248,3 +248,40 @@ def test_layer_step_propagates_nan_in_x(backend, activation):
     assert torch.isnan(got["prediction"][0]).all(), f"prediction[0] = {got['prediction'][0].tolist()}"
     assert torch.isnan(got["weight"]).all(), f"{int(torch.isnan(got['weight']).sum())} of {got['weight'].numel()} NaN"
     assert torch.isnan(got["loss"])
+
+
+# --- a batch of no rows ------------------------------------------------------------------------------------
+
+def _no_rows(inp):
+    """The inputs and a forward result cut to 0 rows (weights kept)."""
+    forward = reference_forward(inp)
+    inp.x, inp.target = inp.x[:0], inp.target[:0]
+    if inp.context is not None:
+        inp.context = inp.context[:0]
+    forward = ops.ForwardResult(forward.h[:0], forward.pre[:0] if forward.pre.numel() else forward.pre,
+                                forward.prediction[:0], [z[:0] for z in forward.sg_hidden])
+    return inp, forward
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_a_batch_of_no_rows_is_rejected_by_every_backend(name, backend):
+    """One behaviour everywhere: a clear error naming the batch (no ZeroDivisionError, no NaN loss), from the
+    wrappers of every backend and from the raw op (C++ or the reference implementation)."""
+    inp, forward = _no_rows(make_inputs(Case(dtype=torch.float64, sg="mlp1", context="labels")))
+    arg = "h" if name == "sg_regression_" else "x"
+    message = rf"^{arg}: expected a batch of at least 1 row, got shape \(0, "
+    state = _state_like([inp.weight, inp.bias]) if name == "dni_update_" else _state_like(ops.ordered_params(inp.sg))
+    with pytest.raises(ValueError, match=message):
+        if name == "dni_forward":
+            ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, backend=backend)
+        elif name == "dni_update_":
+            ops.dni_update_(inp.x, inp.weight.clone(), inp.bias.clone(), forward, *ADAM, state, backend=backend)
+        else:
+            ops.sg_regression_(forward.h, forward, inp.target, clone_sg(inp.sg), *ADAM, state, inp.context,
+                               backend=backend)
+    raw = {"dni_forward": lambda: forward_op_args(inp),
+           "dni_update_": lambda: update_op_args(inp, forward, *ADAM, state),
+           "sg_regression_": lambda: regression_op_args(inp, forward, *ADAM, state)}[name]()
+    with pytest.raises((RuntimeError, ValueError), match=rf"{arg}: expected a batch of at least 1 row"):
+        getattr(OPS, name)(*raw)

@@ -38,6 +38,8 @@ inline void check_tensor(const char* name, const at::Tensor& t, std::initializer
 // The layer's x [B, K], weight [N, K], bias [N]: the checks every op that takes a layer starts with.
 inline void check_layer(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-d tensor, got shape ", x.sizes());
+  // A batch of none: a mean over it is 0/0 and an optimizer step on a zero gradient still moves (fastdni/_checks.py).
+  TORCH_CHECK(x.size(0) >= 1, "x: expected a batch of at least 1 row, got shape ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ", x.scalar_type());
   check_tensor("weight", weight, {-1, x.size(1)}, x);
   check_tensor("bias", bias, {weight.size(0)}, x);
@@ -179,6 +181,7 @@ inline RegressionArgs check_regression_args(const at::Tensor& h, at::TensorList 
                                             at::TensorList state, std::string_view optimizer, c10::ArrayRef<double> hyper,
                                             double loss_weight) {
   TORCH_CHECK(h.dim() == 2, "h: expected a 2-d tensor, got shape ", h.sizes());
+  TORCH_CHECK(h.size(0) >= 1, "h: expected a batch of at least 1 row, got shape ", h.sizes());
   TORCH_CHECK(at::isFloatingType(h.scalar_type()), "h: expected a floating-point tensor, got ", h.scalar_type());
   const int64_t rows = h.size(0), features = h.size(1);
   const size_t layers = sg_weights.size();

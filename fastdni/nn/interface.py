@@ -107,7 +107,7 @@ class DNI(nn.Module):
     (see ``DIVERGENCE_LIMIT``).
 
     The SG parameters are not stepped here: give them to an optimizer of their own. In eval
-    mode, or with grad disabled, the interface is the identity.
+    mode, with grad disabled, or on a batch of no examples, the interface is the identity.
     """
 
     def __init__(self, synthetic_gradient: nn.Module, *, loss_weight: float = 1.0,
@@ -132,6 +132,8 @@ class DNI(nn.Module):
             return h
         if not isinstance(h, Tensor):
             raise TypeError(f"h: expected a torch.Tensor, got {type(h).__name__}")
+        if h.dim() == 0 or h.shape[0] == 0:  # no examples: nothing to predict or regress; pass it through
+            return h
         # An SG model without context may be any module taking h alone (e.g. an oracle in tests).
         args = (h.detach(),) if context is None else (h.detach(), context)
         prediction = self.synthetic_gradient(*args)

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-from .._checks import check_tensor
+from .._checks import check_rows, check_tensor
 from .activations import activate, activation_derivative, check_activation
 
 
@@ -21,6 +21,7 @@ class LayerGrads(NamedTuple):
 
 def check_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> None:
     check_tensor("x", x, ndim=2)
+    check_rows("x", x)
     check_tensor("weight", weight, shape=(None, x.shape[1]), like=x)
     if bias is not None:
         check_tensor("bias", bias, shape=(weight.shape[0],), like=x)

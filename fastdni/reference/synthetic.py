@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._checks import check_context, check_context_presence, check_tensor
+from .._checks import check_context, check_context_presence, check_rows, check_tensor
 
 
 class SGParams(NamedTuple):
@@ -76,6 +76,7 @@ def init_sg_params(
 
 def check_sg(h: Tensor, params: SGParams, context: Optional[Tensor]) -> None:
     check_tensor("h", h, ndim=2)
+    check_rows("h", h)
     if len(params.weights) == 0 or len(params.weights) != len(params.biases):
         raise ValueError(
             f"params: expected as many weights as biases (at least one), got "

@@ -223,7 +223,32 @@ BAD_INPUTS = {
     "state-noncontiguous": (_bad("state", lambda t: t.T.contiguous().T), ValueError, r"state\[0\]"),
     "state-shape": (_bad("state", lambda t: t[:-1]), ValueError, r"state"),
     "state-dtype": (_bad("state", lambda t: t.half()), (TypeError, ValueError), r"state"),
+    "no-rows": (_bad("x", lambda t: t[:0]), ValueError, r"^x: expected a batch of at least 1 row"),
 }
+
+
+@pytest.mark.parametrize("name", ["dni_forward", "dni_update_", "sg_regression_"])
+def test_the_kernels_reject_a_batch_of_no_rows(name):
+    """The Triton implementations themselves (what torch.ops.fastdni runs on CUDA), not only the wrappers."""
+    from fastdni.kernels import ops as kernel_ops
+
+    inp = _inputs(torch.float32, "relu", "linear")
+    x, h = inp.x[:0], inp.x.new_zeros(0, inp.weight.shape[0])
+    sg = inp.sg
+    optimizer, hyper = OPTIMIZERS["adam-step1"]
+    arg = "h" if name == "sg_regression_" else "x"
+    with launch_counter() as count, pytest.raises(ValueError, match=rf"^{arg}: expected a batch of at least 1 row"):
+        if name == "dni_forward":
+            kernel_ops.dni_forward(x, inp.weight, inp.bias, list(sg.weights), list(sg.biases), None, None, "relu")
+        elif name == "dni_update_":
+            state = _state(optimizer, hyper, [inp.weight, inp.bias])
+            kernel_ops.dni_update_(x, inp.weight, inp.bias, h, h.new_empty(0), h, state, optimizer, hyper, 1.0,
+                                   "relu", True)
+        else:
+            state = _state(optimizer, hyper, [*sg.weights, *sg.biases])
+            kernel_ops.sg_regression_(h, [], h, h, list(sg.weights), list(sg.biases), None, None, state, optimizer,
+                                      hyper, 1.0, 1.0)
+    assert count.total == 0
 
 
 @pytest.mark.parametrize("key", list(BAD_INPUTS))
