@@ -1,7 +1,7 @@
 """A user's own CNN, written from the README alone, decoupled with fastdni.nn.decouple's defaults: the test
 of the library's defaults on a model of one's own (results in docs/mnist.md). One epoch of MNIST, batch 64, Adam 1e-3 on the model.
 
-    python scripts/decouple_own_cnn.py {backprop,cdni,dni} [epochs]      # SG_LR=1e-4: the SG models' Adam lr
+    python scripts/decouple_own_cnn.py {backprop,cdni,dni} [epochs]   # LR / SG_LR: the model's / SG models' Adam lr
 """
 import os
 import sys
@@ -23,7 +23,8 @@ net.add_module("head", nn.Linear(128, 10))
 sg_lr = float(os.environ.get("SG_LR", "1e-3"))
 sgs = None if mode == "backprop" else decouple(net, at=["b1", "b2", "b3"], context_features=10 if mode == "cdni" else 0,
                                                sg_optimizer=lambda p: torch.optim.Adam(p, lr=sg_lr))
-opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+lr = float(os.environ.get("LR", "1e-3"))
+opt = torch.optim.Adam(net.parameters(), lr=lr)
 d = load_mnist()
 B = 64
 t0 = time.time()
@@ -43,4 +44,4 @@ with torch.no_grad():
     err = sum(int((net(d.test_images[i:i+1000]).argmax(1) != d.test_labels[i:i+1000]).sum()) for i in range(0, 10000, 1000)) / 100
 if sgs is not None:
     print("last SG regression losses:", {k: f"{v:.3g}" for k, v in sgs.sg_losses().items()})
-print(f"{mode} sg_lr={sg_lr}: test error {err:.2f}% after {epochs} epoch(s), {time.time()-t0:.0f} s")
+print(f"{mode} lr={lr} sg_lr={sg_lr}: test error {err:.2f}% after {epochs} epoch(s), {time.time()-t0:.0f} s")
