@@ -1,4 +1,4 @@
-"""Analytic cost model of one DNI layer step (issue 7): work, memory traffic and kernel launches.
+"""Analytic cost model of one DNI layer step: work, memory traffic and kernel launches.
 
 The step is the one of :mod:`common` (``benchmarks/common.py``): a layer ``x [B, W] -> h = relu(x W^T + b)``,
 its SG (``"linear"``: one ``W x W`` layer; ``"mlp"``: ``W -> W -> W`` with ReLU), Adam on every parameter,
@@ -43,8 +43,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_BYTES = 4  #: the loss: one scalar (counted as fp32; its per-program partials, ~W/32 floats, are left out)
 STEP_COUNTER_BYTES = 4  #: torch.optim's step counter: one fp32 0-dim (host) tensor per parameter
 PESSIMISTIC_BLOCK = 128  #: tile edge of the no-L2-reuse variant of :func:`fastdni_bytes`
-BYTES_TARGET = 1.2  #: issue 7: fastdni bytes <= 1.2x compulsory
-LAUNCH_TARGET = 5  #: issue 7: at most 5 launches per step
+BYTES_TARGET = 1.2  #: the Triton target: fastdni bytes <= 1.2x compulsory
+LAUNCH_TARGET = 5  #: the Triton target: at most 5 launches per step
 
 GRID_BATCHES = (64, 256, 1024, 4096)
 GRID_WIDTHS = (256, 512, 1024, 2048, 4096)

@@ -1,5 +1,4 @@
-"""One DNI layer step on a GPU: the Triton and CUDA C++ backends against eager PyTorch, torch.compile and the GEMM floor
-(issues 7, 8).
+"""One DNI layer step on a GPU: the Triton and CUDA C++ backends against eager PyTorch, torch.compile and the GEMM floor.
 
 Usage::
 
@@ -34,10 +33,10 @@ Per row:
 4. From the cost model (``benchmarks/cost_model.py``): FLOPs, compulsory bytes, the Triton path's modelled
    bytes; achieved bandwidth (compulsory bytes / time), TFLOP/s and the roofline floor of the device's peak.
 
-Targets (issue 7; ``met`` / ``missed`` / ``-`` where one does not apply): ``launches`` triton <= 5 per step;
+Targets of the Triton backend (``met`` / ``missed`` / ``-`` where one does not apply): ``launches`` triton <= 5 per step;
 ``bytes`` modelled triton bytes <= 1.2x compulsory; ``eager2x`` >= 2x faster than eager at batch <= 256;
-``compiled`` faster than torch.compile on every row; ``floor`` <= 1.15x the GEMM floor at width >= 1024. CUDA backend
-(issue 8): ``cuda_launches`` <= 4 per step; ``cuda_floor`` <= 1.10x the GEMM floor at width >= 1024.
+``compiled`` faster than torch.compile on every row; ``floor`` <= 1.15x the GEMM floor at width >= 1024. CUDA backend:
+``cuda_launches`` <= 4 per step; ``cuda_floor`` <= 1.10x the GEMM floor at width >= 1024.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CUTLASS, checked (issue 8): the pinned nvidia-cutlass wheel's headers build the step's weight-gradient GEMM with
+"""CUTLASS, checked: the pinned nvidia-cutlass wheel's headers build the step's weight-gradient GEMM with
 this machine's nvcc, as CUTLASS 2.x's Ampere kernel and as CUTLASS 3.x's Hopper (TMA + wgmma) kernel, without
 spilling. docs/performance.md records the compile times and why the backend does not use CUTLASS; this keeps the
 "headers serve" part of that true for the version the test extras pin. Needs nvcc, no GPU (about a minute on 2 cores).
