@@ -99,7 +99,7 @@ def sg_regression_(h: Tensor, sg_hidden: Sequence[Tensor], prediction: Tensor, t
     inputs = [h, *sg_hidden]
     loss = torch.empty((), dtype=h.dtype, device=h.device)  # written by the top layer's kernel
     # d loss / d prediction = 2 loss_weight / B * error; the kernels reduce error^2 for the loss.
-    grad = GradSource.error(prediction, target, target_scale, 2.0 * loss_weight / batch if batch else 0.0)
+    grad = GradSource.error(prediction, target, target_scale, 2.0 * loss_weight / batch)  # batch >= 1: check_rows
     for i in reversed(range(len(sg_weights))):
         w, b = sg_weights[i], sg_biases[i]
         w_state, b_state = state[2 * i * per:(2 * i + 1) * per], state[(2 * i + 1) * per:(2 * i + 2) * per]

@@ -21,6 +21,9 @@ from torch import Tensor
 from .._checks import check_int
 
 
+_STREAM_STATE = ("lengths", "n", "repeats", "position", "pattern")  # with the generator: all a stream's state
+
+
 class StreamWindow(NamedTuple):
     inputs: Tensor  #: float ``[steps, runs, streams, input_channels]``
     targets: Tensor  #: float 0/1 ``[steps, runs, streams, output_channels]``
@@ -116,18 +119,16 @@ class CopyStreams:
     def fork(self) -> "CopyStreams":
         """An independent copy: the same future, consumed without touching this stream."""
         twin = copy.copy(self)
-        twin.generator = torch.Generator().set_state(self.generator.get_state())
-        for name in ("lengths", "n", "repeats", "position", "pattern"):
-            setattr(twin, name, getattr(self, name).clone())
+        twin.generator = torch.Generator()
+        twin.load_state_dict(self.state_dict())
         return twin
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), **{k: getattr(self, k).clone() for k in
-                                                             ("lengths", "n", "repeats", "position", "pattern")}}
+        return {"generator": self.generator.get_state(), **{k: getattr(self, k).clone() for k in _STREAM_STATE}}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        for k in ("lengths", "n", "repeats", "position", "pattern"):
+        for k in _STREAM_STATE:
             setattr(self, k, state[k].clone())
 
 

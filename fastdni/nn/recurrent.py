@@ -248,9 +248,11 @@ class _AddToArrivingGradient(torch.autograd.Function):
 
 
 class Alignment(NamedTuple):
-    cosine: float  #: cosine between the synthetic and the dropped gradient (over the batch and features)
-    norm_ratio: float  #: ||synthetic|| / ||dropped||
-    dropped_norm: float  #: ||dropped||
+    """Floats when reduced over everything; tensors of the remaining dims when :func:`alignment_of` keeps some."""
+
+    cosine: Union[float, Tensor]  #: cosine between the synthetic and the dropped gradient
+    norm_ratio: Union[float, Tensor]  #: ||synthetic|| / ||dropped||
+    dropped_norm: Union[float, Tensor]  #: ||dropped||
 
 
 def sg_alignment(boundary: TruncationDNI, state: State, future_loss: Callable[[State], Tensor]) -> Alignment:
