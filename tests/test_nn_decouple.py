@@ -110,3 +110,21 @@ def test_decouple_errors_are_named():
     decouple(wrapper, at=["0"])
     with pytest.raises(TypeError, match="^at: '0' returned tuple"):
         wrapper(torch.zeros(2, 3))
+
+
+def test_interface_factory_is_used_for_every_chosen_module():
+    """interface=...: the interfaces are built by the given factory (here DNI with loss weight 0.5 and a fixed scale),
+    so the regression gradients of the SG models are half those of the default interface."""
+    import functools
+
+    torch.manual_seed(0)
+    model = SmallNet().double()
+    twin = copy.deepcopy(model)
+    x, y = data()
+    half = decouple(model, at=["conv", "fc"], interface=functools.partial(DNI, loss_weight=0.5, gradient_scale=5.0))
+    full = decouple(twin, at=["conv", "fc"])
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(twin(x), y).backward()
+    assert all(d.loss_weight == 0.5 and d.gradient_scale == 5.0 for d in half.interfaces.values())
+    for a, b in zip(half.parameters(), full.parameters()):
+        torch.testing.assert_close(a.grad, 0.5 * b.grad, rtol=1e-12, atol=1e-15)

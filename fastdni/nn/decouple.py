@@ -53,8 +53,10 @@ class Decoupled(nn.Module):
     the SG models. :attr:`context` is handed to every SG model (cDNI): set it before each forward."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], *, context_features: int,
-                 sg_optimizer: SGOptimizerFactory, sg_factory: Callable[[Tensor, int], nn.Module]):
+                 sg_optimizer: SGOptimizerFactory, sg_factory: Callable[[Tensor, int], nn.Module],
+                 interface: Callable[[nn.Module], DNI] = DNI):
         super().__init__()
+        self.interface = interface
         self.context_features = check_int("context_features", context_features, 0)
         self.sg_optimizer, self.sg_factory = sg_optimizer, sg_factory
         self.interfaces = nn.ModuleDict()
@@ -77,7 +79,7 @@ class Decoupled(nn.Module):
                 raise TypeError(f"at: {name!r} returned {type(output).__name__}; DNI needs a tensor output")
             if key not in self.interfaces:
                 sg = self.sg_factory(output.detach(), self.context_features)
-                self.interfaces[key] = DNI(sg)
+                self.interfaces[key] = self.interface(sg)
                 self.optimizers[key] = self.sg_optimizer(sg.parameters())
             if self.context_features and self.context is None:
                 raise ValueError(f"context: the SG models are conditioned ({self.context_features} features): "
@@ -104,13 +106,15 @@ class Decoupled(nn.Module):
 
 def decouple(model: nn.Module, at: Sequence[str], *, context_features: int = 0,
              sg_optimizer: SGOptimizerFactory = default_sg_optimizer,
-             sg_factory: Callable[[Tensor, int], nn.Module] = synthetic_gradient_for) -> Decoupled:
+             sg_factory: Callable[[Tensor, int], nn.Module] = synthetic_gradient_for,
+             interface: Callable[[nn.Module], DNI] = DNI) -> Decoupled:
     """Put a :class:`DNI` after each submodule of ``model`` named in ``at`` (names as in
     ``model.named_modules()``). ``context_features > 0``: cDNI, the SG models see ``Decoupled.context``
     (integer labels ``[B]`` or float features ``[B, context_features]``). ``sg_factory(h, context_features)``
     builds an SG model for an activation like ``h`` (default :func:`synthetic_gradient_for`);
-    ``sg_optimizer(params)`` its optimizer (default Adam 1e-3)."""
+    ``sg_optimizer(params)`` its optimizer (default Adam 1e-3); ``interface(sg)`` the interface around it
+    (default :class:`DNI`; e.g. ``functools.partial(DNI, loss_weight=0.5)``)."""
     if isinstance(at, str):
         at = [at]
     return Decoupled(model, list(at), context_features=context_features, sg_optimizer=sg_optimizer,
-                     sg_factory=sg_factory)
+                     sg_factory=sg_factory, interface=interface)
