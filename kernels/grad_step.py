@@ -39,7 +39,7 @@ from ._checks import FLOAT_DTYPES, check_device, check_float, check_like, check_
 from ._tiling import INTERPRETED, gemm_configs, grouped_tile, pruner
 from ._launch import record_launch
 from .linear_act import check_labels
-from .optim import num_state, optimizer_args, optimizer_epilogue
+from .optim import optimizer_args, optimizer_epilogue, state_per_param
 from .prologue import GradSource, gradient_tile
 
 __all__ = ["gemm_grad_step_", "bias_grad_step_"]
@@ -226,7 +226,7 @@ def _check_step_args(param_name: str, param: object, shape: tuple, state: Sequen
     check_updated(param_name, param, shape, param, param_name)
     if isinstance(state, Tensor) or not isinstance(state, (list, tuple)):
         raise TypeError(f"{param_name} state: expected a list of tensors, got {type(state).__name__}")
-    want = num_state(optimizer, hyper)
+    want = state_per_param(optimizer, hyper)
     if len(state) != want:
         raise ValueError(f"{param_name} state: expected {want} tensors for {optimizer!r} (hyper {list(hyper)}), got {len(state)}")
     for i, s in enumerate(state):
@@ -369,7 +369,7 @@ def _launch_bias(source: GradSource, bias: Optional[Tensor], state: Sequence[Ten
     if bias is None:  # only the loss is wanted: step a scratch bias with plain SGD, lr 0 (a no-op)
         bias, state, optimizer, hyper = torch.zeros(N, device=source.device), [], "sgd", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     scalars, constexprs = optimizer_args(optimizer, hyper)
-    n_state = num_state(optimizer, hyper)
+    n_state = state_per_param(optimizer, hyper)
     s0 = state[0] if n_state >= 1 else bias
     s1 = state[1] if n_state >= 2 else bias
     primary, secondary, grad_args = source.kernel_args()

@@ -1,7 +1,7 @@
 """``out = act(x @ weight.T + bias [+ label_weight[:, labels].T])``: one Triton GEMM with a fused epilogue.
 
 This is the building block of ``dni_forward`` (see :mod:`fastdni.reference.layer` and
-:mod:`fastdni.reference.synthetic`): the layer itself (``act`` = identity/relu/tanh/gelu), each SG
+:mod:`fastdni.reference.synthetic`): the layer itself (``act`` any of ``fastdni.contract.ACTIVATIONS``), each SG
 layer (relu for hidden layers, identity for the output layer) and, for the first SG layer of a cDNI
 model, the label term ``U[:, y_b]`` gathered row by row instead of a one-hot GEMM.
 
@@ -18,8 +18,8 @@ Design notes
   what torch's own matmul gives for the same tensors (the reference the tests compare against).
 * ``pre`` is written only when asked for: by default only for gelu, the one activation whose
   derivative cannot be formed from the output (``fastdni.reference.NEEDS_PRE``). Skipping it saves a
-  full ``[M, N]`` store for relu/tanh/identity.
-* relu and tanh are written so that a NaN pre-activation stays NaN (``torch.relu(nan) = nan``):
+  full ``[M, N]`` store for the others.
+* relu, leaky_relu and tanh are written so that a NaN pre-activation stays NaN (``torch.relu(nan) = nan``):
   ``where(p < 0, 0, p)`` rather than ``maximum`` (whose NaN handling is backend-defined).
 """
 from __future__ import annotations
@@ -31,17 +31,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastdni.contract import LABEL_DTYPES, NEEDS_PRE, check_label_range
+
 from ._checks import check_device, check_float, check_like
 from ._launch import record_launch
 from ._tiling import INTERPRETED, gemm_configs, grouped_tile, pruner
-from .prologue import ACTIVATION_CODES, GradSource, activation_derivative, gradient_tile
+from .prologue import ACTIVATION_CODES, LEAKY_RELU_SLOPE, GradSource, activation_derivative, gradient_tile
 
 __all__ = ["linear_act", "check_labels", "ACTIVATION_CODES"]
 
-# Activations are small ints (prologue.ACTIVATION_CODES): the kernel specialises on a constexpr, so each one
-# compiles to straight-line code without a runtime branch.
-_NEEDS_PRE = ("gelu",)  # as fastdni.reference.NEEDS_PRE
-_LABEL_DTYPES = (torch.int32, torch.int64)
+# Activations are small ints (fastdni.contract.ACTIVATION_CODES): the kernel specialises on a constexpr, so each
+# one compiles to straight-line code without a runtime branch.
 
 # Standard GEMM shapes (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for big batches, narrow ones
 # for the small batches/widths of SG models; the pruner drops those far larger than the problem. Sized so that
@@ -149,6 +149,8 @@ def _linear_act_kernel(
         acc = tl.where(acc < 0.0, -th, th)
     elif ACTIVATION == 3:  # exact gelu, p * Phi(p), as fastdni.reference.activations
         acc = acc * 0.5 * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == 4:  # leaky_relu; NaN < 0 is false, so NaN passes through
+        acc = tl.where(acc < 0.0, acc * LEAKY_RELU_SLOPE, acc)
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -172,7 +174,7 @@ def linear_act(
             formed as they are loaded (e.g. ``delta`` for ``dx = delta W``: pass ``weight=W.T``).
         weight: ``[N, K]``, same dtype and device as ``x``.
         bias: ``[N]``, same dtype and device, or ``None`` for no bias.
-        activation: ``"identity"``, ``"relu"``, ``"tanh"`` or ``"gelu"`` (exact, erf).
+        activation: one of ``fastdni.contract.ACTIVATIONS`` (gelu exact, with erf).
         label_weight: cDNI ``U``, ``[N, C]``, same dtype and device; given together with ``labels``.
         labels: ``[M]`` int32/int64 class labels in ``[0, C)``.
         addend: ``[M, N]`` added before the activation (a float context term ``c U^T``).
@@ -193,7 +195,7 @@ def linear_act(
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation: expected one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
     if save_pre is None:
-        save_pre = activation in _NEEDS_PRE
+        save_pre = activation in NEEDS_PRE
     elif not isinstance(save_pre, bool):
         raise TypeError(f"save_pre: expected None or a bool, got {type(save_pre).__name__}")
 
@@ -217,9 +219,9 @@ def linear_act(
     deriv_code = 0
     if out_derivative is not None:
         z, act2 = out_derivative
-        if act2 not in ACTIVATION_CODES or act2 in _NEEDS_PRE:
+        if act2 not in ACTIVATION_CODES or act2 in NEEDS_PRE:
             raise ValueError(f"out_derivative: expected an activation whose derivative follows from its output "
-                             f"(identity, relu, tanh), got {act2!r}")
+                             f"(not one of {NEEDS_PRE}), got {act2!r}")
         z = _check_output_like("out_derivative", z, x, M, N)
         deriv_code = ACTIVATION_CODES[act2]
 
@@ -291,18 +293,16 @@ def _check_labels(label_weight: Optional[Tensor], labels: Optional[Tensor], x: T
 
 def check_labels(labels: object, rows: int, classes: int, device: torch.device, *, check_range: bool = True) -> None:
     """int32/int64 ``[rows]`` in ``[0, classes)`` on ``device``. Out-of-range labels would read or write
-    outside ``U``: checked on the host (one device sync; the op contract requires the same check of the
-    reference, ``fastdni._checks.check_context``). ``check_range=False`` skips that sync where the caller
+    outside ``U``: checked on the host (one device sync; :func:`fastdni.contract.check_label_range`, as every
+    backend does). ``check_range=False`` skips that sync where the caller
     has checked the same labels already (kernels/ops.py checks once per op)."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in _LABEL_DTYPES:
+    if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"labels: expected dtype int32 or int64, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != rows:
         raise ValueError(f"labels: expected shape ({rows},) (one label per row), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels: expected device {device}, got {labels.device}")
-    if rows and check_range:
-        low, high = torch.stack(torch.aminmax(labels)).tolist()  # one transfer, one sync
-        if low < 0 or high >= classes:
-            raise ValueError(f"labels: expected values in [0, {classes}), got values in [{low}, {high}]")
+    if check_range:
+        check_label_range("labels", labels, classes)

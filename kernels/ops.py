@@ -27,16 +27,14 @@ import torch
 from torch import Tensor
 
 from fastdni._checks import check_rows
+from fastdni.contract import NEEDS_PRE, check_label_range, split_state, state_per_param
 
 from ._launch import record_launch
 from .grad_step import gemm_grad_step_
 from .linear_act import check_labels, linear_act
-from .optim import num_state
 from .prologue import GradSource
 
 __all__ = ["dni_forward", "dni_update_", "sg_regression_"]
-
-_NEEDS_PRE = ("gelu",)  # as fastdni.reference.NEEDS_PRE
 
 
 def _context_args(context_weight: Optional[Tensor], context: Optional[Tensor]) -> dict:
@@ -53,7 +51,8 @@ def _context_args(context_weight: Optional[Tensor], context: Optional[Tensor]) -
 def _check_label_range(context_weight: Optional[Tensor], context: Optional[Tensor]) -> None:
     """Labels index ``U``: checked once per op (one device sync), not again by each kernel that reads them."""
     if context_weight is not None and context is not None and not context.dtype.is_floating_point:
-        check_labels(context, context.shape[0], context_weight.shape[1], context.device)
+        check_labels(context, context.shape[0], context_weight.shape[1], context.device, check_range=False)
+        check_label_range("context", context, context_weight.shape[1])
 
 
 def dni_forward(x: Tensor, weight: Tensor, bias: Tensor, sg_weights: Sequence[Tensor], sg_biases: Sequence[Tensor],
@@ -80,11 +79,11 @@ def dni_update_(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor, pre: Tensor,
                 state: Sequence[Tensor], optimizer: str, hyper: Sequence[float], grad_scale: float, activation: str,
                 need_input_grad: bool) -> Tensor:
     check_rows("x", x)
-    delta = GradSource.delta(prediction, pre if activation in _NEEDS_PRE else h, activation, 1.0 / grad_scale)
+    delta = GradSource.delta(prediction, pre if activation in NEEDS_PRE else h, activation, 1.0 / grad_scale)
     # dx with the pre-update W: launched before the step below, which rewrites W (stream order).
     dx = linear_act(delta, weight.T, None, "identity")[0] if need_input_grad else x.new_empty(0)
-    per = num_state(optimizer, hyper)
-    gemm_grad_step_(delta, x, weight, state[:per], optimizer, hyper, bias=bias, bias_state=state[per:])
+    weight_state, bias_state = split_state(state, 2, state_per_param(optimizer, hyper))
+    gemm_grad_step_(delta, x, weight, weight_state, optimizer, hyper, bias=bias, bias_state=bias_state)
     return dx
 
 
@@ -95,22 +94,24 @@ def sg_regression_(h: Tensor, sg_hidden: Sequence[Tensor], prediction: Tensor, t
     check_rows("h", h)
     _check_label_range(context_weight, context)
     batch = h.shape[0]
-    per = num_state(optimizer, hyper)
+    layers = len(sg_weights)
+    # One state list per parameter, in the contract's order: A_1, c_1, ..., A_L, c_L, then U.
+    per_param = split_state(state, 2 * layers + (context_weight is not None), state_per_param(optimizer, hyper))
     inputs = [h, *sg_hidden]
     loss = torch.empty((), dtype=h.dtype, device=h.device)  # written by the top layer's kernel
     # d loss / d prediction = 2 loss_weight / B * error; the kernels reduce error^2 for the loss.
     grad = GradSource.error(prediction, target, target_scale, 2.0 * loss_weight / batch)  # batch >= 1: check_rows
-    for i in reversed(range(len(sg_weights))):
+    for i in reversed(range(layers)):
         w, b = sg_weights[i], sg_biases[i]
-        w_state, b_state = state[2 * i * per:(2 * i + 1) * per], state[(2 * i + 1) * per:(2 * i + 2) * per]
+        w_state, b_state = per_param[2 * i], per_param[2 * i + 1]
         below = None
         if i > 0:  # the gradient through this layer, with its pre-update weight (launched before its step)
             below = linear_act(grad, w.T, None, "identity", out_derivative=(sg_hidden[i - 1], "relu"))[0]
-        top = i == len(sg_weights) - 1
+        top = i == layers - 1
         gemm_grad_step_(grad, inputs[i], w, w_state, optimizer, hyper, bias=b, bias_state=b_state,
                         loss=loss if top else None, loss_scale=loss_weight / batch if batch else 0.0)
         if i == 0 and context_weight is not None:
-            u_state = state[2 * len(sg_weights) * per:]
+            u_state = per_param[2 * layers]
             labelled = not context.dtype.is_floating_point
             gemm_grad_step_(grad, None if labelled else context, context_weight, u_state, optimizer, hyper,
                             labels=context if labelled else None, check_label_range=False)

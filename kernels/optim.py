@@ -24,11 +24,11 @@ from typing import Sequence
 import triton
 import triton.language as tl
 
-from fastdni.ops.optim import HYPER_FIELDS
+from fastdni.contract import check_kernel_hyper, state_per_param
 
 __all__ = [
     "optimizer_args",
-    "num_state",
+    "state_per_param",
     "OPTIMIZER_KERNEL_ARGS",
     "adam_update",
     "sgd_update",
@@ -46,38 +46,14 @@ CONSTEXPR_NAMES = ("IS_ADAM", "HAS_WD", "DECOUPLED", "HAS_BUF", "NESTEROV", "FIR
 OPTIMIZER_KERNEL_ARGS = SCALAR_NAMES + CONSTEXPR_NAMES
 
 
-def num_state(optimizer: str, hyper: Sequence[float]) -> int:
-    """State tensors per parameter: adam 2 (exp_avg, exp_avg_sq), sgd 1 (momentum buffer) or 0 (momentum 0)."""
-    if optimizer == "adam":
-        return 2
-    return 1 if float(hyper[1]) != 0.0 else 0
-
-
 def optimizer_args(optimizer: str, hyper: Sequence[float]) -> tuple[dict, dict]:
     """``(scalars, constexprs)`` for one step; raises ``ValueError`` naming ``optimizer``/``hyper`` when invalid."""
-    if optimizer not in HYPER_FIELDS:
-        raise ValueError(f"optimizer: expected one of {tuple(HYPER_FIELDS)}, got {optimizer!r}")
-    fields = HYPER_FIELDS[optimizer]
-    try:
-        h = [float(v) for v in hyper]
-    except (TypeError, ValueError):
-        raise ValueError(f"hyper: expected a sequence of {len(fields)} floats ({', '.join(fields)}), got {hyper!r}") from None
-    if len(h) != len(fields):
-        raise ValueError(f"hyper: expected {len(fields)} values ({', '.join(fields)}) for {optimizer!r}, got {len(h)}")
-    if not all(math.isfinite(v) for v in h):
-        raise ValueError(f"hyper: expected finite values, got {h!r}")
+    h = check_kernel_hyper(optimizer, hyper)  # the op contract's checks (fastdni.contract)
     lr = h[0]
-    if lr < 0:
-        raise ValueError(f"hyper: lr must be >= 0, got {lr!r}")
     scalars = dict.fromkeys(SCALAR_NAMES, 0.0)
     scalars["OPT_LR"] = lr
     if optimizer == "adam":
         _, beta1, beta2, eps, wd, decoupled, step = h
-        if not (step >= 1 and step.is_integer()):
-            raise ValueError(f"hyper: Adam's step must be an integer >= 1 (steps count from 1), got {step!r}")
-        for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"hyper: {name} must be in [0, 1), got {beta!r}")
         scalars.update(
             OPT_WEIGHT_DECAY=wd,
             OPT_BETA2=beta2,
@@ -92,8 +68,6 @@ def optimizer_args(optimizer: str, hyper: Sequence[float]) -> tuple[dict, dict]:
                           HAS_BUF=False, NESTEROV=False, FIRST_STEP=False)
     else:
         _, momentum, dampening, wd, nesterov, first_step = h
-        if nesterov != 0.0 and (momentum <= 0.0 or dampening != 0.0):
-            raise ValueError("hyper: nesterov requires momentum > 0 and dampening == 0")
         scalars.update(OPT_WEIGHT_DECAY=wd, OPT_MOMENTUM=momentum, OPT_ONE_MINUS_DAMPENING=1.0 - dampening)
         has_buf = momentum != 0.0
         constexprs = dict(IS_ADAM=False, HAS_WD=wd != 0.0, DECOUPLED=False, HAS_BUF=has_buf,

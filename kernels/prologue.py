@@ -3,7 +3,7 @@
 A DNI layer step needs two gradients that are cheap elementwise functions of tensors it already has:
 
 * the layer's ``delta = prediction / grad_scale * act'(pre)``, where ``act'`` is formed from the output ``h``
-  (identity, relu, tanh) or the saved pre-activation (gelu), as
+  (identity, relu, tanh, leaky_relu) or the saved pre-activation (gelu), as
   :func:`fastdni.reference.activation_derivative_from_output`;
 * the SG's output gradient ``2 loss_weight / B * (prediction - target_scale * target)``.
 
@@ -21,10 +21,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastdni import contract
+from fastdni.contract import ACTIVATION_CODES
+
+LEAKY_RELU_SLOPE = tl.constexpr(contract.LEAKY_RELU_SLOPE)  #: a compile-time constant of the kernels
+
 __all__ = ["GradSource", "gradient_tile", "activation_derivative", "STORED", "DELTA", "ERROR"]
 
 STORED, DELTA, ERROR = 0, 1, 2  # GradSource.mode, a tl.constexpr of the kernels
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "tanh": 2, "gelu": 3}
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,9 @@ class GradSource:
 
 @triton.jit
 def activation_derivative(q, ACTIVATION: tl.constexpr):
-    """``act'`` from the output (identity 0, relu 1, tanh 2) or the pre-activation (gelu 3), fp32, as
-    ``fastdni.reference.activation_derivative_from_output`` (relu: ``1[h > 0]``, tanh: ``1 - h^2``)."""
+    """``act'`` from the output (identity 0, relu 1, tanh 2, leaky_relu 4) or the pre-activation (gelu 3), fp32,
+    as ``fastdni.reference.activation_derivative_from_output`` (relu: ``1[h > 0]``, tanh: ``1 - h^2``; codes:
+    ``fastdni.contract.ACTIVATION_CODES``)."""
     if ACTIVATION == 1:
         d = tl.where(q > 0.0, 1.0, 0.0)
     elif ACTIVATION == 2:
@@ -107,6 +112,8 @@ def activation_derivative(q, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 3:
         cdf = 0.5 * (1.0 + tl.erf(q * 0.7071067811865476))
         d = cdf + q * tl.exp(-0.5 * q * q) * 0.3989422804014327
+    elif ACTIVATION == 4:
+        d = tl.where(q > 0.0, 1.0, LEAKY_RELU_SLOPE)
     else:
         d = tl.full(q.shape, 1.0, tl.float32)
     return d

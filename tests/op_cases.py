@@ -17,7 +17,7 @@ from torch import Tensor
 
 import fastdni.ops as ops
 from fastdni.ops import ForwardResult
-from fastdni.ops.optim import state_per_param
+from fastdni.contract import ACTIVATIONS, state_per_param  # noqa: F401  (ACTIVATIONS: the suites' parameter)
 from fastdni.reference import SGParams, init_sg_params
 
 # CPU backend vs reference (and vs torch.optim), per dtype. Both compute the same formulae; they differ in
@@ -51,7 +51,14 @@ requires_cpu = pytest.mark.skipif(
 # Parametrising over the backends: the "cpu" one only where the extension is built.
 BACKEND_PARAMS = [pytest.param("reference"), pytest.param("cpu", marks=requires_cpu)]
 
-ACTIVATIONS = ("identity", "relu", "tanh", "gelu")
+#: Each activation as torch computes it, the oracle of the reference's (fastdni.contract.ACTIVATIONS, all of them).
+TORCH_ACTIVATIONS = {
+    "identity": lambda p: p * 1,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "gelu": lambda p: torch.nn.functional.gelu(p, approximate="none"),
+    "leaky_relu": lambda p: torch.nn.functional.leaky_relu(p, 0.01),
+}
 SG_SHAPES = {"linear": (), "mlp1": (7,), "mlp2": (7, 9)}  #: SG hidden widths by name
 CONTEXTS = ("none", "labels64", "labels32", "float")
 

@@ -83,9 +83,9 @@ def test_layer_update_matches_reference(dtype, activation, opt_name, need_input_
     derivative_input = forward.pre if activation in NEEDS_PRE else forward.h
     if need_input_grad:  # the CUDA op stores delta for cuBLASLt's dx, and the step reads it back
         delta = _reference_delta(up_forward, activation, grad_scale).to(dtype)
-        TWIN.grad_step_(delta, None, "stored", "identity", 1.0, 1.0, x, None, weight, state[:per], bias, state[per:], optimizer, hyper)
+        TWIN.grad_step_(delta, None, "stored", "identity", 1.0, 0.0, x, None, weight, state[:per], bias, state[per:], optimizer, hyper)
     else:
-        TWIN.grad_step_(forward.prediction, derivative_input, "delta", activation, grad_scale, 1.0, x, None, weight, state[:per], bias,
+        TWIN.grad_step_(forward.prediction, derivative_input, "delta", activation, 1.0 / grad_scale, 0.0, x, None, weight, state[:per], bias,
                         state[per:], optimizer, hyper)
     names = ["weight", "bias", *indexed_names("state", len(state))]
     assert_all_close(_floats([weight, bias, *state]), [want_w, want_b, *want_state], names, **TOLERANCES[dtype])
@@ -104,19 +104,19 @@ def _twin_regression(h, forward, target, sg, context, state, optimizer, hyper, t
     factor = 2.0 * loss_weight / batch
     grad = (factor * (forward.prediction.float() - target_scale * target.float())).to(h.dtype)  # the error pass's store
     # A linear SG forms the error's gradient as it loads it; deeper ones read the stored one.
-    source = ("stored", grad, None, 1.0, 1.0) if layers > 1 else ("error", forward.prediction, target, target_scale, factor)
+    source = ("stored", grad, None, 1.0, 0.0) if layers > 1 else ("error", forward.prediction, target, factor, target_scale)
     for i in reversed(range(layers)):
-        kind, first, second, scale, fac = source
+        kind, first, second, scale, t_scale = source
         below = (grad.float() @ sg.weights[i].float()).to(h.dtype) if i > 0 else None  # cuBLASLt, pre-update weight
-        TWIN.grad_step_(first, second, kind, "identity", scale, fac, inputs[i], None, sg.weights[i], state[2 * i * per:(2 * i + 1) * per],
+        TWIN.grad_step_(first, second, kind, "identity", scale, t_scale, inputs[i], None, sg.weights[i], state[2 * i * per:(2 * i + 1) * per],
                         sg.biases[i], state[(2 * i + 1) * per:(2 * i + 2) * per], optimizer, hyper)
         if i == 0 and sg.context_weight is not None:
             labelled = not context.is_floating_point()
-            TWIN.grad_step_(first, second, kind, "identity", scale, fac, None if labelled else context, context if labelled else None,
+            TWIN.grad_step_(first, second, kind, "identity", scale, t_scale, None if labelled else context, context if labelled else None,
                             sg.context_weight, state[2 * layers * per:], None, [], optimizer, hyper)
         if below is not None:
             masked = (below.float() * (inputs[i].float() > 0)).to(h.dtype)
-            source = ("stored", masked, None, 1.0, 1.0) if i > 1 else ("relu_masked", below, inputs[i], 1.0, 1.0)
+            source = ("stored", masked, None, 1.0, 0.0) if i > 1 else ("relu_masked", below, inputs[i], 1.0, 0.0)
             grad = masked
 
 
@@ -153,3 +153,17 @@ def test_twin_rejects_a_bad_kind():
     with pytest.raises(RuntimeError, match="kind: expected one of stored, delta, error, relu_masked, got 'delta2'"):
         TWIN.grad_step_(torch.zeros(4, 2), None, "delta2", "identity", 1.0, 1.0, torch.zeros(4, 3), None, param, [], None, [], "sgd",
                         [0.1, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("kind", ("stored", "delta", "error", "relu_masked"))
+def test_grad_source_scale_is_a_multiplier(kind):
+    """G = scale * raw for every kind, as kernels/prologue.py's GradSource: a power-of-two scale (exact) on the
+    source steps the parameter exactly as that scale applied to the stored operand beforehand."""
+    gen = torch.Generator().manual_seed(3)
+    first, second, x = torch.randn(5, 2, generator=gen), torch.randn(5, 2, generator=gen), torch.randn(5, 3, generator=gen)
+    raw = {"stored": first, "delta": first * (second > 0), "error": first - 0.5 * second, "relu_masked": first * (second > 0)}[kind]
+    sgd = [0.1, 0.0, 0.0, 0.0, 0.0, 0.0]
+    scaled, prescaled = torch.zeros(2, 3), torch.zeros(2, 3)
+    TWIN.grad_step_(first, None if kind == "stored" else second, kind, "relu", 0.25, 0.5, x, None, scaled, [], None, [], "sgd", sgd)
+    TWIN.grad_step_(0.25 * raw, None, "stored", "identity", 1.0, 0.0, x, None, prescaled, [], None, [], "sgd", sgd)
+    assert torch.equal(scaled, prescaled)

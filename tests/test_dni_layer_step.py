@@ -16,16 +16,11 @@ from fastdni.reference import (
     sg_predict,
     sg_regression,
 )
+from op_cases import TORCH_ACTIVATIONS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-TORCH_ACTIVATIONS = {
-    "identity": lambda p: p * 1,
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-    "gelu": lambda p: F.gelu(p, approximate="none"),
-}
 
 
 def _layer(fan_in, fan_out, dtype=F64):

@@ -13,15 +13,10 @@ from fastdni.reference import (
     layer_backward,
     layer_forward,
 )
+from op_cases import TORCH_ACTIVATIONS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TORCH_ACTIVATIONS = {
-    "identity": lambda p: p * 1,
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-    "gelu": lambda p: F.gelu(p, approximate="none"),
-}
 
 
 def _pre_activations(dtype: torch.dtype) -> torch.Tensor:

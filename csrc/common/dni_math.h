@@ -13,7 +13,11 @@
 
 namespace fastdni {
 
-enum class Activation : int { kIdentity = 0, kRelu = 1, kTanh = 2, kGelu = 3 };
+// The op contract's activations and their codes (fastdni/contract.py: ACTIVATIONS, ACTIVATION_CODES).
+enum class Activation : int { kIdentity = 0, kRelu = 1, kTanh = 2, kGelu = 3, kLeakyRelu = 4 };
+
+// leaky_relu's negative slope (fastdni/contract.py: LEAKY_RELU_SLOPE).
+constexpr double kLeakyReluSlope = 0.01;
 
 constexpr double kInvSqrt2 = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
@@ -24,12 +28,13 @@ FASTDNI_HOST_DEVICE T activate(Activation act, T pre) {
     case Activation::kRelu: return pre < T(0) ? T(0) : pre;  // NaN stays NaN, as torch.relu
     case Activation::kTanh: return std::tanh(pre);
     case Activation::kGelu: return pre * T(0.5) * (T(1) + std::erf(pre * T(kInvSqrt2)));
+    case Activation::kLeakyRelu: return pre < T(0) ? pre * T(kLeakyReluSlope) : pre;  // NaN stays NaN
     default: return pre;
   }
 }
 
-// act'(pre), from the output h where it suffices (identity, relu, tanh) and from pre for gelu: the
-// forward keeps only what this needs.
+// act'(pre), from the output h where it suffices (identity, relu, tanh, leaky_relu) and from pre for gelu
+// (needs_pre, op_args.h): the forward keeps only what this needs.
 template <typename T>
 FASTDNI_HOST_DEVICE T activation_derivative(Activation act, T h, T pre) {
   switch (act) {
@@ -40,6 +45,7 @@ FASTDNI_HOST_DEVICE T activation_derivative(Activation act, T h, T pre) {
       T pdf = std::exp(T(-0.5) * pre * pre) * T(kInvSqrt2Pi);
       return cdf + pre * pdf;
     }
+    case Activation::kLeakyRelu: return h > T(0) ? T(1) : T(kLeakyReluSlope);
     default: return T(1);
   }
 }

@@ -14,11 +14,12 @@ namespace fastdni {
 enum class GradKind : int { kStored = 0, kDelta = 1, kError = 2, kReluMasked = 3 };
 
 // The gradient operand G [batch, features] (row-major) of a weight-gradient GEMM. Formed on the fly from
-// tensors the step already has, so that delta and the SG error need not be written to memory:
-//   stored:      G = first
-//   delta:       G = delta_value(first = prediction, second = h, or pre for gelu) with scale = grad_scale
-//   error:       G = factor * (first = prediction - scale * second = target)
-//   relu-masked: G = first * 1[second > 0]   (the gradient through a hidden SG layer, second = its output)
+// tensors the step already has, so that delta and the SG error need not be written to memory. G = scale * raw,
+// with `scale` a multiplier and `target_scale` the error's t, as kernels/prologue.py's GradSource:
+//   stored:      raw = first
+//   delta:       raw = first * act'(second)       (first = prediction, second = h, or pre for gelu; scale = 1 / grad_scale)
+//   error:       raw = first - target_scale * second          (first = prediction, second = target)
+//   relu-masked: raw = first * 1[second > 0]   (the gradient through a hidden SG layer, second = its output)
 template <typename T>
 struct GradSource {
   GradKind kind;
@@ -26,24 +27,24 @@ struct GradSource {
   const T* second;
   Activation act;
   float scale;
-  float factor;
+  float target_scale;
 
   FASTDNI_HOST_DEVICE float at(int64_t i) const {
     const float a = static_cast<float>(first[i]);
     switch (kind) {
       case GradKind::kDelta: {
-        const float b = static_cast<float>(second[i]);  // act' needs h (identity, relu, tanh) or pre (gelu)
-        return delta_value(act, a, b, b, scale);
+        const float b = static_cast<float>(second[i]);  // act' needs h (identity, relu, tanh, leaky_relu) or pre (gelu)
+        return a * activation_derivative(act, b, b) * scale;
       }
-      case GradKind::kError: return error(i) * factor;
-      case GradKind::kReluMasked: return static_cast<float>(second[i]) > 0.f ? a : 0.f;
-      default: return a;
+      case GradKind::kError: return error(i) * scale;
+      case GradKind::kReluMasked: return static_cast<float>(second[i]) > 0.f ? a * scale : 0.f;
+      default: return a * scale;
     }
   }
 
-  // An error source's e = prediction - scale * target, before its factor (the SG loss sums e^2).
+  // An error source's raw e = prediction - target_scale * target, before its scale (the SG loss sums e^2).
   FASTDNI_HOST_DEVICE float error(int64_t i) const {
-    return sg_error_value(static_cast<float>(first[i]), static_cast<float>(second[i]), scale);
+    return sg_error_value(static_cast<float>(first[i]), static_cast<float>(second[i]), target_scale);
   }
 };
 

@@ -12,12 +12,15 @@
 
 namespace fastdni {
 
+// The op contract of fastdni/contract.py, mirrored name for name: ACTIVATIONS (parse_activation), NEEDS_PRE
+// (needs_pre), check_hyper (parse_optimizer), state_per_param, split_state, check_label_range (check_labels).
 inline Activation parse_activation(std::string_view name) {
   if (name == "identity") return Activation::kIdentity;
   if (name == "relu") return Activation::kRelu;
   if (name == "tanh") return Activation::kTanh;
   if (name == "gelu") return Activation::kGelu;
-  TORCH_CHECK(false, "activation: expected one of identity, relu, tanh, gelu, got '", name, "'");
+  if (name == "leaky_relu") return Activation::kLeakyRelu;
+  TORCH_CHECK(false, "activation: expected one of identity, relu, tanh, gelu, leaky_relu, got '", name, "'");
 }
 
 inline bool needs_pre(Activation act) { return act == Activation::kGelu; }
@@ -67,7 +70,7 @@ inline int64_t state_per_param(std::string_view optimizer, c10::ArrayRef<double>
   return hyper.size() > 1 && hyper[1] != 0.0 ? 1 : 0;
 }
 
-// The hyper list layout is documented in fastdni/ops/optim.py.
+// The hyper list layout: fastdni/contract.py HYPER_FIELDS (documented in fastdni/ops/optim.py).
 template <typename T>
 OptimizerStep<T> parse_optimizer(std::string_view optimizer, c10::ArrayRef<double> hyper) {
   OptimizerStep<T> o{};

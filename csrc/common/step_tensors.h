@@ -42,7 +42,7 @@ ParamSlot<T> slot(const at::Tensor& param, const std::vector<at::Tensor>& state)
 
 template <typename T>
 GradSource<T> stored_grad(const at::Tensor& g) {
-  return {GradKind::kStored, ptr<T>(g), nullptr, Activation::kIdentity, 1.f, 1.f};
+  return {GradKind::kStored, ptr<T>(g), nullptr, Activation::kIdentity, 1.f, 0.f};
 }
 
 template <typename T>

@@ -18,6 +18,10 @@ at::Tensor activate(const at::Tensor& pre, Activation act) {
     case Activation::kRelu: return pre.relu_();
     case Activation::kTanh: return pre.tanh_();
     case Activation::kGelu: return at::gelu(pre);
+    case Activation::kLeakyRelu: {
+      at::Tensor out = pre;  // the same storage: in place, as relu_ and tanh_
+      return at::leaky_relu_(out, kLeakyReluSlope);
+    }
     default: return pre;
   }
 }

@@ -54,7 +54,7 @@ void grad_step(const GradSource<T>& grad, const InputSource<T>& input, int64_t b
 // param [rows, cols] -= update(G^T X), bias -= update(colsum(G)); G [batch, rows] from `first` and `second` as
 // `kind` says, X [batch, cols] the dense `input` or onehot(`labels`).
 void grad_step_(const at::Tensor& first, const std::optional<at::Tensor>& second, std::string_view kind, std::string_view activation,
-                double scale, double factor, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& labels,
+                double scale, double target_scale, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& labels,
                 const at::Tensor& param, at::TensorList state, const std::optional<at::Tensor>& bias, at::TensorList bias_state,
                 std::string_view optimizer, c10::ArrayRef<double> hyper) {
   const GradKind grad_kind = parse_grad_kind(kind);
@@ -76,7 +76,8 @@ void grad_step_(const at::Tensor& first, const std::optional<at::Tensor>& second
     const at::Tensor first_c = first.contiguous();
     const at::Tensor second_c = second.has_value() ? second->contiguous() : at::Tensor();
     const at::Tensor input_c = input.has_value() ? input->contiguous() : at::Tensor();
-    const GradSource<T> grad{grad_kind, ptr<T>(first_c), ptr<T>(second_c), act, static_cast<float>(scale), static_cast<float>(factor)};
+    const GradSource<T> grad{grad_kind, ptr<T>(first_c), ptr<T>(second_c), act, static_cast<float>(scale),
+                              static_cast<float>(target_scale)};
     ParamSlot<T> bias_slot{};
     if (bias.has_value()) {
       check_tensor("bias", *bias, {rows}, param);
@@ -90,7 +91,7 @@ void grad_step_(const at::Tensor& first, const std::optional<at::Tensor>& second
 }  // namespace fastdni::twin
 
 TORCH_LIBRARY(fastdni_twin, m) {
-  m.def("grad_step_(Tensor first, Tensor? second, str kind, str activation, float scale, float factor, Tensor? input, "
+  m.def("grad_step_(Tensor first, Tensor? second, str kind, str activation, float scale, float target_scale, Tensor? input, "
         "Tensor? labels, Tensor(a!) param, Tensor(b!)[] state, Tensor(c!)? bias, Tensor(d!)[] bias_state, str optimizer, "
         "float[] hyper) -> ()");
 }

@@ -36,6 +36,7 @@ FASTDNI_INLINE void delta_body(const T* prediction, const T* h, const T* pre, T*
     case Activation::kRelu: return delta_for<Activation::kRelu>(prediction, h, h, delta, n, scale);
     case Activation::kTanh: return delta_for<Activation::kTanh>(prediction, h, h, delta, n, scale);
     case Activation::kGelu: return delta_for<Activation::kGelu>(prediction, h, pre, delta, n, scale);
+    case Activation::kLeakyRelu: return delta_for<Activation::kLeakyRelu>(prediction, h, h, delta, n, scale);
     default: return delta_for<Activation::kIdentity>(prediction, h, h, delta, n, scale);
   }
 }

@@ -12,7 +12,7 @@
 namespace fastdni::cuda {
 namespace {
 
-// The layer's epilogue: relu rides in cuBLASLt's; identity needs none beyond the bias; tanh and gelu a pass.
+// The layer's epilogue: relu rides in cuBLASLt's; identity needs none beyond the bias; tanh, gelu and leaky_relu a pass.
 at::Tensor activate(const at::Tensor& pre, Activation act) {
   if (act == Activation::kIdentity || act == Activation::kRelu) return pre;
   at::Tensor h = act == Activation::kGelu ? at::empty_like(pre) : pre;  // gelu keeps pre for the update

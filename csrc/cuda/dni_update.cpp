@@ -26,7 +26,8 @@ at::Tensor dni_update_(const at::Tensor& x, const at::Tensor& weight, const at::
   at::Tensor grad_input = at::empty({0}, x.options());
   dispatch_step_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    GradSource<T> delta{GradKind::kDelta, ptr<T>(prediction_c), ptr<T>(derivative_input), act, static_cast<float>(grad_scale), 1.f};
+    GradSource<T> delta{GradKind::kDelta, ptr<T>(prediction_c), ptr<T>(derivative_input), act, static_cast<float>(1.0 / grad_scale),
+                        0.f};
     at::Tensor delta_stored;
     if (need_input_grad) {
       delta_stored = at::empty({rows, features}, x.options());

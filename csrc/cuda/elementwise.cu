@@ -43,12 +43,12 @@ __global__ void store_grad_kernel(GradSource<T> grad, T* out, int64_t n) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) error_loss_kernel(const T* prediction, const T* target, T* grad, int64_t n, float scale,
-                                                              float factor, LossSink<T> loss) {
+__global__ void __launch_bounds__(kThreads) error_loss_kernel(const T* prediction, const T* target, T* grad, int64_t n,
+                                                              float target_scale, float scale, LossSink<T> loss) {
   float sum = 0.f;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const float e = sg_error_value(static_cast<float>(prediction[i]), static_cast<float>(target[i]), scale);
-    grad[i] = static_cast<T>(e * factor);
+    const float e = sg_error_value(static_cast<float>(prediction[i]), static_cast<float>(target[i]), target_scale);
+    grad[i] = static_cast<T>(e * scale);
     sum = fmaf(e, e, sum);
   }
   float total = 0.f;
@@ -79,9 +79,9 @@ cudaError_t launch_store_grad(GradSource<T> grad, T* out, int64_t n, cudaStream_
 int64_t error_loss_partials(int64_t n) { return blocks_for(n); }
 
 template <typename T>
-cudaError_t launch_error_loss(const T* prediction, const T* target, T* grad, int64_t n, float scale, float factor, LossSink<T> loss,
+cudaError_t launch_error_loss(const T* prediction, const T* target, T* grad, int64_t n, float target_scale, float scale, LossSink<T> loss,
                               cudaStream_t stream) {
-  error_loss_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(prediction, target, grad, n, scale, factor, loss);
+  error_loss_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(prediction, target, grad, n, target_scale, scale, loss);
   return cudaGetLastError();
 }
 

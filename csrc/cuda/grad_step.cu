@@ -63,7 +63,7 @@ __device__ float load_grad(const GradSource<T>& grad, int64_t row, int64_t n, in
   if constexpr (kLoss) {
     const float error = grad.error(row * rows + n);
     squared_errors = fmaf(error, error, squared_errors);
-    return error * grad.factor;
+    return error * grad.scale;
   } else {
     return grad.at(row * rows + n);
   }

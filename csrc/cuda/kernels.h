@@ -38,10 +38,10 @@ struct LossSink {
 };
 
 // The SG regression's error pass, where a library GEMM must read the error's gradient (an SG with hidden
-// layers): grad[i] = factor * (prediction[i] - scale * target[i]), and the loss.
+// layers): grad[i] = scale * (prediction[i] - target_scale * target[i]), and the loss.
 int64_t error_loss_partials(int64_t n);
 template <typename T>
-cudaError_t launch_error_loss(const T* prediction, const T* target, T* grad, int64_t n, float scale, float factor, LossSink<T> loss,
+cudaError_t launch_error_loss(const T* prediction, const T* target, T* grad, int64_t n, float target_scale, float scale, LossSink<T> loss,
                               cudaStream_t stream);
 
 // One parameter of a fused step: param [rows, cols], stepped on G^T X with X [batch, cols] its input operand.

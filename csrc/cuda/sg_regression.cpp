@@ -57,7 +57,7 @@ at::Tensor sg_regression_(const at::Tensor& h, at::TensorList sg_hidden, const a
     }
     GradSource<T> source = store_error ? stored_grad<T>(grad)
                                        : GradSource<T>{GradKind::kError, ptr<T>(prediction_c), ptr<T>(target_c), Activation::kIdentity,
-                                                       static_cast<float>(target_scale), static_cast<float>(2.0 * per_row)};
+                                                       static_cast<float>(2.0 * per_row), static_cast<float>(target_scale)};
     for (size_t l = layers; l-- > 0;) {
       at::Tensor below;
       if (l > 0) {  // with the pre-update weight: launched before the step below rewrites it
@@ -78,7 +78,7 @@ at::Tensor sg_regression_(const at::Tensor& h, at::TensorList sg_hidden, const a
       if (l == 0) break;
       // The gradient through layer l's input relu: 1[z > 0], z = inputs[l]. Formed as it is loaded, unless a
       // library GEMM (the next layer down's `below`) must read it: then stored in place.
-      const GradSource<T> masked{GradKind::kReluMasked, ptr<T>(below), ptr<T>(inputs[l]), Activation::kIdentity, 1.f, 1.f};
+      const GradSource<T> masked{GradKind::kReluMasked, ptr<T>(below), ptr<T>(inputs[l]), Activation::kIdentity, 1.f, 0.f};
       if (l > 1) {
         check_launch(launch_store_grad<T>(masked, ptr<T>(below), below.numel(), current_stream()), "store_grad_kernel (relu mask)");
         source = stored_grad<T>(below);

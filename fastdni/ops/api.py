@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from .._checks import check_context_presence, check_positive, check_tensor
-from ..reference import NEEDS_PRE, SGParams
-from ..reference.activations import check_activation
+from ..contract import NEEDS_PRE, check_activation
+from ..reference import SGParams
 from ..reference.layer import check_layer
 from ..reference.synthetic import check_sg
 from . import _triton, reference_backend, registration  # noqa: F401  (registration: fake, fallback, autograd)
@@ -34,7 +34,7 @@ _OPS = torch.ops.fastdni
 
 class ForwardResult(NamedTuple):
     h: Tensor  #: ``act(x W^T + b)``, ``[B, N]``
-    pre: Tensor  #: the pre-activation where ``act'`` needs it (gelu), else empty
+    pre: Tensor  #: the pre-activation where ``act'`` needs it (``fastdni.contract.NEEDS_PRE``: gelu), else empty
     prediction: Tensor  #: the synthetic gradient ``M(h, c)``, ``[B, N]`` (empty without an SG)
     sg_hidden: list[Tensor]  #: the SG's hidden activations, kept for the regression
 

@@ -11,7 +11,8 @@ optimizer  hyper                                                            stat
            first_step (0/1)                                                 (none if momentum == 0)
 =========  ===============================================================  ==========================
 
-The formulae are those of :mod:`fastdni.reference.optim` (i.e. ``torch.optim.Adam``/``AdamW``/``SGD``);
+The fields and state counts are part of the op contract (:mod:`fastdni.contract`: ``HYPER_FIELDS``,
+``STATE_FIELDS``). The formulae are those of :mod:`fastdni.reference.optim` (``torch.optim.Adam``/``AdamW``/``SGD``);
 ``step`` counts from 1 and ``first_step`` makes SGD's buffer start at the gradient, as torch's does.
 :func:`fused_optimizer_args` reads them out of a ``torch.optim`` optimizer, so its ``state_dict`` stays
 the single source of truth (checkpoints, switching backends, falling back to ``optimizer.step()``).
@@ -23,24 +24,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..contract import HYPER_FIELDS, check_hyper, state_per_param
 from ..reference.optim import adam_update, sgd_momentum_update
 
-HYPER_FIELDS = {
-    "adam": ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "step"),
-    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "first_step"),
-}
+__all__ = ["HYPER_FIELDS", "state_per_param", "check_optimizer_args", "optimizer_step_", "fused_optimizer_args", "advance"]
 
 
 def check_optimizer_args(optimizer: str, hyper: Sequence[float], state: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-    if optimizer not in HYPER_FIELDS:
-        raise ValueError(f"optimizer: expected one of {tuple(HYPER_FIELDS)}, got {optimizer!r}")
-    fields = HYPER_FIELDS[optimizer]
-    if len(hyper) != len(fields):
-        raise ValueError(f"hyper: expected {len(fields)} values ({', '.join(fields)}) for {optimizer!r}, got {len(hyper)}")
-    if optimizer == "adam" and not (hyper[6] >= 1 and float(hyper[6]).is_integer()):
-        raise ValueError(f"hyper: Adam's step must be an integer >= 1 (steps count from 1), got {hyper[6]!r}")
-    if not hyper[0] >= 0:
-        raise ValueError(f"hyper: lr must be >= 0, got {hyper[0]!r}")
+    """``hyper`` (:func:`fastdni.contract.check_hyper`) and ``state``: one tensor like its parameter per state field."""
+    check_hyper(optimizer, hyper)
     per = state_per_param(optimizer, hyper)
     if len(state) != len(params) * per:
         raise ValueError(f"state: expected {len(params) * per} tensors for {len(params)} parameters with {optimizer!r}, got {len(state)}")
@@ -48,12 +40,6 @@ def check_optimizer_args(optimizer: str, hyper: Sequence[float], state: Sequence
         p = params[i // per]  # per >= 1 here: with no state the loop does not run
         if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
             raise ValueError(f"state[{i}]: expected a tensor like its parameter ({tuple(p.shape)}, {p.dtype}, {p.device})")
-
-
-def state_per_param(optimizer: str, hyper: Sequence[float]) -> int:
-    if optimizer == "adam":
-        return 2
-    return 1 if hyper[1] != 0 else 0
 
 
 def optimizer_step_(optimizer: str, hyper: Sequence[float], param: Tensor, grad: Tensor, state: Sequence[Tensor]) -> None:

@@ -11,7 +11,6 @@ from torch import Tensor
 
 from .._checks import check_context_presence
 from ..reference import (
-    NEEDS_PRE,
     SGParams,
     activation_derivative_from_output,
     layer_forward,
@@ -19,7 +18,8 @@ from ..reference import (
     sg_backward,
     sg_forward,
 )
-from .optim import optimizer_step_, state_per_param
+from ..contract import NEEDS_PRE, join_sg_params, split_state, state_per_param
+from .optim import optimizer_step_
 
 
 def dni_forward(
@@ -57,9 +57,9 @@ def dni_update_(
 ) -> Tensor:
     delta = prediction * activation_derivative_from_output(h, pre, activation) / grad_scale
     grads = layer_grads_from_delta(x, weight, delta, need_input_grad=need_input_grad)
-    per = state_per_param(optimizer, hyper)
-    optimizer_step_(optimizer, hyper, weight, grads.weight, state[:per])
-    optimizer_step_(optimizer, hyper, bias, grads.bias, state[per:])
+    weight_state, bias_state = split_state(state, 2, state_per_param(optimizer, hyper))
+    optimizer_step_(optimizer, hyper, weight, grads.weight, weight_state)
+    optimizer_step_(optimizer, hyper, bias, grads.bias, bias_state)
     return grads.input if need_input_grad else x.new_empty(0)
 
 
@@ -83,19 +83,17 @@ def sg_regression_(
     loss = loss_weight * (error * error).sum() / batch
     params = SGParams(tuple(sg_weights), tuple(sg_biases), context_weight)
     grads, _ = sg_backward(error * (2.0 * loss_weight / batch), [h, *sg_hidden], params, context)
-    per = state_per_param(optimizer, hyper)
-    for i, (param, grad) in enumerate(zip(ordered_params(params), ordered_params(grads))):
-        optimizer_step_(optimizer, hyper, param, grad, state[i * per:(i + 1) * per])
+    ordered = ordered_params(params)
+    per_param = split_state(state, len(ordered), state_per_param(optimizer, hyper))
+    for param, grad, param_state in zip(ordered, ordered_params(grads), per_param):
+        optimizer_step_(optimizer, hyper, param, grad, param_state)
     return loss
 
 
 def ordered_params(params: SGParams) -> list[Tensor]:
-    """The order of an SG's parameters in the ops' ``state``: ``W_1, b_1, ..., W_L, b_L`` then ``U``."""
-    out = [t for pair in zip(params.weights, params.biases) for t in pair]
-    if params.context_weight is not None:
-        out.append(params.context_weight)
-    return out
-
+    """The order of an SG's parameters in the ops' ``state``: ``W_1, b_1, ..., W_L, b_L`` then ``U``
+    (:func:`fastdni.contract.join_sg_params`)."""
+    return join_sg_params(params.weights, params.biases, params.context_weight)
 
 
 __all__ = ["dni_forward", "dni_update_", "sg_regression_", "ordered_params"]

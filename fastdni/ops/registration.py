@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import NEEDS_PRE, SGParams, activation_derivative_from_output, layer_grads_from_delta, sg_backward
+from ..contract import NEEDS_PRE
+from ..reference import SGParams, activation_derivative_from_output, layer_grads_from_delta, sg_backward
 from . import reference_backend
 from .schema import NAMESPACE, SCHEMAS
 

@@ -1,18 +1,19 @@
 """Activations of a DNI layer and their derivatives, written out explicitly.
 
-The fused backends save only what ``act'(pre)`` needs, so the derivative is a
-function of the pre-activation ``pre`` alone:
+==========  ==========================  ====================================  =====================
+name        act(p)                      act'(p)                               act' from the output
+==========  ==========================  ====================================  =====================
+identity    p                           1                                     1
+relu        max(p, 0)                   1[p > 0]                              1[h > 0]
+tanh        tanh(p)                     1 - tanh(p)^2                         1 - h^2
+gelu        p * Phi(p)  (exact, erf)    Phi(p) + p * phi(p)                   (needs p)
+leaky_relu  p if p > 0 else 0.01 p      1 if p > 0 else 0.01                  1 if h > 0 else 0.01
+==========  ==========================  ====================================  =====================
 
-==========  ==========================  ====================================
-name        act(p)                      act'(p)
-==========  ==========================  ====================================
-identity    p                           1
-relu        max(p, 0)                   1[p > 0]
-tanh        tanh(p)                     1 - tanh(p)^2
-gelu        p * Phi(p)  (exact, erf)    Phi(p) + p * phi(p)
-==========  ==========================  ====================================
-
-with Phi the standard normal CDF and phi its density.
+with Phi the standard normal CDF and phi its density. A fused forward keeps the output ``h`` and, only
+for the activations of :data:`NEEDS_PRE` (gelu), the pre-activation ``p``:
+:func:`activation_derivative_from_output` forms ``act'`` from what it kept. The names, their kernel codes
+and ``NEEDS_PRE`` are part of the op contract, :mod:`fastdni.contract`.
 """
 from __future__ import annotations
 
@@ -21,16 +22,13 @@ import math
 import torch
 from torch import Tensor
 
-ACTIVATIONS = ("identity", "relu", "tanh", "gelu")
-NEEDS_PRE = ("gelu",)  #: activations whose derivative cannot be formed from the output alone
+from ..contract import ACTIVATIONS, LEAKY_RELU_SLOPE, NEEDS_PRE, check_activation
+
+__all__ = ["ACTIVATIONS", "NEEDS_PRE", "check_activation", "activate", "activation_derivative",
+           "activation_derivative_from_output"]
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def activate(pre: Tensor, activation: str) -> Tensor:
@@ -42,7 +40,14 @@ def activate(pre: Tensor, activation: str) -> Tensor:
         return torch.relu(pre)
     if activation == "tanh":
         return torch.tanh(pre)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(pre, LEAKY_RELU_SLOPE)
     return pre * 0.5 * (1.0 + torch.erf(pre * _INV_SQRT2))
+
+
+def _positive_or_slope(t: Tensor) -> Tensor:
+    """leaky_relu's derivative: 1 where ``t > 0``, else the slope (``pre`` and ``h`` have the same sign)."""
+    return torch.full_like(t, LEAKY_RELU_SLOPE).masked_fill_(t > 0, 1.0)
 
 
 def activation_derivative(pre: Tensor, activation: str) -> Tensor:
@@ -54,6 +59,8 @@ def activation_derivative(pre: Tensor, activation: str) -> Tensor:
         return (pre > 0).to(pre.dtype)
     if activation == "tanh":
         return 1.0 - torch.tanh(pre) ** 2
+    if activation == "leaky_relu":
+        return _positive_or_slope(pre)
     cdf = 0.5 * (1.0 + torch.erf(pre * _INV_SQRT2))
     pdf = torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
     return cdf + pre * pdf
@@ -61,7 +68,7 @@ def activation_derivative(pre: Tensor, activation: str) -> Tensor:
 
 def activation_derivative_from_output(h: Tensor, pre: Tensor, activation: str) -> Tensor:
     """``act'(pre)`` from what a fused forward keeps: the output ``h`` alone for identity, relu
-    (``1[h > 0]``) and tanh (``1 - h^2``); gelu needs ``pre`` (:data:`NEEDS_PRE`)."""
+    (``1[h > 0]``), tanh (``1 - h^2``) and leaky_relu; gelu needs ``pre`` (:data:`NEEDS_PRE`)."""
     check_activation(activation)
     if activation in NEEDS_PRE:
         return activation_derivative(pre, activation)
@@ -69,4 +76,6 @@ def activation_derivative_from_output(h: Tensor, pre: Tensor, activation: str) -
         return torch.ones_like(h)
     if activation == "relu":
         return (h > 0).to(h.dtype)
+    if activation == "leaky_relu":
+        return _positive_or_slope(h)
     return 1.0 - h * h
