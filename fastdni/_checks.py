@@ -1,4 +1,4 @@
-"""Argument checks shared by the reference, the modules and (later) the op wrappers.
+"""Argument checks shared by the reference, the modules and the op wrappers.
 
 Every failure names the argument and what was expected, so a user sees
 ``weight: expected shape (256, 784), got (784, 256)`` instead of a matmul error
@@ -11,8 +11,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .contract import LABEL_DTYPES, check_label_range
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-LABEL_DTYPES = (torch.int32, torch.int64)
 
 
 def check_tensor(
@@ -70,11 +71,7 @@ def check_context(context: object, *, batch: int, features: int, like: Tensor) -
                 f"context: integer labels must be int32/int64 of shape ({batch},), got {tuple(context.shape)} "
                 f"of dtype {context.dtype}"
             )
-        if context.numel() and (int(context.min()) < 0 or int(context.max()) >= features):
-            raise ValueError(
-                f"context: labels must lie in [0, {features}), got values in "
-                f"[{int(context.min())}, {int(context.max())}]"
-            )
+        check_label_range("context", context, features)
         return context
     return check_tensor("context", context, shape=(batch, features), like=like)
 

@@ -53,13 +53,16 @@ inline void check_updatable(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor (it is updated in place), got strides ", t.strides());
 }
 
-// Integer class labels [rows] in [0, classes): they index memory, so every backend checks them.
+// Integer class labels [rows] in [0, classes): they index memory, so every backend checks them
+// (fastdni/contract.py check_label_range, the same message).
 inline void check_labels(const at::Tensor& labels, int64_t rows, int64_t classes) {
   TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, "context: labels must be int32 or int64, got ",
               labels.scalar_type());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == rows, "context: integer labels must have shape (", rows, "), got ", labels.sizes());
-  if (labels.numel() > 0) {
-    const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+  if (labels.numel() > 0) {  // one transfer of (min, max): one device sync
+    const auto [low, high] = at::aminmax(labels);
+    const at::Tensor range = at::stack({low, high}).to(at::kCPU, at::kLong);
+    const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < classes, "context: labels must lie in [0, ", classes, "), got values in [", lo, ", ", hi, "]");
   }
 }
