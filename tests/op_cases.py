@@ -145,6 +145,107 @@ def step_inputs(dtype: torch.dtype, device, *, sg_hidden: Optional[tuple[int, ..
     return dataclasses.replace(inp, x=cast(inp.x), weight=cast(inp.weight), bias=cast(inp.bias), sg=sg_params,
                                context=cast(inp.context), target=cast(inp.target))
 
+# --- the GPU-kernel suites: Triton (tests/interpreted/test_triton_ops.py) and CUDA C++ (tests/gpu/test_cuda_ops.py) ---
+
+#: Odd shapes, none a multiple of 32, each over more than one tile; "tiles" spans several 64-wide tiles too.
+STEP_SHAPES = {"small": dict(batch=37, in_features=45, features=33), "tiles": dict(batch=150, in_features=130, features=97)}
+STEP_SGS = {"nosg": None, "linear": (), "mlp": (40,), "mlp2": (40, 35)}  #: SG hidden widths (None: no SG model)
+
+
+def gpu_inputs(dtype: torch.dtype, device, activation: str = "relu", sg: str = "linear", context: str = "none",
+               shape: str = "small", seed: int = 0) -> Inputs:
+    """:func:`step_inputs` for a key of :data:`STEP_SGS` and of :data:`STEP_SHAPES`."""
+    return step_inputs(dtype, device, sg_hidden=STEP_SGS[sg], activation=activation, context=context, seed=seed,
+                       **STEP_SHAPES[shape])
+
+
+def step_state(optimizer: str, hyper: Sequence[float], params: Sequence[Tensor], dtype: torch.dtype, device) -> list[Tensor]:
+    """Random mid-run optimizer state (:func:`make_state`, seeded on the CPU) in ``dtype`` on ``device``."""
+    return [s.to(device, dtype) for s in make_state(optimizer, hyper, [p.cpu().float() for p in params])]
+
+
+def upcast(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A float tensor as an fp32 copy (the oracle's input); labels and None as they are."""
+    return t if t is None or not t.is_floating_point() else t.to(torch.float32, copy=True)
+
+
+def upcast_sg(sg: Optional[SGParams]) -> Optional[SGParams]:
+    return None if sg is None else SGParams(tuple(map(upcast, sg.weights)), tuple(map(upcast, sg.biases)), upcast(sg.context_weight))
+
+
+def upcast_inputs(inp: Inputs) -> Inputs:
+    return dataclasses.replace(inp, x=upcast(inp.x), weight=upcast(inp.weight), bias=upcast(inp.bias), sg=upcast_sg(inp.sg),
+                               context=upcast(inp.context), target=upcast(inp.target))
+
+
+def upcast_forward(forward: ForwardResult) -> ForwardResult:
+    return ForwardResult(upcast(forward.h), upcast(forward.pre), upcast(forward.prediction), [upcast(z) for z in forward.sg_hidden])
+
+
+def assert_step_close(got: Tensor, want: Tensor, dtype: torch.dtype, what: str) -> None:
+    """A GPU kernel's result: of ``dtype``, and within :data:`STEP_TOLERANCES` of the fp32 oracle's."""
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
+    torch.testing.assert_close(got.float(), want.float(), msg=lambda m: f"{what}: {m}", **STEP_TOLERANCES[dtype])
+
+
+def check_forward_matches_reference(inp: Inputs, dtype: torch.dtype, backend: str) -> ForwardResult:
+    """``dni_forward`` on ``backend`` against the reference in fp32 on the same (rounded) inputs, every result."""
+    got = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend=backend)
+    want = reference_forward(upcast_inputs(inp))
+    assert_step_close(got.h, want.h, dtype, "h")
+    assert got.pre.numel() == want.pre.numel(), "pre is saved for the activations of NEEDS_PRE only"
+    if want.pre.numel():
+        assert_step_close(got.pre, want.pre, dtype, "pre")
+    assert got.prediction.numel() == want.prediction.numel()
+    if want.prediction.numel():
+        assert_step_close(got.prediction, want.prediction, dtype, "prediction")
+    assert len(got.sg_hidden) == len(want.sg_hidden)
+    for i, (g, w) in enumerate(zip(got.sg_hidden, want.sg_hidden)):
+        assert_step_close(g, w, dtype, f"sg_hidden[{i}]")
+    return got
+
+
+def check_update_matches_reference(inp: Inputs, dtype: torch.dtype, optimizer_key: str, backend: str, *,
+                                   need_input_grad: bool, grad_scale: float = 2.5) -> None:
+    """``dni_update_`` on ``backend`` (after its own forward) against the reference on the upcast forward and state:
+    ``dx``, the stepped weight and bias, the state."""
+    forward = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend=backend)
+    optimizer, hyper = OPTIMIZERS[optimizer_key]
+    state = step_state(optimizer, hyper, [inp.weight, inp.bias], dtype, inp.x.device)
+    ref, ref_state = upcast_inputs(inp), [upcast(s) for s in state]
+    want_dx = ops.dni_update_(ref.x, ref.weight, ref.bias, upcast_forward(forward), optimizer, hyper, ref_state,
+                              grad_scale=grad_scale, activation=inp.activation, need_input_grad=need_input_grad, backend="reference")
+    got_dx = ops.dni_update_(inp.x, inp.weight, inp.bias, forward, optimizer, hyper, state, grad_scale=grad_scale,
+                             activation=inp.activation, need_input_grad=need_input_grad, backend=backend)
+    if need_input_grad:
+        assert_step_close(got_dx, want_dx, dtype, "dx")
+    else:
+        assert got_dx is None
+    for name, g, w in zip(["weight", "bias", *indexed_names("state", len(state))], [inp.weight, inp.bias, *state],
+                          [ref.weight, ref.bias, *ref_state], strict=True):
+        assert_step_close(g, w, dtype, name)
+
+
+def check_regression_matches_reference(inp: Inputs, dtype: torch.dtype, optimizer_key: str, backend: str, *,
+                                       target_scale: float, loss_weight: float) -> None:
+    """``sg_regression_`` on ``backend`` (after its own forward) against the reference on the upcast forward and
+    state: the loss, every SG parameter, the state."""
+    forward = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend=backend)
+    optimizer, hyper = OPTIMIZERS[optimizer_key]
+    params = ops.ordered_params(inp.sg)
+    state = step_state(optimizer, hyper, params, dtype, inp.x.device)
+    ref, ref_state = upcast_inputs(inp), [upcast(s) for s in state]
+    up_forward = upcast_forward(forward)
+    want_loss = ops.sg_regression_(up_forward.h, up_forward, ref.target, ref.sg, optimizer, hyper, ref_state, ref.context,
+                                   target_scale=target_scale, loss_weight=loss_weight, backend="reference")
+    got_loss = ops.sg_regression_(forward.h, forward, inp.target, inp.sg, optimizer, hyper, state, inp.context,
+                                  target_scale=target_scale, loss_weight=loss_weight, backend=backend)
+    assert_step_close(got_loss, want_loss, dtype, "loss")
+    names = [*indexed_names("param", len(params)), *indexed_names("state", len(state))]
+    for name, g, w in zip(names, params + state, ops.ordered_params(ref.sg) + ref_state, strict=True):
+        assert_step_close(g, w, dtype, name)
+
+
 def case_id(case: Case) -> str:
     parts = [DTYPE_IDS[case.dtype], case.activation, case.sg or "nosg"]
     if case.context != "none":

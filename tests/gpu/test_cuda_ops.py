@@ -2,9 +2,10 @@
 
 Run by ``benchmarks/gpu.sh`` (``FASTDNI_TEST_DEVICE=cuda``); skipped where torch sees no GPU or fastdni._C has no
 CUDA kernels (CI: there the kernels' math is checked through their CPU twin, tests/test_cuda_twin.py, and their
-build by tests/test_cuda_build.py). Oracle: the reference backend in fp32 on the same (already rounded) inputs and
-state, upcast; tolerances those of the Triton suite (tests/interpreted/test_triton_ops.py), whose results are
-rounded the same way. Shapes are odd and, in the large case, span several 64-wide tiles of the grad-step kernel.
+build by tests/test_cuda_build.py). The comparisons with the reference are those of the Triton suite
+(tests/interpreted/test_triton_ops.py), shared in tests/op_cases.py (``check_*_matches_reference``): the reference in
+fp32 on the same (already rounded) inputs and state, upcast, at ``STEP_TOLERANCES``. Shapes are odd and, in the
+"tiles" case, span several 64-wide tiles of the grad-step kernel.
 """
 from __future__ import annotations
 
@@ -12,102 +13,54 @@ import pytest
 import torch
 
 import fastdni.ops as ops
-from fastdni.ops import ForwardResult
 from fastdni.reference import SGParams
-from op_cases import OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_TOLERANCES, make_state, step_inputs
+from op_cases import (
+    ACTIVATIONS, CONTEXTS, OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_SGS, STEP_SHAPES, check_forward_matches_reference,
+    check_regression_matches_reference, check_update_matches_reference, gpu_inputs, step_state,
+)
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS),
                                 reason="needs a CUDA device and fastdni._C built with csrc/cuda")
 DEVICE = torch.device("cuda")
-TOLERANCES, DTYPES, DTYPE_IDS = STEP_TOLERANCES, STEP_DTYPES, STEP_DTYPE_IDS  # why these: op_cases.py
-SHAPES = {"small": dict(batch=37, in_features=45, features=33), "tiles": dict(batch=150, in_features=130, features=97)}
-SGS = {"nosg": None, "linear": (), "mlp": (40,), "mlp2": (40, 35)}
-CONTEXTS = ("none", "labels64", "labels32", "float")
+DTYPES, DTYPE_IDS = STEP_DTYPES, STEP_DTYPE_IDS  # tolerances: op_cases.STEP_TOLERANCES
 
 
 def _inputs(dtype, activation="relu", sg="linear", context="none", shape="small"):
-    return step_inputs(dtype, DEVICE, sg_hidden=SGS[sg], activation=activation, context=context, **SHAPES[shape])
-
-
-def _up(t):
-    return t if t is None or not t.is_floating_point() else t.to(torch.float32, copy=True)
-
-
-def _up_sg(sg):
-    return None if sg is None else SGParams(tuple(map(_up, sg.weights)), tuple(map(_up, sg.biases)), _up(sg.context_weight))
-
-
-def _close(got, want, dtype, name):
-    torch.testing.assert_close(got.float(), want.float(), msg=lambda m: f"{name}: {m}", **TOLERANCES[dtype])
+    return gpu_inputs(dtype, DEVICE, activation, sg, context, shape)
 
 
 def _state(optimizer, hyper, params, dtype):
-    return [s.to(DEVICE, dtype) for s in make_state(optimizer, hyper, [p.cpu().float() for p in params])]
+    return step_state(optimizer, hyper, params, dtype, DEVICE)
 
 
 @pytest.mark.parametrize("context", CONTEXTS)
-@pytest.mark.parametrize("sg", tuple(SGS))
-@pytest.mark.parametrize("activation", ("identity", "relu", "tanh", "gelu"))
+@pytest.mark.parametrize("sg", tuple(STEP_SGS))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_forward(dtype, activation, sg, context):
-    if context != "none" and SGS[sg] is None:
+    if context != "none" and STEP_SGS[sg] is None:
         pytest.skip("a context needs an SG model")
-    inp = _inputs(dtype, activation, sg, context)
-    got = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=activation, backend="cuda")
-    want = ops.dni_forward(_up(inp.x), _up(inp.weight), _up(inp.bias), _up_sg(inp.sg), _up(inp.context), activation=activation,
-                           backend="reference")
-    for name in ("h", "pre", "prediction"):
-        _close(getattr(got, name), getattr(want, name), dtype, name)
-    for i, (g, w) in enumerate(zip(got.sg_hidden, want.sg_hidden, strict=True)):
-        _close(g, w, dtype, f"sg_hidden[{i}]")
+    check_forward_matches_reference(_inputs(dtype, activation, sg, context), dtype, "cuda")
 
 
-@pytest.mark.parametrize("shape", tuple(SHAPES))
+@pytest.mark.parametrize("shape", tuple(STEP_SHAPES))
 @pytest.mark.parametrize("need_input_grad", (False, True))
 @pytest.mark.parametrize("opt_name", ("adam-l2-step3", "adamw-step7", "sgd", "sgd-nesterov"))
-@pytest.mark.parametrize("activation", ("identity", "relu", "tanh", "gelu"))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_update(dtype, activation, opt_name, need_input_grad, shape):
-    inp = _inputs(dtype, activation, "linear", shape=shape)
-    optimizer, hyper = OPTIMIZERS[opt_name]
-    f = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, activation=activation, backend="cuda")
-    state = _state(optimizer, hyper, [inp.weight, inp.bias], dtype)
-    want_w, want_b, want_state = _up(inp.weight), _up(inp.bias), [_up(s) for s in state]
-    up_f = ForwardResult(_up(f.h), _up(f.pre), _up(f.prediction), [])
-    want_dx = ops.dni_update_(_up(inp.x), want_w, want_b, up_f, optimizer, hyper, want_state, grad_scale=2.5, activation=activation,
-                              need_input_grad=need_input_grad, backend="reference")
-    dx = ops.dni_update_(inp.x, inp.weight, inp.bias, f, optimizer, hyper, state, grad_scale=2.5, activation=activation,
-                         need_input_grad=need_input_grad, backend="cuda")
-    if need_input_grad:
-        _close(dx, want_dx, dtype, "dx")
-    _close(inp.weight, want_w, dtype, "weight")
-    _close(inp.bias, want_b, dtype, "bias")
-    for i, (s, w) in enumerate(zip(state, want_state, strict=True)):
-        _close(s, w, dtype, f"state[{i}]")
+    check_update_matches_reference(_inputs(dtype, activation, "linear", shape=shape), dtype, opt_name, "cuda",
+                                   need_input_grad=need_input_grad)
 
 
-@pytest.mark.parametrize("shape", tuple(SHAPES))
+@pytest.mark.parametrize("shape", tuple(STEP_SHAPES))
 @pytest.mark.parametrize("opt_name", ("adam-l2-step3", "sgd-dampening"))
 @pytest.mark.parametrize("context", CONTEXTS)
 @pytest.mark.parametrize("sg", ("linear", "mlp", "mlp2"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sg_regression(dtype, sg, context, opt_name, shape):
-    inp = _inputs(dtype, "relu", sg, context, shape)
-    optimizer, hyper = OPTIMIZERS[opt_name]
-    f = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation="relu", backend="cuda")
-    params = list(ops.ordered_params(inp.sg))
-    state = _state(optimizer, hyper, params, dtype)
-    want_sg, want_state = _up_sg(inp.sg), [_up(s) for s in state]
-    up_f = ForwardResult(_up(f.h), _up(f.pre), _up(f.prediction), [_up(z) for z in f.sg_hidden])
-    want_loss = ops.sg_regression_(up_f.h, up_f, _up(inp.target), want_sg, optimizer, hyper, want_state, _up(inp.context),
-                                   target_scale=0.5, loss_weight=2.0, backend="reference")
-    loss = ops.sg_regression_(f.h, f, inp.target, inp.sg, optimizer, hyper, state, inp.context, target_scale=0.5, loss_weight=2.0,
-                              backend="cuda")
-    _close(loss, want_loss, dtype, "loss")
-    for i, (p, w) in enumerate(zip(params, ops.ordered_params(want_sg), strict=True)):
-        _close(p, w, dtype, f"param[{i}]")
-    for i, (s, w) in enumerate(zip(state, want_state, strict=True)):
-        _close(s, w, dtype, f"state[{i}]")
+    check_regression_matches_reference(_inputs(dtype, "relu", sg, context, shape), dtype, opt_name, "cuda",
+                                       target_scale=0.5, loss_weight=2.0)
 
 
 @pytest.mark.parametrize("sg", ("linear", "mlp"))  # the loss reduced by the fused step, or by the error pass

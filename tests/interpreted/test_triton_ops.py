@@ -8,8 +8,6 @@ kernel sees ragged edges and several tiles in each dimension.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -19,50 +17,31 @@ from fastdni.reference import SGParams
 
 from conftest import DEVICE
 from op_cases import (
-    OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_TOLERANCES, clone_all, clone_sg, make_state, step_inputs,
+    ACTIVATIONS, CONTEXTS, OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_SGS, check_forward_matches_reference,
+    check_regression_matches_reference, check_update_matches_reference, clone_all, clone_sg, gpu_inputs, step_state, upcast_inputs,
 )
 
 BUILDS_ON_CPU = True  # seeded CPU generators (op_cases), then moved: see conftest.py
 
-# Per dtype (why these values: op_cases.STEP_TOLERANCES).
-TOLERANCES, DTYPES, DTYPE_IDS = STEP_TOLERANCES, STEP_DTYPES, STEP_DTYPE_IDS
-# B, K, N and an SG hidden width: odd, none a multiple of 32, each more than one tile.
-SHAPE = dict(batch=37, in_features=45, features=33)
-MLP_HIDDEN = (40,)
-SGS = {"nosg": None, "linear": (), "mlp": MLP_HIDDEN, "mlp2": (40, 35)}
-CONTEXTS = ("none", "labels64", "labels32", "float")
+DTYPES, DTYPE_IDS = STEP_DTYPES, STEP_DTYPE_IDS  # tolerances: op_cases.STEP_TOLERANCES
 
 
 def _inputs(dtype, activation="relu", sg="linear", context="none", seed=0, device=DEVICE):
-    return step_inputs(dtype, device, sg_hidden=SGS[sg], activation=activation, context=context, seed=seed, **SHAPE)
+    return gpu_inputs(dtype, device, activation, sg, context, seed=seed)
 
 
 def _state(optimizer, hyper, params, dtype=torch.float32):
-    """Random mid-run optimizer state (op_cases.make_state, seeded on the CPU) on the test device."""
-    return [s.to(DEVICE, dtype) for s in make_state(optimizer, hyper, [p.cpu().float() for p in params])]
-
-
-def _upcast(inp):
-    up = lambda t: t if t is None or not t.is_floating_point() else t.to(torch.float32, copy=True)  # noqa: E731
-    sg = None if inp.sg is None else SGParams(tuple(map(up, inp.sg.weights)), tuple(map(up, inp.sg.biases)),
-                                              up(inp.sg.context_weight))
-    return dataclasses.replace(inp, x=up(inp.x), weight=up(inp.weight), bias=up(inp.bias), sg=sg,
-                               context=up(inp.context), target=up(inp.target))
+    return step_state(optimizer, hyper, params, dtype, DEVICE)
 
 
 def _forward(inp, backend):
     return ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend=backend)
 
 
-def _assert_close(got, want, dtype, what):
-    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
-    torch.testing.assert_close(got.float(), want, **TOLERANCES[dtype], msg=lambda m: f"{what}: {m}")
-
-
 def _forward_cases():
     for dtype in DTYPES:
-        for activation in ("identity", "relu", "tanh", "gelu"):
-            for sg in SGS:
+        for activation in ACTIVATIONS:
+            for sg in STEP_SGS:
                 for context in CONTEXTS if sg != "nosg" else ("none",):
                     if dtype != torch.float32 and (activation in ("identity", "tanh") or context == "labels32"):
                         continue  # low precision: the activations and contexts that differ in kind
@@ -72,19 +51,7 @@ def _forward_cases():
 
 @pytest.mark.parametrize("dtype, activation, sg, context", list(_forward_cases()))
 def test_forward_matches_reference(dtype, activation, sg, context):
-    inp = _inputs(dtype, activation, sg, context)
-    got = _forward(inp, "triton")
-    want = _forward(_upcast(inp), "reference")
-    _assert_close(got.h, want.h, dtype, "h")
-    assert got.pre.numel() == want.pre.numel(), "pre is saved for gelu only"
-    if activation == "gelu":
-        _assert_close(got.pre, want.pre, dtype, "pre")
-    assert got.prediction.numel() == want.prediction.numel()
-    if want.prediction.numel():
-        _assert_close(got.prediction, want.prediction, dtype, "prediction")
-    assert len(got.sg_hidden) == len(want.sg_hidden)
-    for i, (g, w) in enumerate(zip(got.sg_hidden, want.sg_hidden)):
-        _assert_close(g, w, dtype, f"sg_hidden[{i}]")
+    check_forward_matches_reference(_inputs(dtype, activation, sg, context), dtype, "triton")
 
 
 UPDATE_OPTIMIZERS = ("adam-step1", "adam-l2-step3", "adamw-step7", "sgd-wd-first", "sgd-dampening", "sgd-nesterov")
@@ -97,27 +64,12 @@ def _update(inp, forward, optimizer_key, backend, *, state, grad_scale, need_inp
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "identity"])  # identity: act' = 1, in the forward cases
 @pytest.mark.parametrize("optimizer_key", UPDATE_OPTIMIZERS)
 @pytest.mark.parametrize("need_input_grad", [True, False], ids=["dx", "nodx"])
 def test_update_matches_reference(dtype, activation, optimizer_key, need_input_grad):
-    inp = _inputs(dtype, activation, "mlp")
-    forward = _forward(inp, "triton")
-    optimizer, hyper = OPTIMIZERS[optimizer_key]
-    state = _state(optimizer, hyper, [inp.weight, inp.bias], dtype)
-    ref = _upcast(inp)
-    ref_forward = ops.ForwardResult(*(t.float() for t in forward[:3]), [t.float() for t in forward.sg_hidden])
-    ref_state = [s.to(torch.float32, copy=True) for s in state]
-    want_dx = _update(ref, ref_forward, optimizer_key, "reference", state=ref_state, grad_scale=2.5,
-                      need_input_grad=need_input_grad)
-    got_dx = _update(inp, forward, optimizer_key, "triton", state=state, grad_scale=2.5, need_input_grad=need_input_grad)
-    if need_input_grad:
-        _assert_close(got_dx, want_dx, dtype, "dx")
-    else:
-        assert got_dx is None
-    for name, g, w in zip(["weight", "bias", *(f"state[{i}]" for i in range(len(state)))],
-                          [inp.weight, inp.bias, *state], [ref.weight, ref.bias, *ref_state]):
-        _assert_close(g, w, dtype, name)
+    check_update_matches_reference(_inputs(dtype, activation, "mlp"), dtype, optimizer_key, "triton",
+                                   need_input_grad=need_input_grad)
 
 
 def _regress(inp, forward, optimizer_key, backend, state):
@@ -139,19 +91,8 @@ def _regression_cases():
 
 @pytest.mark.parametrize("dtype, sg, context, optimizer_key", list(_regression_cases()))
 def test_sg_regression_matches_reference(dtype, sg, context, optimizer_key):
-    inp = _inputs(dtype, "relu", sg, context)
-    forward = _forward(inp, "triton")
-    optimizer, hyper = OPTIMIZERS[optimizer_key]
-    state = _state(optimizer, hyper, ops.ordered_params(inp.sg), dtype)
-    ref = _upcast(inp)
-    ref_forward = ops.ForwardResult(*(t.float() for t in forward[:3]), [t.float() for t in forward.sg_hidden])
-    ref_state = [s.to(torch.float32, copy=True) for s in state]
-    want_loss = _regress(ref, ref_forward, optimizer_key, "reference", ref_state)
-    got_loss = _regress(inp, forward, optimizer_key, "triton", state)
-    _assert_close(got_loss, want_loss, dtype, "loss")
-    params, ref_params = ops.ordered_params(inp.sg), ops.ordered_params(ref.sg)
-    for i, (g, w) in enumerate(zip(params + state, ref_params + ref_state)):
-        _assert_close(g, w, dtype, f"param/state {i}")
+    check_regression_matches_reference(_inputs(dtype, "relu", sg, context), dtype, optimizer_key, "triton",
+                                       target_scale=0.75, loss_weight=1.5)
 
 
 def test_regression_changes_every_sg_parameter():
@@ -281,7 +222,7 @@ def test_nan_and_inf_propagate():
     inp = _inputs(torch.float32, "relu", "linear")
     inp.x[3, 5] = float("nan")
     inp.weight[7, 2] = float("inf")
-    got, want = _forward(inp, "triton"), _forward(_upcast(inp), "reference")
+    got, want = _forward(inp, "triton"), _forward(upcast_inputs(inp), "reference")
     for name in ("h", "prediction"):
         g, w = getattr(got, name), getattr(want, name)
         assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN pattern differs"
