@@ -11,17 +11,28 @@
 
 namespace fastdni {
 
-using DniForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights, at::TensorList sg_biases,
-    const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context, std::string_view activation);
+// Each op's parameter list, written once: the function types below and each backend's definitions
+// (`DniForwardResult dni_forward(FASTDNI_DNI_FORWARD_PARAMS) { ... }`) take it.
+#define FASTDNI_DNI_FORWARD_PARAMS                                                                                      \
+  const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights, at::TensorList sg_biases, \
+      const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context, std::string_view activation
 
-using DniUpdateFn = at::Tensor(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& h,
-                               const at::Tensor& pre, const at::Tensor& prediction, at::TensorList state, std::string_view optimizer,
-                               c10::ArrayRef<double> hyper, double grad_scale, std::string_view activation, bool need_input_grad);
+#define FASTDNI_DNI_UPDATE_PARAMS                                                                                         \
+  const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& h, const at::Tensor& pre,     \
+      const at::Tensor& prediction, at::TensorList state, std::string_view optimizer, c10::ArrayRef<double> hyper,       \
+      double grad_scale, std::string_view activation, bool need_input_grad
 
-using SgRegressionFn = at::Tensor(const at::Tensor& h, at::TensorList sg_hidden, const at::Tensor& prediction, const at::Tensor& target,
-                                  at::TensorList sg_weights, at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
-                                  const std::optional<at::Tensor>& context, at::TensorList state, std::string_view optimizer,
-                                  c10::ArrayRef<double> hyper, double target_scale, double loss_weight);
+#define FASTDNI_SG_REGRESSION_PARAMS                                                                                      \
+  const at::Tensor& h, at::TensorList sg_hidden, const at::Tensor& prediction, const at::Tensor& target,                \
+      at::TensorList sg_weights, at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,               \
+      const std::optional<at::Tensor>& context, at::TensorList state, std::string_view optimizer,                         \
+      c10::ArrayRef<double> hyper, double target_scale, double loss_weight
+
+// (h, pre, prediction, sg_hidden)
+using DniForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+using DniForwardFn = DniForwardResult(FASTDNI_DNI_FORWARD_PARAMS);
+using DniUpdateFn = at::Tensor(FASTDNI_DNI_UPDATE_PARAMS);
+using SgRegressionFn = at::Tensor(FASTDNI_SG_REGRESSION_PARAMS);
 
 }  // namespace fastdni

@@ -50,10 +50,7 @@ void add_label_context_relu_(const at::Tensor& a, const at::Tensor& context_weig
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dni_forward(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights,
-    at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context,
-    std::string_view activation) {
+DniForwardResult dni_forward(FASTDNI_DNI_FORWARD_PARAMS) {
   const Activation act = parse_activation(activation);
   check_forward_args(x, weight, bias, sg_weights, sg_biases, context_weight, context);
 

@@ -12,9 +12,7 @@
 
 namespace fastdni::cpu {
 
-at::Tensor dni_update_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& h,
-                       const at::Tensor& pre, const at::Tensor& prediction, at::TensorList state, std::string_view optimizer,
-                       c10::ArrayRef<double> hyper, double grad_scale, std::string_view activation, bool need_input_grad) {
+at::Tensor dni_update_(FASTDNI_DNI_UPDATE_PARAMS) {
   const Activation act = parse_activation(activation);
   const auto grouped = check_update_args(x, weight, bias, h, pre, prediction, state, optimizer, hyper, grad_scale, act);
   const int64_t rows = x.size(0), features = weight.size(0);

@@ -52,10 +52,7 @@ at::Tensor label_context_grad(const at::Tensor& grad, const at::Tensor& labels, 
 
 }  // namespace
 
-at::Tensor sg_regression_(const at::Tensor& h, at::TensorList sg_hidden, const at::Tensor& prediction, const at::Tensor& target,
-                          at::TensorList sg_weights, at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
-                          const std::optional<at::Tensor>& context, at::TensorList state, std::string_view optimizer,
-                          c10::ArrayRef<double> hyper, double target_scale, double loss_weight) {
+at::Tensor sg_regression_(FASTDNI_SG_REGRESSION_PARAMS) {
   const RegressionArgs args = check_regression_args(h, sg_hidden, prediction, target, sg_weights, sg_biases, context_weight, context,
                                                      state, optimizer, hyper, loss_weight);
   const std::vector<at::Tensor>& inputs = args.inputs;

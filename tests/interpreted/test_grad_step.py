@@ -15,6 +15,7 @@ import torch
 
 from fastdni.kernels.grad_step import bias_grad_step_, gemm_grad_step_
 from fastdni.ops.optim import optimizer_step_
+from op_cases import STEP_DTYPE_IDS, STEP_DTYPES
 
 # Per-dtype tolerances of the kernel's fp32 param/state against the fp64 oracle. The kernel sees the same
 # rounded inputs as the oracle, and a product of two bf16/fp16 values is exact in fp32, so for every input
@@ -27,8 +28,7 @@ TOLERANCES = {
     torch.bfloat16: dict(rtol=1e-5, atol=1e-5),
     torch.float16: dict(rtol=1e-5, atol=1e-5),
 }
-DTYPES = tuple(TOLERANCES)
-DTYPE_IDS = [str(d).replace("torch.", "") for d in DTYPES]
+DTYPES, DTYPE_IDS = STEP_DTYPES, STEP_DTYPE_IDS  # the dtypes of TOLERANCES, in its order
 
 B, N, K = 33, 29, 45  # odd, none a multiple of the interpreter's 32-wide tiles
 

@@ -10,6 +10,7 @@ import torch
 
 from fastdni.kernels.linear_act import linear_act
 from fastdni.reference import ACTIVATIONS, activate, context_term, layer_forward
+from op_cases import STEP_DTYPE_IDS, STEP_DTYPES
 
 # Per-dtype tolerances of the kernel's output against the fp32 reference computed from the *same*
 # (already rounded) inputs. fp32: only summation order differs (fp32 accumulation, tiled K), a few ulps
@@ -21,8 +22,7 @@ TOLERANCES = {
     torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
     torch.float16: dict(rtol=2e-3, atol=2e-3),
 }
-DTYPES = tuple(TOLERANCES)
-DTYPE_IDS = [str(d).replace("torch.", "") for d in DTYPES]
+DTYPES, DTYPE_IDS = STEP_DTYPES, STEP_DTYPE_IDS  # the dtypes of TOLERANCES, in its order
 
 M, K, N, C = 37, 45, 29, 11  # odd, none a multiple of the interpreter's 32-wide tiles
 
