@@ -1,11 +1,10 @@
-"""Build of fastdni: the Python package plus, once their sources exist, the C++/CUDA ops.
+"""Build of fastdni: the Python package plus the C++/CUDA ops.
 
-Extension layout (filled in by the fused-ops issues; nothing to change here when they land):
+Extension layout:
   csrc/cpu/*.cpp   always compiled into ``fastdni._C`` (needs torch at build time)
   csrc/cuda/*.cu, *.cpp  added when torch.version.cuda is set and nvcc is found
 The sources register ops with TORCH_LIBRARY; since fastdni._C is a Python extension module, one of them
 must also define PyInit__C (as pytorch/extension-cpp does) so that `import fastdni._C` loads it.
-Checked with a probe op (not committed): CPU + CUDA build, sm_80 and sm_90 cubins, cuBLASLt linked.
 
 Switches (environment):
   FASTDNI_BUILD_EXT=0     build the pure-Python package only

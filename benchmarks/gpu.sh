@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (issues 7, 8): set up .venv, run the Triton and CUDA C++ suites on the GPU, then the
+# One command for a GPU machine: set up .venv, run the Triton and CUDA C++ suites on the GPU, then the
 # step benchmark (Triton and, where fastdni._C has its CUDA kernels, the CUDA backend beside it).
 #
 #   benchmarks/gpu.sh                       # full grid -> docs/benchmarks/triton_step_gpu.{json,md}

@@ -42,6 +42,8 @@ from itertools import product
 from multiprocessing import get_context
 from typing import Iterable, Optional, Sequence
 
+from fastdni.contract import ACTIVATION_CODES
+
 __all__ = ["Variant", "CompileRecord", "ToolMissing", "KERNELS", "CALL_SITES", "ARCHS", "SHARED_LIMIT", "find_tool",
            "compile_variant", "variant_set", "compile_all", "format_table", "kernel_configs", "dtype_configs",
            "config_name"]
@@ -308,8 +310,8 @@ ADAM = dict(IS_ADAM=True, HAS_WD=False, DECOUPLED=False, HAS_BUF=False, NESTEROV
 ADAMW = dict(ADAM, HAS_WD=True, DECOUPLED=True)
 SGD_MOMENTUM = dict(IS_ADAM=False, HAS_WD=True, DECOUPLED=False, HAS_BUF=True, NESTEROV=False, FIRST_STEP=False)
 SGD = dict(SGD_MOMENTUM, HAS_WD=False, HAS_BUF=False)
-_IDENTITY, _RELU, _TANH, _GELU = 0, 1, 2, 3
-_STORED, _DELTA, _ERROR = 0, 1, 2
+_IDENTITY, _RELU, _TANH, _GELU = (ACTIVATION_CODES[name] for name in ("identity", "relu", "tanh", "gelu"))
+_STORED, _DELTA, _ERROR = 0, 1, 2  # kernels/prologue.py's GradSource modes (importing it imports triton)
 
 
 def _la(act=_IDENTITY, bias=False, labels=False, addend=False, pre=False, deriv=0, grad=_STORED, grad_act=_IDENTITY):

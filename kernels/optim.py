@@ -1,10 +1,11 @@
 """The optimizer steps of the fused Triton kernels, written once: ``@triton.jit`` helpers plus the host side.
 
-Every kernel that updates a parameter in its epilogue (``kernels/grad_step.py`` and later ones) calls
+Every kernel that updates a parameter in its epilogue (``kernels/grad_step.py``) calls
 :func:`optimizer_epilogue` on an fp32 gradient tile; the formulae are those of
 :mod:`fastdni.reference.optim` (``torch.optim.Adam``/``AdamW``/``SGD``) and of ``csrc/common/dni_math.h``.
 
-Host side, :func:`optimizer_args` turns ``(optimizer, hyper)`` (layout: :mod:`fastdni.ops.optim`) into
+Host side, :func:`optimizer_args` checks ``(optimizer, hyper)`` (:func:`fastdni.contract.check_kernel_hyper`; layout:
+:mod:`fastdni.ops.optim`) and turns it into
 
 * ``scalars``: a dict of runtime float arguments, ``OPT_LR`` ... ``OPT_ONE_MINUS_DAMPENING``, always all
   present (unused ones are 0) so each kernel has one fixed signature. Per-step quantities such as

@@ -17,7 +17,7 @@ from torch import Tensor
 
 import fastdni.ops as ops
 from fastdni.ops import ForwardResult
-from fastdni.contract import ACTIVATIONS, state_per_param  # noqa: F401  (ACTIVATIONS: the suites' parameter)
+from fastdni.contract import ACTIVATIONS, STATE_FIELDS, state_per_param  # noqa: F401  (ACTIVATIONS: the suites' parameter)
 from fastdni.reference import SGParams, init_sg_params
 
 # CPU backend vs reference (and vs torch.optim), per dtype. Both compute the same formulae; they differ in
@@ -316,7 +316,7 @@ def optimizer_states(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> li
     out = []
     for p in params:
         s = opt.state[p]
-        out += [s[k] for k in ("exp_avg", "exp_avg_sq", "momentum_buffer") if s.get(k) is not None]
+        out += [s[k] for names in STATE_FIELDS.values() for k in names if s.get(k) is not None]
     return out
 
 
