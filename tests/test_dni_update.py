@@ -64,10 +64,9 @@ def test_cpu_matches_reference(dtype, activation, optimizer_key, need_input_grad
     _compare(Case(dtype=dtype, activation=activation, sg="linear"), optimizer_key, need_input_grad)
 
 
-# dW is formed tile by tile of ~64 KiB of whole weight rows, at least one tile per thread
-# (csrc/cpu/fused_step.cpp): fp32 with K = 1030 gives tiles of 15 rows, fp64 with K = 600 of 13, so
-# N = 70 rows make 5 or 6 tiles, the last one partial: several per thread on 1 thread (the suite's
-# default here) and on 2 (test_tiled_result_does_not_depend_on_thread_count).
+# Wide weights: csrc/cpu/grad_step.cpp forms dW in panels of ~256 KiB of whole weight rows (at least one per thread)
+# where dW would spill the last-level cache and B <= 128, else with one GEMM; N = 70 rows give a partial last panel.
+# Checked on 1 thread (the suite's default here) and on 2 (test_tiled_result_does_not_depend_on_thread_count).
 TILED_CASES = [
     Case(dtype=torch.float32, activation="gelu", sg="linear", batch=8, in_features=1030, features=70),
     Case(dtype=torch.float64, activation="relu", sg="linear", batch=8, in_features=600, features=70),

@@ -70,10 +70,9 @@ def test_cpu_matches_reference(dtype, sg, context, optimizer_key):
     _compare(Case(dtype=dtype, activation="tanh", sg=sg, context=context), optimizer_key)
 
 
-# Every SG weight's gradient GEMM tiled (csrc/cpu/fused_step.cpp: ~64 KiB of whole rows per tile, at least
-# one tile per thread): N = 520 features and a 72-wide hidden layer give W_1 [72, 520] (fp32: tiles of 31
-# rows, fp64: 15), W_2 [520, 72] (fp32: 227, fp64: 113) and, with 600 float context features, U [72, 600]
-# (fp32: 27, fp64: 13): several tiles per thread, the last one partial.
+# Wide SG weights (csrc/cpu/grad_step.cpp forms a weight gradient in panels of ~256 KiB of whole rows, at least one
+# per thread, where it would spill the last-level cache and B <= 128): N = 520 features and a 72-wide hidden layer
+# give W_1 [72, 520], W_2 [520, 72] and, with 600 float context features, U [72, 600].
 TILED_CASES = [
     Case(dtype=dtype, activation="relu", sg="mlp1", context=context, batch=8, in_features=12, features=520, classes=600,
          sg_hidden=(72,))

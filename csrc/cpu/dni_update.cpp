@@ -6,7 +6,7 @@
 
 #include "common/dni_math.h"
 #include "common/op_args.h"
-#include "cpu/fused_step.h"
+#include "cpu/grad_step.h"
 #include "cpu/ops.h"
 #include "cpu/vector_loops.h"
 

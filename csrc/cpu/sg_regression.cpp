@@ -5,7 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/op_args.h"
-#include "cpu/fused_step.h"
+#include "cpu/grad_step.h"
 #include "cpu/ops.h"
 #include "cpu/vector_loops.h"
 

@@ -63,13 +63,13 @@ class _DniForward(torch.autograd.Function):
         context = tail.pop(0) if has_context else None
         inputs = (x, weight, bias, sg_weights, sg_biases, context_weight, context, activation)
         h, pre, prediction, hidden = kernel_ops().dni_forward(*inputs)
-        registration._setup_forward(ctx, inputs, (h, pre, prediction, hidden))
+        registration.setup_forward(ctx, inputs, (h, pre, prediction, hidden))
         ctx.has_context = has_context
         return (h, pre, prediction, *hidden)
 
     @staticmethod
     def backward(ctx, grad_h, grad_pre, grad_prediction, *grad_hidden):
-        gx, gw, gb, gsw, gsb, gu, _, _ = registration._dni_forward_backward(ctx, grad_h, grad_pre, grad_prediction,
+        gx, gw, gb, gsw, gsb, gu, _, _ = registration.dni_forward_backward(ctx, grad_h, grad_pre, grad_prediction,
                                                                             list(grad_hidden))
         tail = ([gu] if ctx.has_context_weight else []) + ([None] if ctx.has_context else [])
         return (None, None, None, None, gx, gw, gb, *gsw, *gsb, *tail)

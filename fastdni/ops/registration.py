@@ -39,7 +39,8 @@ def _sg_regression_fake(h, sg_hidden, prediction, target, sg_weights, sg_biases,
     return h.new_empty(())
 
 
-def _setup_forward(ctx, inputs, output):
+def setup_forward(ctx, inputs, output):
+    """``dni_forward``'s autograd context (also the Triton backend's, ``fastdni/ops/_triton.py``)."""
     x, weight, _bias, sg_weights, _sg_biases, context_weight, context, activation = inputs
     h, pre, _prediction, hidden = output
     ctx.activation = activation
@@ -49,7 +50,8 @@ def _setup_forward(ctx, inputs, output):
     ctx.mark_non_differentiable(pre, *hidden)
 
 
-def _dni_forward_backward(ctx, grad_h, _grad_pre, grad_prediction, _grad_hidden):
+def dni_forward_backward(ctx, grad_h, _grad_pre, grad_prediction, _grad_hidden):
+    """``dni_forward``'s backward: the layer's and the SG's gradients (``fastdni.reference``)."""
     x, weight, h, pre, context, context_weight, *rest = ctx.saved_tensors
     sg_weights, hidden = rest[:ctx.num_sg_layers], rest[ctx.num_sg_layers:]
     grad_sg_w = [None] * ctx.num_sg_layers
@@ -68,4 +70,4 @@ def _dni_forward_backward(ctx, grad_h, _grad_pre, grad_prediction, _grad_hidden)
     return grads.input, grads.weight, grads.bias, grad_sg_w, grad_sg_b, grad_u, None, None
 
 
-torch.library.register_autograd(f"{NAMESPACE}::dni_forward", _dni_forward_backward, setup_context=_setup_forward)
+torch.library.register_autograd(f"{NAMESPACE}::dni_forward", dni_forward_backward, setup_context=setup_forward)

@@ -1,4 +1,4 @@
-#include "cpu/fused_step.h"
+#include "cpu/grad_step.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
