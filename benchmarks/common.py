@@ -15,35 +15,8 @@ and the Adam moments start from small random values (a step in mid-training), id
 every variant.
 
 ONE step is: forward (layer + SG prediction), the layer's Adam step on the synthetic gradient (and
-``dx`` with the pre-update ``W``), the SG's regression and Adam step. The variants:
-
-``fused``
-    the three public ops :func:`fastdni.ops.dni_forward`, :func:`~fastdni.ops.dni_update_`,
-    :func:`~fastdni.ops.sg_regression_` with ``backend="cpu"`` (what a user calls; their Python
-    argument checks included). ``raw=True`` calls ``torch.ops.fastdni.*`` directly instead, to see
-    what the checks cost.
-``eager``
-    the same math as a user would write it in plain PyTorch: ``addmm`` forwards, the explicit
-    gradients of :mod:`fastdni.reference` (``layer_backward``, ``sg_backward``) assigned to ``.grad``,
-    then ``torch.optim.Adam(..., foreach=True).step()`` on all parameters and
-    ``zero_grad(set_to_none=True)`` (as a training loop would; it frees the gradients).
-``compiled``
-    ``torch.compile`` of the eager step function, ``opt.step()`` included (Inductor, default mode,
-    ``dynamic=False``). It runs as two graphs, the math and the optimizer: ``torch.optim`` puts a
-    graph break at the start of ``step()`` on purpose (see ``_use_grad_for_differentiable``), and
-    ``zero_grad`` is not traced (it runs eagerly). If the whole step cannot be compiled, the math is
-    compiled and ``opt.step()`` stays eager (:attr:`Variant.note` says which).
-``gemm_floor``
-    only the GEMMs of the step, ``torch.mm(..., out=...)`` into preallocated outputs on the same
-    shapes (:func:`gemm_shapes`): the time below which no implementation that calls the same BLAS
-    can go.
-
-All four do the same GEMMs (:func:`gemm_shapes`, hence the same :func:`step_flops`); ``fused``,
-``eager`` and ``compiled`` also the same elementwise work (bias, relu, ``delta``, error, loss,
-column sums, Adam), which the floor leaves out. With ``W = width``: a linear SG has 5 GEMMs of
-``2 B W^2`` flops each (``x W^T``, ``h Ws^T``, ``dW = delta^T x``, ``dx = delta W``,
-``dWs = g^T h``), an MLP SG 8 (the SG's two forward GEMMs, ``dW2 = g^T z``, ``g W2`` back through
-the SG, ``dW1 = g1^T h``).
+``dx`` with the pre-update ``W``), the SG's regression and Adam step. The variants (``fused``, ``eager``,
+``compiled``, ``gemm_floor``) and the GEMMs each does: docs/performance.md ("The benchmark scripts").
 """
 from __future__ import annotations
 

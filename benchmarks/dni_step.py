@@ -6,40 +6,8 @@ Usage::
     python benchmarks/dni_step.py --quick              # batch 64, width 256 only (smoke test)
     python benchmarks/dni_step.py --markdown out.md    # also write the table as markdown
 
-What one step is and what the variants are: :mod:`common` (``benchmarks/common.py``). Per row:
-
-1. The four variants are built from the same problem, each with its own copy of the parameters and
-   Adam moments. Their first step compiles ``compiled`` (``compile s``: that first call less a timed one) and
-   checks that they do the same work: the parameter updates and the outputs ``h, dx, loss`` of
-   ``eager`` and ``compiled`` must match ``fused``'s (``max err`` column: the largest difference of a
-   parameter update, relative to the largest update of that parameter; fp32 rounding gives ~1e-6).
-2. Timing is interleaved: each repetition times a block of calls of every variant in turn (the
-   order rotating from one repetition to the next), so drift and other jobs on the machine hit all
-   variants alike; a block is as many calls as take ``--min-block`` seconds (at least one). Times are
-   medians over repetitions; ``spread`` is the largest (p75 - p25) / median among the variants.
-3. Peak memory (:func:`common.peak_alloc_bytes`): the largest amount of memory a step holds allocated
-   at once on the c10 CPU allocator above what was live before it (its transient working set, outputs
-   included), from the profiler's allocation records; persistent parameters and moments are not in it,
-   nor MKL/oneDNN internal scratch.
-
-Roofline: ``traffic`` is :func:`common.compulsory_bytes` at the streaming bandwidth measured at the start
-(the best of 10 copies of 256 MiB, far beyond the last-level cache, ``2 * bytes / time``). The "true
-floor" of a row lies between ``max(gemm_floor, traffic)`` (``f/overlap``: the GEMMs and the compulsory traffic
-perfectly overlapped, the optimistic bound) and ``gemm_floor + traffic`` (``f/serial``: no overlap, what a
-step built from library GEMMs and memory-bound passes on the same cores can reach).
-For the small rows the working set fits in the last-level cache, where the DRAM bandwidth overstates
-the traffic time.
-
-Targets, checked per row (PASS / MISS / ``-`` where a target does not apply):
-
-- ``floor``: fused <= 1.10x the GEMM floor, at width >= 512;
-- ``2x``: fused at least 2x faster than eager, at batch 64, width 256;
-- ``comp``: fused faster than torch.compile, every row.
-
-On a 2-core machine the full grid takes a few minutes (torch.compile recompiles per shape: each row
-starts from ``torch._dynamo.reset()``, ``dynamic=False``). Take final numbers on an idle machine: with
-another job on one of the cores, multi-threaded small GEMMs time OpenMP waits (the script prints the
-load average first).
+What one step is and the variants: ``benchmarks/common.py``; how a row is measured, the roofline and the targets:
+docs/performance.md ("The benchmark scripts").
 """
 from __future__ import annotations
 

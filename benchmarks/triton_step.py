@@ -17,26 +17,7 @@ three ops with ``backend="cuda"`` (csrc/cuda), checked, counted and timed like `
 ``c/floor``, ``c/t`` = cuda / triton, ``launch c``; ``--skip cuda`` leaves it out).
 Every variant updates its own parameters in place on each call, so each call is a full step.
 
-Per row:
-
-1. Equal work: one step of ``triton`` and of ``eager`` from the same initial state, and one of eager in fp64
-   from that state upcast (the truth). Triton's parameter updates (errors beyond 2 ulps of the stored parameter:
-   their rms relative to the update's, and the largest relative to the largest update) and its ``h``, ``dx`` and
-   loss must be within the dtype's tolerance (:data:`CHECK_TOL`) of the truth; the largest errors may also be up
-   to twice eager's own. A row that is off (or raises) is reported as failed and not timed.
-2. Launches per step: on CUDA, the CUDA kernels of one profiled step (``torch.profiler``, after warm-up). On the
-   CPU, ``fastdni.kernels.launch_counter()`` for ``triton`` and the ATen ops with work for ``eager``
-   (:func:`cost_model.profiled_kernels`, marked ``aten``).
-3. Time per step: on CUDA ``triton.testing.do_bench`` (mean ms; it flushes L2 between calls); on the CPU a
-   ``time.perf_counter`` loop (``dni_step.time_interleaved``, median), meaningless as a speed (the interpreter)
-   but it runs the same machinery.
-4. From the cost model (``benchmarks/cost_model.py``): FLOPs, compulsory bytes, the Triton path's modelled
-   bytes; achieved bandwidth (compulsory bytes / time), TFLOP/s and the roofline floor of the device's peak.
-
-Targets of the Triton backend (``met`` / ``missed`` / ``-`` where one does not apply): ``launches`` triton <= 5 per step;
-``bytes`` modelled triton bytes <= 1.2x compulsory; ``eager2x`` >= 2x faster than eager at batch <= 256;
-``compiled`` faster than torch.compile on every row; ``floor`` <= 1.15x the GEMM floor at width >= 1024. CUDA backend:
-``cuda_launches`` <= 4 per step; ``cuda_floor`` <= 1.10x the GEMM floor at width >= 1024.
+How a row is checked, counted and timed, and the targets: docs/performance.md ("The benchmark scripts").
 """
 from __future__ import annotations
 

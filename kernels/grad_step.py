@@ -10,21 +10,7 @@
 * :func:`bias_grad_step_`: ``db = grad_out.sum(0)`` (fp32) with the same epilogue on ``bias``, for where
   there is no weight to fuse it into.
 
-Design notes
-------------
-* Race-freedom: the grid is exactly one program per output tile and the reduction over ``B`` happens
-  inside the program (no split-K), so no two programs read or write the same param/state elements.
-  That is what makes the non-atomic in-place read-modify-write of the epilogue safe. The loss is the one
-  value shared by programs: each stores its partial sum, and the last to arrive (an atomic counter) adds the
-  partials in a fixed order and writes the loss (:func:`reduce_partials`), so no zero-initialised accumulator
-  has to be launched beforehand and the result is the same bit for bit on every run.
-* ``grad_out``/``input`` are read through their strides (views such as ``x.T`` or slices are fine, no
-  copy); fp32, bf16 or fp16, both of the same dtype. ``param``/``bias`` and their state are updated in
-  fp32 registers and stored in their own dtype (fp32 master weights, or bf16/fp16 ones); they must be
-  contiguous: a hidden ``.contiguous()`` copy would silently drop the update, so they are rejected instead.
-* fp32 operands use IEEE fp32 products unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
-* Autotuning benchmarks run the kernel several times; ``restore_value`` restores param and state
-  after each run so the step is applied exactly once. Under ``TRITON_INTERPRET=1`` there is one config.
+Design notes (race-freedom, strides, precision, autotuning): docs/performance.md ("Triton kernels: design notes").
 """
 from __future__ import annotations
 

@@ -5,22 +5,8 @@ This is the building block of ``dni_forward`` (see :mod:`fastdni.reference.layer
 layer (relu for hidden layers, identity for the output layer) and, for the first SG layer of a cDNI
 model, the label term ``U[:, y_b]`` gathered row by row instead of a one-hot GEMM.
 
-Design notes
-------------
-* ``weight`` is ``[N, K]`` row-major (``torch.nn.Linear``'s layout). The kernel reads it as the
-  ``[K, N]`` operand of ``tl.dot`` through its strides, so no transposed copy is ever made.
-* Every read-only input is addressed through its strides, so non-contiguous views (``w.T``, slices,
-  expanded biases) are accepted as they are, with no ``.contiguous()`` copy. Outputs are always
-  freshly allocated contiguous ``[M, N]`` tensors of ``x.dtype``.
-* Accumulation is fp32 whatever the input dtype (``tl.dot(..., out_dtype=fp32)``); bias, label term
-  and activation are applied to the fp32 accumulator and rounded once, at the store.
-* fp32 inputs use IEEE fp32 products unless ``torch.backends.cuda.matmul.allow_tf32`` is set, to match
-  what torch's own matmul gives for the same tensors (the reference the tests compare against).
-* ``pre`` is written only when asked for: by default only for gelu, the one activation whose
-  derivative cannot be formed from the output (``fastdni.reference.NEEDS_PRE``). Skipping it saves a
-  full ``[M, N]`` store for the others.
-* relu, leaky_relu and tanh are written so that a NaN pre-activation stays NaN (``torch.relu(nan) = nan``):
-  ``where(p < 0, 0, p)`` rather than ``maximum`` (whose NaN handling is backend-defined).
+Design notes (layouts, strides, precision, when ``pre`` is written, NaN): docs/performance.md ("Triton kernels:
+design notes").
 """
 from __future__ import annotations
 
