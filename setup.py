@@ -142,9 +142,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The Triton backend lives in the top-level kernels/ folder and installs as fastdni.kernels.
-    packages=find_packages(include=["fastdni", "fastdni.*"]) + ["fastdni.kernels"],
-    package_dir={"fastdni.kernels": "kernels"},
+    packages=find_packages(include=["fastdni", "fastdni.*"]),
     install_requires=["torch>=2.14", "numpy", "tqdm", "matplotlib"],
     # nvidia-cutlass: headers only, for scripts/cutlass_probe.sh (tests/test_cutlass_probe.py); pinned, the probe's
     # findings in docs/performance.md are for this version.

@@ -21,7 +21,7 @@ of that dtype):
 - :func:`roofline_s`: ``max(flops / peak flops, compulsory bytes / HBM bandwidth)`` on a :class:`Peak` (with
   :func:`fastdni_bytes` instead: the floor of the Triton path's plan).
 
-``python benchmarks/cost_model.py`` prints the table for the grid of ``benchmarks/triton_step.py``.
+``python benchmarks/cost_model.py`` prints the table for the grid of ``benchmarks/gpu_step.py``.
 """
 from __future__ import annotations
 
@@ -438,7 +438,7 @@ def roofline_s(step: Step, peak: Peak = H100_SXM, *, fp32_as: str = "fp32", nbyt
 
 
 def summary(step: Step, peak: Peak = H100_SXM) -> dict:
-    """Everything the table (and ``triton_step.py``'s JSON) reports for one step, as plain numbers."""
+    """Everything the table (and ``gpu_step.py``'s JSON) reports for one step, as plain numbers."""
     need = compulsory_bytes(step)
     fast, slow, eager = fastdni_bytes(step), fastdni_bytes(step, pessimistic=True), eager_bytes(step)
     bound = "compute" if flops(step) / peak.flops[step.dtype] > need / peak.hbm else "memory"

@@ -2,8 +2,8 @@
 # One command for a GPU machine: set up .venv, run the Triton and CUDA C++ suites on the GPU, then the
 # step benchmark (Triton and, where fastdni._C has its CUDA kernels, the CUDA backend beside it).
 #
-#   benchmarks/gpu.sh                       # full grid -> docs/benchmarks/triton_step_gpu.{json,md}
-#   benchmarks/gpu.sh --dtype bf16 --sg mlp # extra arguments go to benchmarks/triton_step.py
+#   benchmarks/gpu.sh                       # full grid -> docs/benchmarks/gpu_step.{json,md}
+#   benchmarks/gpu.sh --dtype bf16 --sg mlp # extra arguments go to benchmarks/gpu_step.py
 #   SKIP_TESTS=1 benchmarks/gpu.sh --quick  # benchmark only (SKIP_BENCH=1: tests only; SKIP_BUILD=1: use the install as is)
 #
 # Tests: tests/interpreted with FASTDNI_TEST_DEVICE=cuda (the Triton kernels' suite, which CI runs under the
@@ -36,7 +36,7 @@ elif [ -n "${FASTDNI_PYTHON:-}" ]; then
   done
   echo "== build: $PY -m pip install --no-index --no-deps -e . (CUDA_HOME=${CUDA_HOME:-unset}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
   mkdir -p build
-  # editable: fastdni.kernels is the top-level kernels/ folder, importable only through the install's mapping
+  # editable, as scripts/setup.sh installs it
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --disable-pip-version-check -e . \
     > build/gpu_build.out 2>&1 || { tail -50 build/gpu_build.out; exit 1; }
 else
@@ -46,7 +46,7 @@ fi
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "benchmarks/gpu.sh: torch sees no CUDA device (torch $("$PY" -c 'import torch; print(torch.__version__)'));" \
-       "this script is for a GPU machine. On a CPU: TRITON_INTERPRET=1 "$PY" benchmarks/triton_step.py --quick --device cpu" >&2
+       "this script is for a GPU machine. On a CPU: TRITON_INTERPRET=1 "$PY" benchmarks/gpu_step.py --quick --device cpu" >&2
   exit 2
 fi
 "$PY" -c 'import torch, triton; print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")'
@@ -61,8 +61,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 [ "${SKIP_BENCH:-0}" = 1 ] && exit "$tests_failed"
-echo "== benchmark: benchmarks/triton_step.py $*"
+echo "== benchmark: benchmarks/gpu_step.py $*"
 mkdir -p docs/benchmarks
-"$PY" benchmarks/triton_step.py --device cuda \
-  --json docs/benchmarks/triton_step_gpu.json --markdown docs/benchmarks/triton_step_gpu.md "$@"
+"$PY" benchmarks/gpu_step.py --device cuda \
+  --json docs/benchmarks/gpu_step.json --markdown docs/benchmarks/gpu_step.md "$@"
 exit "$tests_failed"

@@ -2,7 +2,7 @@
 fatbin holds, for every kernel of csrc/cuda, an sm_80 and an sm_90 cubin and compute_90 PTX, none spilling, and the
 bf16/fp16 weight-gradient step runs on tensor cores (HMMA instructions in its machine code).
 
-No GPU needed: cuobjdump (shipped with the triton wheel; kernels/aot.py finds it) reads the built library. Spills
+No GPU needed: cuobjdump (shipped with the triton wheel; fastdni/kernels/aot.py finds it) reads the built library. Spills
 go to the thread's stack in local memory, so a cubin with a zero stack frame and zero local memory spills nothing
 (ptxas's "0 bytes spill stores, 0 bytes spill loads"; its -v report of the build is in build/ext_build.log). The
 table of registers and shared memory is printed (``pytest -s``).

@@ -157,7 +157,7 @@ def test_twin_rejects_a_bad_kind():
 
 @pytest.mark.parametrize("kind", ("stored", "delta", "error", "relu_masked"))
 def test_grad_source_scale_is_a_multiplier(kind):
-    """G = scale * raw for every kind, as kernels/prologue.py's GradSource: a power-of-two scale (exact) on the
+    """G = scale * raw for every kind, as fastdni/kernels/prologue.py's GradSource: a power-of-two scale (exact) on the
     source steps the parameter exactly as that scale applied to the stored operand beforehand."""
     gen = torch.Generator().manual_seed(3)
     first, second, x = torch.randn(5, 2, generator=gen), torch.randn(5, 2, generator=gen), torch.randn(5, 3, generator=gen)

@@ -1,9 +1,9 @@
-"""Every Triton kernel of kernels/ (``fastdni.kernels``) compiles ahead of time for sm_80 and sm_90 with each of its
+"""Every Triton kernel of fastdni/kernels/ (``fastdni.kernels``) compiles ahead of time for sm_80 and sm_90 with each of its
 autotune configs, and no compiled variant spills registers.
 
 CI has no GPU: elsewhere the kernels run only under the interpreter, which never compiles them. Here
 ``triton.compile`` builds cubins for a ``GPUTarget`` with no driver, and ptxas's report gives each variant's
-registers, shared memory and spills (kernels/aot.py: what a variant is, and which ones are compiled). The table is
+registers, shared memory and spills (fastdni/kernels/aot.py: what a variant is, and which ones are compiled). The table is
 printed (``pytest -s``) and the offending rows are in the failure messages. ``python -m fastdni.kernels.aot``
 prints the same table; ``--all`` compiles every flag combination with every config.
 """
@@ -118,7 +118,7 @@ def test_ptxas_report_parsed_and_reproduced(aot):
 
 def test_every_variant_compiles_within_the_gpus_limits(aot, records):
     failed = [r for r in records if r.error]
-    assert not failed, "variants that did not compile (a changed kernel signature: update KERNELS in kernels/aot.py):\n" + "\n".join(
+    assert not failed, "variants that did not compile (a changed kernel signature: update KERNELS in fastdni/kernels/aot.py):\n" + "\n".join(
         f"{r.kernel} [{r.label}] {r.config} {r.dtype} sm_{r.arch} {r.sizes}: {r.error}" for r in failed)
     for r in records:
         where = f"{r.kernel} [{r.label}] {r.config} {r.dtype} sm_{r.arch} {r.sizes}"

@@ -1,4 +1,4 @@
-"""The Triton kernels (kernels/, installed as fastdni.kernels) checked on the CPU: tests/interpreted runs in a
+"""The Triton kernels (fastdni/kernels/) checked on the CPU: tests/interpreted runs in a
 process of its own with TRITON_INTERPRET=1, which has to be set before torch and triton are imported."""
 import os
 import subprocess

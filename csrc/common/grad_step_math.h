@@ -15,7 +15,7 @@ enum class GradKind : int { kStored = 0, kDelta = 1, kError = 2, kReluMasked = 3
 
 // The gradient operand G [batch, features] (row-major) of a weight-gradient GEMM. Formed on the fly from
 // tensors the step already has, so that delta and the SG error need not be written to memory. G = scale * raw,
-// with `scale` a multiplier and `target_scale` the error's t, as kernels/prologue.py's GradSource:
+// with `scale` a multiplier and `target_scale` the error's t, as fastdni/kernels/prologue.py's GradSource:
 //   stored:      raw = first
 //   delta:       raw = first * act'(second)       (first = prediction, second = h, or pre for gelu; scale = 1 / grad_scale)
 //   error:       raw = first - target_scale * second          (first = prediction, second = target)

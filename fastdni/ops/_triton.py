@@ -1,4 +1,4 @@
-"""The Triton backend (``kernels/``, installed as ``fastdni.kernels``): ``backend="triton"``, and ``torch.ops.fastdni``
+"""The Triton backend (``fastdni/kernels/``): ``backend="triton"``, and ``torch.ops.fastdni``
 on CUDA tensors in an install built without the C++ CUDA kernels (``fastdni.ops._extension.HAS_CUDA_KERNELS``).
 
 Registering needs neither a GPU nor importing triton: the CUDA implementations import ``fastdni.kernels.ops``

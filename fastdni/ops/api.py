@@ -6,7 +6,7 @@
 - ``"cpu"``: the C++ kernels of ``csrc/cpu`` (ATen GEMMs with fused epilogues);
 - ``"cuda"``: the CUDA C++ kernels of ``csrc/cuda`` (cuBLASLt GEMMs and fused optimizer kernels; CUDA tensors
   of fp32, bf16 or fp16), where the extension was built with them;
-- ``"triton"``: the Triton kernels of ``kernels/`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``);
+- ``"triton"``: the Triton kernels of ``fastdni/kernels/`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``);
 - ``"auto"``: ``torch.ops.fastdni``, i.e. the compiled kernel for the tensors' device where this
   install has one (CPU: the C++ kernels; CUDA: the CUDA C++ kernels if built, else Triton), else the reference. This is the path to use
   under ``torch.compile``: the ops are opaque nodes with fake implementations, so ``fullgraph=True`` holds.

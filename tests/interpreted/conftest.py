@@ -1,4 +1,4 @@
-"""The Triton suite: kernels/ against fastdni.reference, on the device given by ``FASTDNI_TEST_DEVICE``.
+"""The Triton suite: fastdni/kernels/ against fastdni.reference, on the device given by ``FASTDNI_TEST_DEVICE``.
 
 * CI (no GPU): ``cpu``, run by tests/test_triton_interpreter.py in a process of its own with TRITON_INTERPRET=1
   (it must be set before torch and triton are imported), so the kernels run on CPU tensors through Triton's

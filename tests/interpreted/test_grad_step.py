@@ -1,4 +1,4 @@
-"""kernels/grad_step.py (GEMM/bias gradient + fused optimizer step) under the Triton interpreter (CPU tensors).
+"""fastdni/kernels/grad_step.py (GEMM/bias gradient + fused optimizer step) under the Triton interpreter (CPU tensors).
 
 Run with ``TRITON_INTERPRET=1 python -m pytest -q tests/interpreted/test_grad_step.py``; the suite's
 conftest collects this folder only when TRITON_INTERPRET=1 is set (it must be set before triton is imported).

@@ -1,4 +1,4 @@
-"""kernels/linear_act.py under the Triton interpreter (CPU tensors), against fastdni.reference.
+"""fastdni/kernels/linear_act.py under the Triton interpreter (CPU tensors), against fastdni.reference.
 
 Run with ``TRITON_INTERPRET=1 python -m pytest -q tests/interpreted/test_linear_act.py``; the suite's
 conftest collects this folder only when TRITON_INTERPRET=1 is set (it must be set before triton is imported).

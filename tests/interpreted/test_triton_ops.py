@@ -1,4 +1,4 @@
-"""The three ops on the Triton backend (``backend="triton"``, kernels/ops.py) against the reference, interpreted.
+"""The three ops on the Triton backend (``backend="triton"``, fastdni/kernels/ops.py) against the reference, interpreted.
 
 Oracle: the reference backend in fp32 on the same (already rounded) inputs and state, upcast. The Triton ops
 take every tensor in one dtype (fp32, bf16 or fp16) and compute in fp32; their results are rounded once to
@@ -106,7 +106,7 @@ def test_regression_changes_every_sg_parameter():
         assert not torch.equal(a, b), f"SG parameter {i} was not stepped"
 
 
-# --- launches: the counts of kernels/ops.py's docstring ------------------------------------------------
+# --- launches: the counts of fastdni/kernels/ops.py's docstring ------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("sg, context, want", [

@@ -1,4 +1,4 @@
-"""Triton backend of the ``torch.ops.fastdni`` ops, installed as ``fastdni.kernels``.
+"""Triton backend of the ``torch.ops.fastdni`` ops.
 
 Its kernels implement the ``torch.ops.fastdni`` op contract (``fastdni/ops/schema.py``) for CUDA tensors:
 :mod:`.ops` composes them into the three ops, which ``fastdni.ops`` registers for the CUDA dispatch key and
@@ -6,7 +6,7 @@ runs for ``backend="triton"``. Under ``TRITON_INTERPRET=1`` (set before torch/tr
 on CPU tensors, which is how CI checks them against :mod:`fastdni.reference`.
 """
 
-# --- linear_act: GEMM + bias [+ cDNI label gather] + activation (kernels/linear_act.py) ---
+# --- linear_act: GEMM + bias [+ cDNI label gather] + activation (fastdni/kernels/linear_act.py) ---
 from .linear_act import linear_act  # noqa: E402,F401
 # --- gemm_grad_step_ / bias_grad_step_: weight-gradient GEMM with the optimizer step as epilogue ---
 from .grad_step import bias_grad_step_, gemm_grad_step_  # noqa: E402,F401

@@ -2,11 +2,11 @@
 
 Usage::
 
-    python benchmarks/triton_step.py                                 # batch 64..4096 x width 256..4096, linear/mlp, fp32/bf16
-    python benchmarks/triton_step.py --quick                         # batch 64, width 256, fp32 (smoke test)
-    python benchmarks/triton_step.py --batch 256 --width 1024 --sg mlp --dtype bf16
-    python benchmarks/triton_step.py --json out.json --markdown out.md
-    TRITON_INTERPRET=1 python benchmarks/triton_step.py --quick --device cpu   # the Triton interpreter (plumbing only)
+    python benchmarks/gpu_step.py                                 # batch 64..4096 x width 256..4096, linear/mlp, fp32/bf16
+    python benchmarks/gpu_step.py --quick                         # batch 64, width 256, fp32 (smoke test)
+    python benchmarks/gpu_step.py --batch 256 --width 1024 --sg mlp --dtype bf16
+    python benchmarks/gpu_step.py --json out.json --markdown out.md
+    TRITON_INTERPRET=1 python benchmarks/gpu_step.py --quick --device cpu   # the Triton interpreter (plumbing only)
 
 The step and the variants are those of ``benchmarks/common.py`` on the chosen device and dtype (parameters, Adam
 moments and activations all of that dtype): ``triton`` (the three public ops with ``backend="triton"``),

@@ -17,7 +17,7 @@ the two kinds of cubin a real model gets.
 
 :func:`compile_variant` compiles one variant and returns a :class:`CompileRecord`; :func:`variant_set` is the
 set CI compiles (every autotune config of every kernel with its heaviest flags on one arch, plus one compile
-of each other flag combination :mod:`kernels.ops` launches); :func:`compile_all` runs a set in a process pool.
+of each other flag combination :mod:`fastdni.kernels.ops` launches); :func:`compile_all` runs a set in a process pool.
 ``tests/test_triton_compile.py`` asserts that every variant compiles and none spills. As a script::
 
     python -m fastdni.kernels.aot [--arch 80 90] [--dtype fp32 bf16 fp16] [--sizes aligned ragged]
@@ -172,7 +172,7 @@ def kernel_configs(name: str) -> list:
 
 def dtype_configs(name: str, dtype: str) -> list[int]:
     """Indices into :func:`kernel_configs` of the configs a launch of ``name`` on ``dtype`` operands tunes over
-    (kernels/_tiling.py ``for_dtype``: fp32 and bf16/fp16 have their own lists); the others never run on it."""
+    (fastdni/kernels/_tiling.py ``for_dtype``: fp32 and bf16/fp16 have their own lists); the others never run on it."""
     for_dtype = importlib.import_module(f"{__package__ or 'fastdni.kernels'}._tiling").for_dtype
     configs = kernel_configs(name)
     kept = for_dtype(configs, dtype)
@@ -304,14 +304,14 @@ def compile_variant(variant: Variant) -> CompileRecord:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The variants CI compiles: the flag combinations kernels/ops.py launches.
+# The variants CI compiles: the flag combinations fastdni/kernels/ops.py launches.
 
 ADAM = dict(IS_ADAM=True, HAS_WD=False, DECOUPLED=False, HAS_BUF=False, NESTEROV=False, FIRST_STEP=False)
 ADAMW = dict(ADAM, HAS_WD=True, DECOUPLED=True)
 SGD_MOMENTUM = dict(IS_ADAM=False, HAS_WD=True, DECOUPLED=False, HAS_BUF=True, NESTEROV=False, FIRST_STEP=False)
 SGD = dict(SGD_MOMENTUM, HAS_WD=False, HAS_BUF=False)
 _IDENTITY, _RELU, _TANH, _GELU = (ACTIVATION_CODES[name] for name in ("identity", "relu", "tanh", "gelu"))
-_STORED, _DELTA, _ERROR = 0, 1, 2  # kernels/prologue.py's GradSource modes (importing it imports triton)
+_STORED, _DELTA, _ERROR = 0, 1, 2  # fastdni/kernels/prologue.py's GradSource modes (importing it imports triton)
 
 
 def _la(act=_IDENTITY, bias=False, labels=False, addend=False, pre=False, deriv=0, grad=_STORED, grad_act=_IDENTITY):
@@ -327,7 +327,7 @@ def _bs(opt, grad=_STORED, grad_act=_IDENTITY, loss=False):
     return dict(GRAD_MODE=grad, GRAD_ACTIVATION=grad_act, HAS_LOSS=loss, **opt)
 
 
-#: Per kernel: ``(label, flags, unit strides or None, heaviest)``, the flag combinations kernels/ops.py launches.
+#: Per kernel: ``(label, flags, unit strides or None, heaviest)``, the flag combinations fastdni/kernels/ops.py launches.
 #: The heaviest (the most live values: prologue loads and math, epilogue loads and math, an Adam step) are compiled
 #: with every autotune config of each dtype; each other one once, arch, dtype, sizes and config taken in turn.
 #: Register allocation is not monotone in the flags (a lighter variant can spill where the heaviest does not), so

@@ -1,6 +1,6 @@
 """Counting the GPU kernel launches of the Triton path, so launch counts can be checked without a GPU.
 
-Every launcher in ``kernels/`` calls :func:`record_launch` once per kernel it launches (a Triton kernel, or
+Every launcher in ``fastdni/kernels/`` calls :func:`record_launch` once per kernel it launches (a Triton kernel, or
 a torch op that launches one, such as the ``torch.zeros`` of a loss accumulator). Under
 :func:`launch_counter` those calls are counted; otherwise ``record_launch`` is a no-op.
 """

@@ -1,6 +1,6 @@
 """The optimizer steps of the fused Triton kernels, written once: ``@triton.jit`` helpers plus the host side.
 
-Every kernel that updates a parameter in its epilogue (``kernels/grad_step.py``) calls
+Every kernel that updates a parameter in its epilogue (``fastdni/kernels/grad_step.py``) calls
 :func:`optimizer_epilogue` on an fp32 gradient tile; the formulae are those of
 :mod:`fastdni.reference.optim` (``torch.optim.Adam``/``AdamW``/``SGD``) and of ``csrc/common/dni_math.h``.
 

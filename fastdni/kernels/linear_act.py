@@ -31,7 +31,7 @@ __all__ = ["linear_act", "check_labels", "ACTIVATION_CODES"]
 
 # Standard GEMM shapes (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for big batches, narrow ones
 # for the small batches/widths of SG models; the pruner drops those far larger than the problem. Sized so that
-# no variant spills registers (kernels/aot.py): with ragged sizes every load and store is scalar, with its own
+# no variant spills registers (fastdni/kernels/aot.py): with ragged sizes every load and store is scalar, with its own
 # 64-bit address per element (out, pre, the label gather), so at most 32 accumulator elements per thread (64
 # spilled); a gradient formed in the prologue (gelu' of each element) takes at most 8 elements of the A tile per
 # thread (16 spilled on sm_80). fp32 runs tl.dot on FMAs with both operand tiles in registers: at most 16
@@ -89,7 +89,7 @@ def _linear_act_kernel(
         # Masked loads with 0 fill: ragged K contributes nothing to the dot product.
         mask_k = (offs_k + k0) < K
         # The A operand: x itself (GRAD_MODE 0) or a gradient formed from two tensors as it is loaded
-        # (kernels/prologue.py), e.g. delta = prediction * act'(h) for dx = delta W.
+        # (fastdni/kernels/prologue.py), e.g. delta = prediction * act'(h) for dx = delta W.
         a = gradient_tile(x_ptr + x_offs, x2_ptr + x_offs, mask_m[:, None] & mask_k[None, :], GRAD_TARGET_SCALE,
                           GRAD_MODE, GRAD_ACTIVATION)
         b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -156,7 +156,7 @@ def linear_act(
     """``out = act(x @ weight.T + bias [+ label_weight[:, labels].T] [+ addend]) [* act2'(z)]`` in one kernel.
 
     Args:
-        x: ``[M, K]`` float32/bfloat16/float16, or a :class:`~kernels.prologue.GradSource` whose tiles are
+        x: ``[M, K]`` float32/bfloat16/float16, or a :class:`~fastdni.kernels.prologue.GradSource` whose tiles are
             formed as they are loaded (e.g. ``delta`` for ``dx = delta W``: pass ``weight=W.T``).
         weight: ``[N, K]``, same dtype and device as ``x``.
         bias: ``[N]``, same dtype and device, or ``None`` for no bias.
@@ -281,7 +281,7 @@ def check_labels(labels: object, rows: int, classes: int, device: torch.device, 
     """int32/int64 ``[rows]`` in ``[0, classes)`` on ``device``. Out-of-range labels would read or write
     outside ``U``: checked on the host (one device sync; :func:`fastdni.contract.check_label_range`, as every
     backend does). ``check_range=False`` skips that sync where the caller
-    has checked the same labels already (kernels/ops.py checks once per op)."""
+    has checked the same labels already (fastdni/kernels/ops.py checks once per op)."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in LABEL_DTYPES:

@@ -3,8 +3,8 @@
 * :func:`gemm_grad_step_`: ``dW = grad_out^T @ input`` (``grad_out [B, N]``, ``input [B, K]``, ``param
   [N, K]``), tile by tile with fp32 accumulation; each program owns one ``[BLOCK_N, BLOCK_K]`` output
   tile, reduces over all of ``B`` itself, then loads that tile of ``param`` and its state, applies the
-  optimizer step (:mod:`kernels.optim`) and stores them back in place. Optionally in the same pass:
-  ``grad_out`` formed on the fly (:mod:`kernels.prologue`: the layer's delta, the SG's error), the input
+  optimizer step (:mod:`fastdni.kernels.optim`) and stores them back in place. Optionally in the same pass:
+  ``grad_out`` formed on the fly (:mod:`fastdni.kernels.prologue`: the layer's delta, the SG's error), the input
   formed from labels (``onehot(y)``, cDNI's ``dU``), the bias step on ``grad_out.sum(0)`` and the SG loss
   ``sum(error^2)``, both by the programs of the first column of tiles, which see every gradient element once.
 * :func:`bias_grad_step_`: ``db = grad_out.sum(0)`` (fp32) with the same epilogue on ``bias``, for where
@@ -36,7 +36,7 @@ _RESTORE_BIAS = ["p_ptr", "s0_ptr", "s1_ptr"]
 _MIN_BLOCK_N = 32  # the smallest BLOCK_N of any config: sizes the buffer of per-program loss partials
 # (BLOCK_N, BLOCK_K, BLOCK_B, warps, stages). The Adam epilogue keeps four fp32 tiles live (grad, param,
 # exp_avg, exp_avg_sq) and, with ragged sizes (scalar loads), a 64-bit address per element for each of the three
-# arrays: tiles stay at <= 16 elements per thread (32 spilled, kernels/aot.py). A gradient formed in the prologue
+# arrays: tiles stay at <= 16 elements per thread (32 spilled, fastdni/kernels/aot.py). A gradient formed in the prologue
 # (gelu' of each element) keeps BLOCK_B at 32 (64 spilled on sm_80). fp32 (FMA dot, both operands in registers)
 # takes BLOCK_B 16 for the 64x64 tile.
 _GEMM_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_B"), [
@@ -112,7 +112,7 @@ def _gemm_grad_step_kernel(
         # Tile offsets are formed here from the row/column vectors, not carried across iterations as
         # [BLOCK, BLOCK] int64 tensors: with ragged sizes (scalar loads) those cost registers per element.
         g_offs = offs_n[:, None] * stride_gn + rows[None, :] * stride_gb  # grad_out^T tile [BLOCK_N, BLOCK_B]
-        # The gradient tile, stored or formed here from prediction and h/target (kernels/prologue.py).
+        # The gradient tile, stored or formed here from prediction and h/target (fastdni/kernels/prologue.py).
         a = gradient_tile(g_ptr + g_offs, g2_ptr + g_offs, mask_n[:, None] & mask_b[None, :], GRAD_TARGET_SCALE,
                           GRAD_MODE, GRAD_ACTIVATION)
         if HAS_BIAS:
@@ -259,7 +259,7 @@ def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], pa
     """Apply one optimizer step to ``param`` with gradient ``grad_out^T @ input``, in place; dW is never stored.
 
     Args:
-        grad_out: ``[B, N]`` float32/bfloat16/float16, any strides; or a :class:`~kernels.prologue.GradSource`
+        grad_out: ``[B, N]`` float32/bfloat16/float16, any strides; or a :class:`~fastdni.kernels.prologue.GradSource`
             (the layer's delta or the SG's error, formed tile by tile as it is loaded).
         input: ``[B, K]``, same dtype and device as ``grad_out``, any strides; ``None`` with ``labels``.
         param: ``[N, K]``, float, contiguous, same device; updated in place in fp32 math.
@@ -272,7 +272,7 @@ def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], pa
         bias, bias_state: also step ``bias`` ``[N]`` (and its state) on ``grad_out.sum(0)``, in the same pass.
         loss: a one-element float tensor that receives ``loss_scale * sum(raw grad_out^2)`` (the SG loss,
             reduced in the same pass; written when ``N > 0``).
-        check_label_range: as for :func:`~kernels.linear_act.linear_act`.
+        check_label_range: as for :func:`~fastdni.kernels.linear_act.linear_act`.
     """
     source = _grad_source(grad_out)
     g = source.primary
@@ -324,7 +324,7 @@ def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], pa
         ONEHOT_INPUT=labels is not None, HAS_BIAS=bias is not None, HAS_LOSS=loss is not None,
         **constexprs,
         ALLOW_TF32=g.dtype != torch.float32 or bool(torch.backends.cuda.matmul.allow_tf32),
-        # Triton 3.8's interpreter gets tl.dot of bf16 operands wrong (see kernels/linear_act.py); widen
+        # Triton 3.8's interpreter gets tl.dot of bf16 operands wrong (see fastdni/kernels/linear_act.py); widen
         # low-precision tiles to fp32 there (exact).
         UPCAST_DOT=INTERPRETED and g.dtype != torch.float32,
     )

@@ -13,7 +13,7 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-#: torch dtype -> the names kernels/aot.py uses.
+#: torch dtype -> the names fastdni/kernels/aot.py uses.
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
