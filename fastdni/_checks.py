@@ -58,8 +58,9 @@ def check_rows(name: str, batch: Tensor) -> None:
         raise ValueError(f"{name}: expected a batch of at least 1 row, got shape {tuple(batch.shape)}")
 
 
-def check_context(context: object, *, batch: int, features: int, like: Tensor) -> Tensor:
-    """A cDNI context: class labels (int tensor ``[batch]``) or features (float ``[batch, features]``)."""
+def check_context(context: object, *, batch: int, features: int, like: Tensor, label_range: bool = True) -> Tensor:
+    """A cDNI context: class labels (int tensor ``[batch]``) or features (float ``[batch, features]``).
+    ``label_range=False`` leaves the labels' range (a device sync) to the op that reads them: every backend checks it."""
     if not isinstance(context, Tensor):
         raise TypeError(f"context: expected a torch.Tensor, got {type(context).__name__}")
     if context.device != like.device:
@@ -71,7 +72,8 @@ def check_context(context: object, *, batch: int, features: int, like: Tensor) -
                 f"context: integer labels must be int32/int64 of shape ({batch},), got {tuple(context.shape)} "
                 f"of dtype {context.dtype}"
             )
-        check_label_range("context", context, features)
+        if label_range:
+            check_label_range("context", context, features)
         return context
     return check_tensor("context", context, shape=(batch, features), like=like)
 

@@ -18,7 +18,7 @@ from ..reference import (
     sg_backward,
     sg_forward,
 )
-from ..contract import NEEDS_PRE, join_sg_params, split_state, state_per_param
+from ..contract import NEEDS_PRE, check_label_range, join_sg_params, split_state, state_per_param
 from .optim import optimizer_step_
 
 
@@ -78,6 +78,8 @@ def sg_regression_(
     target_scale: float,
     loss_weight: float,
 ) -> Tensor:
+    if context is not None and not context.dtype.is_floating_point:  # labels index U (dni_forward: sg_forward checks)
+        check_label_range("context", context, context_weight.shape[1])
     error = prediction - target_scale * target
     batch = h.shape[0]
     loss = loss_weight * (error * error).sum() / batch

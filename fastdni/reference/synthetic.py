@@ -74,7 +74,7 @@ def init_sg_params(
     return SGParams(tuple(weights), tuple(biases), context_weight)
 
 
-def check_sg(h: Tensor, params: SGParams, context: Optional[Tensor]) -> None:
+def check_sg(h: Tensor, params: SGParams, context: Optional[Tensor], *, label_range: bool = True) -> None:
     check_tensor("h", h, ndim=2)
     check_rows("h", h)
     if len(params.weights) == 0 or len(params.weights) != len(params.biases):
@@ -91,7 +91,7 @@ def check_sg(h: Tensor, params: SGParams, context: Optional[Tensor]) -> None:
     check_context_presence(context, params.context_weight is not None)
     if context is not None:
         u = check_tensor("params.context_weight", params.context_weight, shape=(params.weights[0].shape[0], None), like=h)
-        check_context(context, batch=h.shape[0], features=u.shape[1], like=h)
+        check_context(context, batch=h.shape[0], features=u.shape[1], like=h, label_range=label_range)
 
 
 def context_term(context: Tensor, context_weight: Tensor) -> Tensor:
