@@ -1,6 +1,6 @@
 """The CUDA backend's fused weight-gradient step, checked on the CPU through its twin (no GPU in CI).
 
-``torch.ops.fastdni_twin.grad_step_`` (csrc/cpu/twin.cpp) runs the per-element math of csrc/cuda/grad_step.cu
+``torch.ops.fastdni_twin.grad_step_`` (tests/cuda_twin.cpp) runs the per-element math of csrc/cuda/grad_step.cu
 from the same header (csrc/common/grad_step_math.h): the gradient operand formed as it is loaded (the layer's
 delta, the SG error, a relu-masked gradient, or stored), the one-hot label operand of cDNI's ``U``, and the
 optimizer step in fp32 on fp32/bf16/fp16 storage, rounded once at the store. These tests drive it through the
@@ -11,6 +11,9 @@ and compare the stepped parameters and optimizer state with the reference backen
 kernels round the same way.
 """
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +28,29 @@ from op_cases import (
 )
 
 pytestmark = pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="the C++ extension fastdni._C is not built")
-TWIN = torch.ops.fastdni_twin
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _twin_ops():
+    """``torch.ops.fastdni_twin``: tests/cuda_twin.cpp, test-only and so not in the shipped extension, compiled on
+    first use (a few seconds; rebuilt only when it or a header changes) with the extension's flags."""
+    from torch.utils import cpp_extension
+
+    build = ROOT / "build" / "cuda_twin"
+    build.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name="fastdni_twin", sources=[str(ROOT / "tests" / "cuda_twin.cpp")],
+                       extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O3", "-fno-math-errno"],
+                       build_directory=str(build), is_python_module=False)
+    return torch.ops.fastdni_twin
+
+
+class _Twin:
+    def __getattr__(self, name):
+        return getattr(_twin_ops(), name)
+
+
+TWIN = _Twin()
 
 TOLERANCES, DTYPES, DTYPE_IDS = STEP_TOLERANCES, STEP_DTYPES, STEP_DTYPE_IDS  # why these: op_cases.py
 SHAPE = dict(batch=37, in_features=45, features=33, classes=5)

@@ -1,5 +1,5 @@
 // The per-element math of the CUDA backend's fused weight-gradient step, shared with its CPU twin
-// (csrc/cpu/twin.cpp, which runs it on the host so CI checks it against the reference without a GPU):
+// (tests/cuda_twin.cpp, which runs it on the host so CI checks it against the reference without a GPU):
 // how the gradient operand G is formed as it is loaded, how the input operand X is read (a dense tensor
 // or cDNI's one-hot labels), and the optimizer step on a parameter stored as fp32, bf16 or fp16 with its
 // math in fp32 (loaded, updated, rounded once at the store).
