@@ -229,6 +229,10 @@ BAD_INPUTS = {
     "hyper-length-sgd": (_sgd([0.1]), r"^hyper\b", r"^hyper\b"),
     # A ValueError whichever backend runs (the reference's adam_update raises one; the kernel a RuntimeError).
     "adam-step-0": (lambda a: a.hyper.__setitem__(6, 0.0), r"^(hyper|step)\b", r"^hyper\b"),
+    # fastdni.contract.check_hyper and the C++ parse_optimizer: the same checks, the same messages.
+    "adam-step-fractional": (lambda a: a.hyper.__setitem__(6, 1.5), r"^hyper: Adam's step must be an integer",
+                             r"^hyper: Adam's step must be an integer"),
+    "lr-negative": (lambda a: a.hyper.__setitem__(0, -0.1), r"^hyper: lr must be >= 0", r"^hyper: lr must be >= 0"),
     "grad-scale": (set_field("grad_scale", 0.0), r"^grad_scale\b", r"^grad_scale\b"),
     "activation": (set_field("activation", "swish"), r"^activation\b", r"^activation\b"),
 }

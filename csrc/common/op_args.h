@@ -73,14 +73,16 @@ inline int64_t state_per_param(std::string_view optimizer, c10::ArrayRef<double>
   return hyper.size() > 1 && hyper[1] != 0.0 ? 1 : 0;
 }
 
-// The hyper list layout: fastdni/contract.py HYPER_FIELDS (documented in fastdni/ops/optim.py).
+// The hyper list layout: fastdni/contract.py HYPER_FIELDS (documented in fastdni/ops/optim.py); the checks those of
+// its check_hyper, with the same messages.
 template <typename T>
 OptimizerStep<T> parse_optimizer(std::string_view optimizer, c10::ArrayRef<double> hyper) {
   OptimizerStep<T> o{};
   if (optimizer == "adam") {
     TORCH_CHECK(hyper.size() == 7, "hyper: expected 7 values (lr, beta1, beta2, eps, weight_decay, decoupled, step) for 'adam', got ", hyper.size());
     const double lr = hyper[0], beta1 = hyper[1], beta2 = hyper[2], step = hyper[6];
-    TORCH_CHECK(step >= 1, "hyper: Adam's step counts from 1, got ", step);
+    TORCH_CHECK(step >= 1 && std::floor(step) == step, "hyper: Adam's step must be an integer >= 1 (steps count from 1), got ", step);
+    TORCH_CHECK(lr >= 0, "hyper: lr must be >= 0, got ", lr);
     o.kind = OptimizerKind::kAdam;
     o.lr = T(lr);
     o.beta2 = T(beta2);
@@ -96,6 +98,7 @@ OptimizerStep<T> parse_optimizer(std::string_view optimizer, c10::ArrayRef<doubl
   }
   TORCH_CHECK(optimizer == "sgd", "optimizer: expected 'adam' or 'sgd', got '", optimizer, "'");
   TORCH_CHECK(hyper.size() == 6, "hyper: expected 6 values (lr, momentum, dampening, weight_decay, nesterov, first_step) for 'sgd', got ", hyper.size());
+  TORCH_CHECK(hyper[0] >= 0, "hyper: lr must be >= 0, got ", hyper[0]);
   o.kind = OptimizerKind::kSgd;
   o.lr = T(hyper[0]);
   o.momentum = T(hyper[1]);
