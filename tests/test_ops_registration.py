@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastdni import contract
 import fastdni.ops as ops
 import fastdni.ops.api as api
 from fastdni.ops.schema import NAMESPACE, SCHEMAS
@@ -35,6 +36,36 @@ def test_kernels_are_registered(name):
     qualified = f"{NAMESPACE}::{name}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CompositeExplicitAutograd")  # the reference
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU") == ops.HAS_CPU_KERNELS
+
+
+# --- the op contract (fastdni/contract.py) and its C++ mirror ------------------------------------------------
+
+def test_sg_parameter_layout_joins_and_splits():
+    sg = make_inputs(Case(sg="mlp2", context="labels64")).sg
+    joined = contract.join_sg_params(sg.weights, sg.biases, sg.context_weight)
+    assert [t.shape for t in joined] == [t.shape for t in ops.ordered_params(sg)]
+    weights, biases, context_weight = contract.split_sg_params(joined, len(sg.weights))
+    assert list(weights) == list(sg.weights) and list(biases) == list(sg.biases) and context_weight is sg.context_weight
+    assert contract.split_sg_params(joined[:-1], len(sg.weights))[2] is None
+    with pytest.raises(ValueError, match="^params: expected 6 or 7 entries, got 8"):
+        contract.split_sg_params([*joined, joined[0]], len(sg.weights))
+
+
+def test_state_splits_per_parameter_and_checks_its_count():
+    assert contract.split_state(list(range(6)), 3, 2) == [[0, 1], [2, 3], [4, 5]]
+    assert contract.split_state([], 2, 0) == [[], []]
+    with pytest.raises(ValueError, match="^state: expected 4 tensors for 2 parameters, got 3"):
+        contract.split_state([0, 1, 2], 2, 2)
+
+
+@requires_cpu
+def test_the_cpp_activations_are_the_contracts():
+    """op_args.h's parse_activation lists the names of contract.ACTIVATIONS, in their order (their codes)."""
+    inp = make_inputs(Case(dtype=torch.float32, sg=None))
+    with pytest.raises(RuntimeError, match=r"activation: expected one of (.*), got 'swish'") as error:
+        OPS.dni_forward(inp.x, inp.weight, inp.bias, [], [], None, None, "swish")
+    listed = str(error.value).split("expected one of ")[1].split(", got")[0]
+    assert tuple(listed.split(", ")) == contract.ACTIVATIONS
 
 
 def _forward_args(case, requires_grad):
