@@ -310,7 +310,8 @@ ADAM = dict(IS_ADAM=True, HAS_WD=False, DECOUPLED=False, HAS_BUF=False, NESTEROV
 ADAMW = dict(ADAM, HAS_WD=True, DECOUPLED=True)
 SGD_MOMENTUM = dict(IS_ADAM=False, HAS_WD=True, DECOUPLED=False, HAS_BUF=True, NESTEROV=False, FIRST_STEP=False)
 SGD = dict(SGD_MOMENTUM, HAS_WD=False, HAS_BUF=False)
-_IDENTITY, _RELU, _TANH, _GELU = (ACTIVATION_CODES[name] for name in ("identity", "relu", "tanh", "gelu"))
+_IDENTITY, _RELU, _TANH, _GELU, _LEAKY_RELU = (ACTIVATION_CODES[name] for name in ("identity", "relu", "tanh", "gelu",
+                                                                                    "leaky_relu"))
 _STORED, _DELTA, _ERROR = 0, 1, 2  # fastdni/kernels/prologue.py's GradSource modes (importing it imports triton)
 
 
@@ -349,6 +350,7 @@ CALL_SITES = {
         ("fwd relu+bias", _la(_RELU, bias=True), None, False),
         ("fwd tanh+bias", _la(_TANH, bias=True), None, False),
         ("fwd identity+bias", _la(_IDENTITY, bias=True), None, False),
+        ("fwd leaky_relu+bias", _la(_LEAKY_RELU, bias=True), None, False),
         ("sg relu+bias+labels", _la(_RELU, bias=True, labels=True), None, False),
         ("sg relu+bias+addend", _la(_RELU, bias=True, addend=True), None, False),
     ],
@@ -361,6 +363,7 @@ CALL_SITES = {
         ("update delta(relu)+bias adam", _gs(ADAM, _DELTA, _RELU, bias=True), None, False),
         ("update delta(relu)+bias sgd-m", _gs(SGD_MOMENTUM, _DELTA, _RELU, bias=True), None, False),
         ("update delta(tanh)+bias adamw", _gs(ADAMW, _DELTA, _TANH, bias=True), None, False),
+        ("update delta(leaky_relu)+bias adam", _gs(ADAM, _DELTA, _LEAKY_RELU, bias=True), None, False),
         ("sg lower stored+bias adam", _gs(ADAM, bias=True), None, False),
         ("sg lower stored+bias sgd-m", _gs(SGD_MOMENTUM, bias=True), None, False),
         ("dU onehot stored sgd-m", _gs(SGD_MOMENTUM, onehot=True), None, False),
