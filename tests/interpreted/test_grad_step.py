@@ -197,3 +197,23 @@ def test_bias_bad_arguments_raise_naming_the_argument(change, exc, name):
     args.update(change)
     with pytest.raises(exc, match=name):
         bias_grad_step_(**args)
+
+
+@pytest.mark.parametrize("kind", ["stored", "delta", "error"])
+def test_grad_source_scale_is_a_multiplier(kind):
+    """G = scale * raw for every kind, as the C++ GradSource (tests/test_cuda_twin.py): a power-of-two scale on the
+    source steps the parameter as that scale applied to the stored operand beforehand."""
+    from fastdni.kernels.prologue import GradSource
+
+    gen = torch.Generator().manual_seed(3)
+    first, second, x = (torch.randn(B, N, generator=gen), torch.randn(B, N, generator=gen),
+                        torch.randn(B, K, generator=gen))
+    source = {"stored": GradSource.stored(first, 0.25), "delta": GradSource.delta(first, second, "relu", 0.25),
+              "error": GradSource.error(first, second, 0.5, 0.25)}[kind]
+    raw = {"stored": first, "delta": first * (second > 0), "error": first - 0.5 * second}[kind]
+    sgd = [0.1, 0.0, 0.0, 0.0, 0.0, 0.0]
+    scaled, prescaled = torch.zeros(N, K), torch.zeros(N, K)
+    gemm_grad_step_(source, x, scaled, [], "sgd", sgd)
+    gemm_grad_step_(0.25 * raw, x, prescaled, [], "sgd", sgd)
+    assert scaled.abs().sum() > 0
+    torch.testing.assert_close(scaled, prescaled, rtol=1e-6, atol=1e-7)
