@@ -30,6 +30,10 @@ class _KeepResidual(_RegressOnArrivingGradient):
         (prediction,) = ctx.saved_tensors
         scaled, m = ctx.scale * target, prediction.detach()
         ctx.interface.residual = (scaled - m).detach()
+        if ctx.interface.normalize_target:  # running mean square of the raw target: next scale makes it rms 1
+            square = float(target.detach().pow(2).mean())
+            old = getattr(ctx.interface, "target_square", None)
+            ctx.interface.target_square = square if old is None else 0.99 * old + 0.01 * square
         norm = float(m.norm())
         ctx.interface.trace.append((
             float(torch.nn.functional.cosine_similarity(m.flatten(), scaled.flatten(), 0)),
@@ -43,7 +47,7 @@ class ProbeDNI(DNI):
     plus the last batch's regression residuals in a random order (``residual_noise``: gradients as noisy as the
     true ones), and nothing for the first ``warm`` regressions."""
 
-    center = residual_noise = False
+    center = residual_noise = normalize_target = False
     warm = 0
 
     def __init__(self, *args, **kwargs):
@@ -56,6 +60,8 @@ class ProbeDNI(DNI):
         self.calls = getattr(self, "calls", 0) + 1
         prediction = self.synthetic_gradient(*((h.detach(),) if context is None else (h.detach(), context)))
         sent, scale = prediction.detach(), float(h.shape[0])
+        if self.normalize_target and getattr(self, "target_square", 0.0) > 0:
+            scale = self.target_square ** -0.5  # M predicts the target in units of its running rms
         if self.center:
             sent = sent - sent.mean(0, keepdim=True)
         residual = getattr(self, "residual", None)
@@ -113,15 +119,17 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=0)
     p.add_argument("--residual-noise", action="store_true")
     p.add_argument("--no-bias", action="store_true")
+    p.add_argument("--normalize-target", action="store_true", help="M predicts t / running rms(t), not B t")
     p.add_argument("--sg", default="default", help="default | mlp:HIDDEN | lowrank:RANK")
     args = p.parse_args()
     ProbeDNI.center, ProbeDNI.warm, ProbeDNI.residual_noise = args.center, args.warm, args.residual_noise
+    ProbeDNI.normalize_target = args.normalize_target
     trainable = lambda ps: torch.optim.Adam([q for q in ps if q.requires_grad], lr=args.sg_lr or 1e-3)
     net, sgs, _ = run(args, sg_factory=sg_factory(args.sg, args.no_bias), sg_optimizer=trainable,
                       interface=ProbeDNI)
     blocks = [n for n, _ in net.named_children() if n != "head"]
     print(f"  variant: center={args.center} warm={args.warm} residual_noise={args.residual_noise} "
-          f"no_bias={args.no_bias} sg={args.sg}; dead units {dead_fractions(net.eval(), blocks, load_mnist().test_images[:500])}")
+          f"no_bias={args.no_bias} normalize_target={args.normalize_target} sg={args.sg}; dead units {dead_fractions(net.eval(), blocks, load_mnist().test_images[:500])}")
     for name, interface in sgs.interfaces.items():
         for first, last in ((0, 100), (100, 600), (len(interface.trace) - 100, len(interface.trace))):
             rows = interface.trace[max(first, 0):last]
