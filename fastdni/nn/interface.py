@@ -16,6 +16,7 @@ from .._checks import check_positive
 #: ``||M - s t||^2 / ||s t||^2`` is above the limit (M's error over 3x its target's norm: the SG feeds the layers
 #: below more noise than signal) or when the loss is not finite.
 DIVERGENCE_WARMUP, DIVERGENCE_LIMIT, DIVERGENCE_DECAY = 100, 10.0, 0.99
+DIVERGENCE_CHECK_EVERY = 25  # regressions between host reads of the running means (one device sync each)
 
 
 def has_trainable_params(module: nn.Module) -> bool:
@@ -55,25 +56,33 @@ class _RegressOnArrivingGradient(torch.autograd.Function):
 
 
 def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_target: Tensor) -> None:
-    """Warn once per interface when its SG regression diverges (see ``DIVERGENCE_LIMIT``)."""
+    """Warn once per interface when its SG regression diverges (see ``DIVERGENCE_LIMIT``).
+
+    The running means and a count of non-finite losses stay on the loss's device; the host reads them (one
+    transfer) at the first regression and every ``DIVERGENCE_CHECK_EVERY`` after, not at every step."""
     if getattr(interface, "_divergence_warned", False):
         return
-    error, target = float(squared_error), float(squared_target)
     calls = getattr(interface, "_regressions", 0) + 1
     interface._regressions = calls
-    reason = None
-    if not math.isfinite(error):
-        reason = f"the SG regression loss is {error}"
-    elif calls > DIVERGENCE_WARMUP:  # past the start-up transient of a zero-initialised SG
+    pair = torch.stack((squared_error, squared_target)).double()
+    bad = (~torch.isfinite(pair)).sum()
+    interface._nonfinite = bad if calls == 1 else interface._nonfinite + bad
+    if calls > DIVERGENCE_WARMUP:  # past the start-up transient of a zero-initialised SG
         # Running means of the error and of the target, then their ratio: robust to a few tiny targets.
+        means = getattr(interface, "_regression_means", None)
         d = DIVERGENCE_DECAY
-        means = getattr(interface, "_regression_means", (error, target))
-        means = (d * means[0] + (1 - d) * error, d * means[1] + (1 - d) * target)
-        interface._regression_means = means
-        mean = means[0] / means[1] if means[1] > 0 else 0.0
-        if calls >= 2 * DIVERGENCE_WARMUP and mean > DIVERGENCE_LIMIT:
-            reason = (f"the SG's squared error is {mean:.3g}x its target's (running mean over the last ~100 "
-                      f"regressions): it feeds the layers below more noise than signal")
+        interface._regression_means = pair if means is None else d * means + (1 - d) * pair
+    if calls > 1 and calls % DIVERGENCE_CHECK_EVERY:
+        return
+    means = getattr(interface, "_regression_means", pair)
+    error, target, nonfinite = torch.cat((means, interface._nonfinite.reshape(1).double())).tolist()
+    reason = None
+    if nonfinite or not math.isfinite(error):
+        reason = f"the SG regression loss is {float(squared_error)}" if not math.isfinite(float(squared_error)) \
+            else "the SG regression loss was not finite"
+    elif calls >= 2 * DIVERGENCE_WARMUP and target > 0 and error / target > DIVERGENCE_LIMIT:
+        reason = (f"the SG's squared error is {error / target:.3g}x its target's (running mean over the last ~100 "
+                  f"regressions): it feeds the layers below more noise than signal")
     if reason is not None:
         interface._divergence_warned = True
         warnings.warn(f"{type(interface).__name__}: {reason}. Lower the SG learning rate, check gradient_scale, "
