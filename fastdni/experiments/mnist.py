@@ -27,7 +27,7 @@ import torch
 from ..nn import DecoupledMLP, DecoupledSequential
 from ..ops import BACKENDS
 from ..train import CheckpointError, train
-from .cli import prepare_mnist_run, require_positive
+from .cli import mnist_main, require_positive
 from .models import NUM_CLASSES, cnn_blocks, fcn_blocks, parse_sizes, synthetic_gradients
 from .report import plot_curves, results_table
 
@@ -177,11 +177,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    data = prepare_mnist_run(args)
-    if data is None:
-        return 2
+@mnist_main(parse_args)
+def main(args: argparse.Namespace, data) -> int:
     rows = []
     for mode in dict.fromkeys(args.modes):
         config = RunConfig(

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..nn import DecoupledSequential, ForwardUnlockedSequential, RandomRateSequential
 from ..train import train
-from .cli import prepare_mnist_run, require_positive
+from .cli import mnist_main, require_positive
 from .models import fcn_blocks, synthetic_gradients
 from .report import plot_curves, results_table
 
@@ -79,11 +79,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    data = prepare_mnist_run(args)
-    if data is None:
-        return 2
+@mnist_main(parse_args)
+def main(args: argparse.Namespace, data) -> int:
     flat = lambda images: images.reshape(-1, INPUT_FEATURES)
     rows = []
     for mode in args.modes:
