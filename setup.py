@@ -91,7 +91,7 @@ def _tree_build(base):
 
     - One object directory for every build of this tree (editable install, ``build_ext --inplace``, ``pip wheel``):
       ninja then recompiles only what changed, so the wheel built after ``scripts/setup.sh``'s install (by
-      tests/test_wheel.py in CI) compiles nothing; the CUDA sources take minutes on 2 cores.
+      tests/packaging/test_wheel.py in CI) compiles nothing; the CUDA sources take minutes on 2 cores.
     - The compilers' output kept in build/ext_build.log as well as printed: nvcc's ``-Xptxas=-v`` lines (registers,
       spill stores/loads, shared memory of every kernel, per architecture) would otherwise scroll past, or vanish
       under ``pip -q``. The compilers write to file descriptors 1 and 2 (ninja's children), so those are
@@ -144,7 +144,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastdni", "fastdni.*"]),
     install_requires=["torch>=2.14", "numpy", "tqdm", "matplotlib"],
-    # nvidia-cutlass: headers only, for scripts/cutlass_probe.sh (tests/test_cutlass_probe.py); pinned, the probe's
+    # nvidia-cutlass: headers only, for scripts/cutlass_probe.sh (tests/packaging/test_cutlass_probe.py); pinned, the probe's
     # findings in docs/performance.md are for this version.
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "nvidia-cutlass==4.2.0.0"]},
     entry_points={"console_scripts": ["fastdni-mnist=fastdni.experiments.mnist:main"]},

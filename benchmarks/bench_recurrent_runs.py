@@ -2,7 +2,7 @@
 ``nn.LSTM`` + :class:`fastdni.nn.TruncationDNI` + ``torch.optim.Adam`` (what a user writes with the library's
 module) against R runs stacked in one :class:`~fastdni.experiments.recurrent_runs.RunGroup` (one batched GEMM
 per step for all of them). Both variants are timed interleaved in one process, on the same copy-task windows,
-with the same math (``tests/test_recurrent_runs.py`` checks it in fp64); the ratio is the budget gain.
+with the same math (``tests/experiments/test_recurrent_runs.py`` checks it in fp64); the ratio is the budget gain.
 
     python benchmarks/bench_recurrent_runs.py [--runs 9] [--truncation 3] [--hidden 128] [--batch-size 32]
 """

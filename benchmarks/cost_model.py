@@ -17,7 +17,7 @@ of that dtype):
   reading its inputs and writing its outputs (``torch.optim.Adam(foreach=True)`` is eight foreach ops: 18
   parameter-sized accesses per parameter where a fused step needs 6). Checked against the real eager step
   by :func:`profiled_kernels` (``torch.profiler``) and :func:`traced_kernels` (a dispatch trace) in
-  ``tests/test_cost_model.py``;
+  ``tests/benchmarks/test_cost_model.py``;
 - :func:`roofline_s`: ``max(flops / peak flops, compulsory bytes / HBM bandwidth)`` on a :class:`Peak` (with
   :func:`fastdni_bytes` instead: the floor of the Triton path's plan).
 

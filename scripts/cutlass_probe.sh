@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only probe of CUTLASS for the CUDA backend (issue 8): do the headers of the nvidia-cutlass wheel (pinned in
 # setup.py's test extras) build with this machine's nvcc, and what does one weight-gradient GEMM instantiation cost
-# to compile? Not part of the build; tests/test_cutlass_probe.py runs it, docs/performance.md records what it printed.
+# to compile? Not part of the build; tests/packaging/test_cutlass_probe.py runs it, docs/performance.md records what it printed.
 # Needs nvcc, no GPU.
 #
 #   bash scripts/cutlass_probe.sh                       # every probe -> build/cutlass_probe/{*.o, log}

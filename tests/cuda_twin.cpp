@@ -2,7 +2,7 @@
 // from the same header (csrc/common/grad_step_math.h: the gradient formed as it is loaded, the one-hot label
 // operand, the fp32 optimizer step on fp32/bf16/fp16 storage), run on the host in the kernel's order (each
 // output's batch sum in row order; bf16/fp16 with G rounded as the tensor-core kernel stages it). CI has no GPU:
-// tests/test_cuda_twin.py checks this math against the reference through torch.ops.fastdni_twin.grad_step_.
+// tests/ops/test_cuda_twin.py checks this math against the reference through torch.ops.fastdni_twin.grad_step_.
 // Test-only, not in the shipped extension: the test compiles it (torch.utils.cpp_extension.load).
 #include <torch/library.h>
 

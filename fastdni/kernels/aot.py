@@ -18,7 +18,7 @@ the two kinds of cubin a real model gets.
 :func:`compile_variant` compiles one variant and returns a :class:`CompileRecord`; :func:`variant_set` is the
 set CI compiles (every autotune config of every kernel with its heaviest flags on one arch, plus one compile
 of each other flag combination :mod:`fastdni.kernels.ops` launches); :func:`compile_all` runs a set in a process pool.
-``tests/test_triton_compile.py`` asserts that every variant compiles and none spills. As a script::
+``tests/ops/test_triton_compile.py`` asserts that every variant compiles and none spills. As a script::
 
     python -m fastdni.kernels.aot [--arch 80 90] [--dtype fp32 bf16 fp16] [--sizes aligned ragged]
                                   [--kernel linear_act ...] [--jobs N] [--all] [--json PATH]

@@ -1,8 +1,8 @@
 """The CUDA C++ backend (csrc/cuda, ``backend="cuda"``) against the reference, on a GPU.
 
 Run by ``benchmarks/gpu.sh`` (``FASTDNI_TEST_DEVICE=cuda``); skipped where torch sees no GPU or fastdni._C has no
-CUDA kernels (CI: there the kernels' math is checked through their CPU twin, tests/test_cuda_twin.py, and their
-build by tests/test_cuda_build.py). The comparisons with the reference are those of the Triton suite
+CUDA kernels (CI: there the kernels' math is checked through their CPU twin, tests/ops/test_cuda_twin.py, and their
+build by tests/packaging/test_cuda_build.py). The comparisons with the reference are those of the Triton suite
 (tests/interpreted/test_triton_ops.py), shared in tests/op_cases.py (``check_*_matches_reference``): the reference in
 fp32 on the same (already rounded) inputs and state, upcast, at ``STEP_TOLERANCES``. Shapes are odd and, in the
 "tiles" case, span several 64-wide tiles of the grad-step kernel.

@@ -1,6 +1,6 @@
 """The Triton suite: fastdni/kernels/ against fastdni.reference, on the device given by ``FASTDNI_TEST_DEVICE``.
 
-* CI (no GPU): ``cpu``, run by tests/test_triton_interpreter.py in a process of its own with TRITON_INTERPRET=1
+* CI (no GPU): ``cpu``, run by tests/ops/test_triton_interpreter.py in a process of its own with TRITON_INTERPRET=1
   (it must be set before torch and triton are imported), so the kernels run on CPU tensors through Triton's
   interpreter.
 * A GPU machine (``benchmarks/gpu.sh``): ``FASTDNI_TEST_DEVICE=cuda``, no interpreter: the same tests on the

@@ -201,7 +201,7 @@ def test_bias_bad_arguments_raise_naming_the_argument(change, exc, name):
 
 @pytest.mark.parametrize("kind", ["stored", "delta", "error"])
 def test_grad_source_scale_is_a_multiplier(kind):
-    """G = scale * raw for every kind, as the C++ GradSource (tests/test_cuda_twin.py): a power-of-two scale on the
+    """G = scale * raw for every kind, as the C++ GradSource (tests/ops/test_cuda_twin.py): a power-of-two scale on the
     source steps the parameter as that scale applied to the stored operand beforehand."""
     from fastdni.kernels.prologue import GradSource
 

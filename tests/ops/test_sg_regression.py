@@ -360,7 +360,7 @@ _OUT_OF_RANGE_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("label", [Case().classes, -1])
 def test_raw_op_rejects_out_of_range_labels(label):
     """In a subprocess: a label outside [0, classes) makes dU[:, y] index outside U's gradient buffer."""
-    script = _OUT_OF_RANGE_SCRIPT.format(tests=os.path.dirname(__file__), label=label)
+    script = _OUT_OF_RANGE_SCRIPT.format(tests=os.path.dirname(os.path.dirname(__file__)), label=label)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     out = run.stdout.strip().splitlines()
     assert run.returncode == 0 and out, f"the subprocess died (rc {run.returncode}): {run.stderr[-2000:]}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-INTERPRETED = Path(__file__).resolve().parent / "interpreted"
+INTERPRETED = Path(__file__).resolve().parents[1] / "interpreted"
 
 
 @pytest.mark.skipif(not any(INTERPRETED.glob("test_*.py")), reason="no interpreted Triton tests yet")

@@ -28,7 +28,7 @@ from op_cases import (
 )
 
 pytestmark = pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="the C++ extension fastdni._C is not built")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @functools.cache

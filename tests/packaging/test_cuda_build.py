@@ -27,7 +27,7 @@ DTYPES = ("float", "BFloat16", "Half")  # each kernel's instantiations, except t
 # The weight-gradient step: fp32 on SIMT FMAs (IEEE products), bf16 / fp16 on tensor cores (WMMA).
 KERNEL_DTYPES = {"grad_step_kernel": ("float",), "grad_step_tc_kernel": ("BFloat16", "Half")}
 TENSOR_CORE_KERNELS = ("grad_step_tc_kernel",)
-CUDA_SOURCES = sorted((Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu"))
+CUDA_SOURCES = sorted((Path(__file__).resolve().parents[2] / "csrc" / "cuda").glob("*.cu"))
 
 
 def _nvcc_available() -> bool:

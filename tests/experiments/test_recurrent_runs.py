@@ -156,7 +156,7 @@ def test_alignment_of_a_perfect_sg_is_one_and_matches_the_library_diagnostic():
     assert lib.norm_ratio == pytest.approx(float(ratio[0]), rel=1e-10)
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def _run_script(path, args, capsys, monkeypatch):

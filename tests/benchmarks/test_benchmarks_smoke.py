@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fastdni.ops as ops
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import common  # noqa: E402

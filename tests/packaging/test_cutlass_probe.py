@@ -17,7 +17,7 @@ import pytest
 
 from test_cuda_build import requires_cuda_build
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROBES = ("sm80_wgrad.cu:80", "sm90_wgrad.cu:90a")
 
 pytestmark = [
