@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-only probe of CUTLASS for the CUDA backend (issue 8): do the headers of the nvidia-cutlass wheel (pinned in
+# Compile-only probe of CUTLASS for the CUDA backend: do the headers of the nvidia-cutlass wheel (pinned in
 # setup.py's test extras) build with this machine's nvcc, and what does one weight-gradient GEMM instantiation cost
 # to compile? Not part of the build; tests/packaging/test_cutlass_probe.py runs it, docs/performance.md records what it printed.
 # Needs nvcc, no GPU.

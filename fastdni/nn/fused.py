@@ -27,7 +27,8 @@ class DecoupledMLP(DecoupledTrainer):
 
     Args:
         in_features, hidden, out_features: layer sizes.
-        activation: of the hidden layers: ``"identity"``, ``"relu"``, ``"tanh"`` or ``"gelu"``.
+        activation: of the hidden layers: ``"identity"``, ``"relu"``, ``"tanh"``, ``"gelu"`` or
+            ``"leaky_relu"`` (``fastdni.contract.ACTIVATIONS``).
         sg_hidden: hidden sizes of every SG model (``()``: linear, as cDNI in the paper).
         context_features: cDNI: the SG models also see a context (e.g. the labels, ``[B]`` ints).
         optimizer, sg_optimizer: build each layer's / SG model's optimizer from its parameters.

@@ -1,4 +1,4 @@
-// CUTLASS probe (issue 8), not part of the build: the weight-gradient GEMM of a DNI step, dW = G^T X
+// CUTLASS compile probe, not part of the build: the weight-gradient GEMM of a DNI step, dW = G^T X
 // (G [batch, rows] and X [batch, cols] row-major, bf16; fp32 accumulation), as CUTLASS 2.x's Ampere tensor-op GEMM
 // (also runs on sm_90). It answers whether the nvidia-cutlass wheel's headers build with this toolchain (nvcc,
 // torch's C++ standard) and what one instantiation costs to compile on the CI machine; scripts/cutlass_probe.sh

@@ -1,4 +1,4 @@
-// CUTLASS probe (issue 8), not part of the build: the same weight-gradient GEMM as sm80_wgrad.cu, as CUTLASS 3.x's
+// CUTLASS compile probe, not part of the build: the same weight-gradient GEMM as sm80_wgrad.cu, as CUTLASS 3.x's
 // Hopper kernel (TMA loads, wgmma, warp-specialized), the form whose epilogue visitor trees (EVT) could carry an
 // optimizer step. Compile-only: scripts/cutlass_probe.sh times it for sm_90a.
 #include <cute/tensor.hpp>
