@@ -53,8 +53,8 @@ inline void check_updatable(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor (it is updated in place), got strides ", t.strides());
 }
 
-// Integer class labels [rows] in [0, classes): they index memory, so every backend checks them
-// (fastdni/contract.py check_label_range, the same message).
+// Integer class labels [rows] in [0, classes): they index memory, so every backend checks them, once per call
+// (fastdni/contract.py check_label_range: the same message, and a ValueError in Python, as TORCH_CHECK_VALUE gives).
 inline void check_labels(const at::Tensor& labels, int64_t rows, int64_t classes) {
   TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, "context: labels must be int32 or int64, got ",
               labels.scalar_type());
@@ -63,7 +63,7 @@ inline void check_labels(const at::Tensor& labels, int64_t rows, int64_t classes
     const auto [low, high] = at::aminmax(labels);
     const at::Tensor range = at::stack({low, high}).to(at::kCPU, at::kLong);
     const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < classes, "context: labels must lie in [0, ", classes, "), got values in [", lo, ", ", hi, "]");
+    TORCH_CHECK_VALUE(lo >= 0 && hi < classes, "context: labels must lie in [0, ", classes, "), got values in [", lo, ", ", hi, "]");
   }
 }
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_context_presence, check_positive, check_tensor
-from ..contract import NEEDS_PRE, check_activation, check_label_range
+from ..contract import NEEDS_PRE, check_activation
 from ..reference import SGParams
 from ..reference.layer import check_layer
 from ..reference.synthetic import check_sg
@@ -81,14 +81,6 @@ def _implementation(run: str, op: str):
     return getattr(_OPS, op)
 
 
-def _check_labels(run: str, sg: SGParams, context: Optional[Tensor]) -> None:
-    """cDNI labels in range (one device sync). The reference and Triton backends check them with this ValueError
-    themselves; the C++ ones raise a RuntimeError, so for them the wrapper checks first (the wrappers raise
-    ValueError/TypeError for every bad argument)."""
-    if run == "compiled" and context is not None and not context.dtype.is_floating_point:
-        check_label_range("context", context, sg.context_weight.shape[1])
-
-
 def _check_contiguous(name: str, tensors: Sequence[Optional[Tensor]]) -> None:
     # Updated in place by the ops: a non-contiguous view would need a copy that is then written back.
     for i, t in enumerate(tensors):
@@ -113,11 +105,11 @@ def dni_forward(
     check_activation(activation)
     sg = sg or SGParams((), (), None)
     if sg.weights:
-        check_sg(x.new_empty(x.shape[0], weight.shape[0]), sg, context, label_range=False)  # _check_labels
+        # The labels' range (a device sync) is checked once, by the backend that runs (the same ValueError on each).
+        check_sg(x.new_empty(x.shape[0], weight.shape[0]), sg, context, label_range=False)
     else:
         check_context_presence(context, False)
     run = check_backend(backend, x.device, x.dtype)
-    _check_labels(run, sg, context)
     args = (x, weight, bias, list(sg.weights), list(sg.biases), sg.context_weight, context, activation)
     out = _implementation(run, "dni_forward")(*args)
     return ForwardResult(out[0], out[1], out[2], list(out[3]))
@@ -176,7 +168,7 @@ def sg_regression_(
 
     ``h`` is the SG's input and ``forward`` the :func:`dni_forward` result that predicted from it.
     Returns ``loss_weight * mean_b ||M(h_b) - target_scale * target_b||^2``."""
-    check_sg(h, sg, context, label_range=False)  # _check_labels
+    check_sg(h, sg, context, label_range=False)  # the labels' range: the backend that runs checks it, once
     check_tensor("forward.prediction", forward.prediction, shape=tuple(h.shape), like=h)
     check_tensor("target", target, shape=tuple(h.shape), like=h)
     if len(forward.sg_hidden) != len(sg.weights) - 1:
@@ -190,7 +182,6 @@ def sg_regression_(
     _check_contiguous("sg params", params)
     _check_contiguous("state", state)
     run = check_backend(backend, h.device, h.dtype, "h")
-    _check_labels(run, sg, context)
     args = (h, list(forward.sg_hidden), forward.prediction, target, list(sg.weights), list(sg.biases), sg.context_weight,
             context, list(state), optimizer, [float(v) for v in hyper], float(target_scale), float(loss_weight))
     with torch.no_grad():

@@ -129,5 +129,5 @@ def test_bad_input_raises_naming_the_argument():
         torch.ops.fastdni.dni_forward(inp.x, inp.weight[:, :-1], inp.bias, [], [], None, None, "relu")
     labels = torch.full((inp.x.shape[0],), 99, device=DEVICE)
     sg = _inputs(torch.float32, sg="linear", context="labels64").sg
-    with pytest.raises(RuntimeError, match=r"context: labels must lie in \[0, "):
+    with pytest.raises(ValueError, match=r"context: labels must lie in \[0, "):
         torch.ops.fastdni.dni_forward(inp.x, inp.weight, inp.bias, list(sg.weights), list(sg.biases), sg.context_weight, labels, "relu")

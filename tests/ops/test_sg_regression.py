@@ -349,7 +349,7 @@ _OUT_OF_RANGE_SCRIPT = textwrap.dedent("""
     state = make_state(*ADAM, ops.ordered_params(inp.sg))
     try:
         torch.ops.fastdni.sg_regression_(*regression_op_args(inp, forward, *ADAM, state))
-    except RuntimeError as error:
+    except ValueError as error:
         print("RAISED", str(error).splitlines()[0])
     else:
         print("ACCEPTED")
@@ -366,7 +366,7 @@ def test_raw_op_rejects_out_of_range_labels(label):
     assert run.returncode == 0 and out, f"the subprocess died (rc {run.returncode}): {run.stderr[-2000:]}"
     assert out[-1].startswith("RAISED context"), (
         f"torch.ops.fastdni.sg_regression_ with label {label} (classes: {Case().classes}): {out[-1]}; expected a "
-        "RuntimeError naming context (the CPU kernel scatters into dU[:, label] without a range check)")
+        "ValueError naming context (the CPU kernel scatters into dU[:, label] without a range check)")
 
 
 # --- non-finite inputs ---------------------------------------------------------------------------------------
