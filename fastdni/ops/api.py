@@ -128,10 +128,12 @@ def dni_update_(
     activation: str = "relu",
     need_input_grad: bool = False,
     backend: str = "auto",
-) -> Optional[Tensor]:
+) -> Tensor:
     """Step ``weight`` and ``bias`` in place on the synthetic gradient ``forward.prediction / grad_scale``.
 
-    Returns ``dx`` (computed with the pre-update weight) when ``need_input_grad``, else ``None``."""
+    Returns what the op returns on every backend: ``dx`` (computed with the pre-update weight, ``[B, K]``) when
+    ``need_input_grad``, else an empty tensor (shape ``(0,)``, ``x``'s dtype and device; an op's schema cannot
+    return None)."""
     check_layer(x, weight, bias)
     check_activation(activation)
     check_tensor("forward.h", forward.h, shape=(x.shape[0], weight.shape[0]), like=x)
@@ -146,8 +148,7 @@ def dni_update_(
     args = (x, weight, bias, forward.h, forward.pre, forward.prediction, list(state), optimizer, [float(v) for v in hyper],
             float(grad_scale), activation, bool(need_input_grad))
     with torch.no_grad():
-        dx = _implementation(run, "dni_update_")(*args)
-    return dx if need_input_grad else None
+        return _implementation(run, "dni_update_")(*args)
 
 
 def sg_regression_(

@@ -37,12 +37,12 @@ def _prepare(case, optimizer_key):
 
 
 def _assert_results_close(actual, expected, **overrides):
-    """Two :func:`_run` results agree tensor by tensor: weight, bias, state and dx (where there is one)."""
+    """Two :func:`_run` results agree tensor by tensor: weight, bias, state and dx (empty where none was asked)."""
     def flat(result):
         weight, bias, state, dx = result
-        return [weight, bias, *state] + ([] if dx is None else [dx])
+        return [weight, bias, *state, dx]
 
-    names = ["weight", "bias", *indexed_names("state", len(expected[2]))] + ([] if expected[3] is None else ["dx"])
+    names = ["weight", "bias", *indexed_names("state", len(expected[2])), "dx"]
     assert_all_close(flat(actual), flat(expected), names, **overrides)
 
 
@@ -51,7 +51,7 @@ def _compare(case, optimizer_key, need_input_grad):
     expected = _run(inp, forward, optimizer, hyper, state, "reference", need_input_grad=need_input_grad)
     actual = _run(inp, forward, optimizer, hyper, state, "cpu", need_input_grad=need_input_grad)
     if not need_input_grad:
-        assert actual[3] is None and expected[3] is None
+        assert actual[3].shape == (0,) and expected[3].shape == (0,)  # the op's empty tensor, on both backends
     _assert_results_close(actual, expected)
 
 
@@ -108,6 +108,14 @@ def test_raw_op_returns_empty_without_input_grad():
     inp, forward, optimizer, hyper, state = _prepare(Case(dtype=torch.float32), "adam-step1")
     out = OPS.dni_update_(*update_op_args(inp, forward, optimizer, hyper, clone_all(state), need_input_grad=False))
     assert out.numel() == 0 and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_wrapper_returns_what_the_op_returns_without_input_grad(backend):
+    """The wrapper and the op agree: without ``need_input_grad`` both return an empty tensor of ``x``'s dtype."""
+    inp, forward, optimizer, hyper, state = _prepare(Case(dtype=torch.float64), "adam-step1")
+    *_, dx = _run(inp, forward, optimizer, hyper, state, backend, need_input_grad=False)
+    assert isinstance(dx, torch.Tensor) and dx.shape == (0,) and dx.dtype == torch.float64 and dx.device == inp.x.device
 
 
 # --- against torch.optim, several steps ---------------------------------------------------------------
