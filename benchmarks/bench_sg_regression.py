@@ -24,6 +24,6 @@ def test_sg_regression(benchmark, batch, width, sg, backend):
     problem, args = bench_inputs(batch, width, sg)
     forward = reference_forward(problem, args)
     label_benchmark(benchmark, "sg_regression_", batch, width, backend, sg)
-    loss = benchmark(ops.sg_regression_, forward.h, forward, problem.target, args.sg, "adam", args.hyper, args.sg_state,
+    loss = benchmark(ops.sg_regression_, forward, problem.target, args.sg, "adam", args.hyper, args.sg_state,
                      backend=backend)
     assert loss.dim() == 0 and torch.isfinite(loss)

@@ -188,7 +188,7 @@ def make_fused(problem: Problem, *, raw: bool = False) -> Variant:
         hyper = [lr, beta1, beta2, eps, 0.0, 0.0, float(count[0])]
         f = ops.dni_forward(x, weight, bias, sg, activation="relu", backend="cpu")
         dx = ops.dni_update_(x, weight, bias, f, "adam", hyper, layer_state, activation="relu", need_input_grad=True, backend="cpu")
-        loss = ops.sg_regression_(f.h, f, target, sg, "adam", hyper, sg_state, backend="cpu")
+        loss = ops.sg_regression_(f, target, sg, "adam", hyper, sg_state, backend="cpu")
         return f.h, dx, loss
 
     return Variant("fused", step, params, "fastdni.ops wrappers, backend='cpu'")

@@ -97,7 +97,7 @@ def make_ops_variant(problem: common.Problem, backend: str = BACKEND) -> common.
         f = ops.dni_forward(x, weight, bias, sg, activation="relu", backend=backend)
         dx = ops.dni_update_(x, weight, bias, f, "adam", hyper, args.layer_state, activation="relu", need_input_grad=True,
                              backend=backend)
-        loss = ops.sg_regression_(f.h, f, target, sg, "adam", hyper, args.sg_state, backend=backend)
+        loss = ops.sg_regression_(f, target, sg, "adam", hyper, args.sg_state, backend=backend)
         return f.h, dx, loss
 
     return common.Variant(backend, step, args.params, f"fastdni.ops, backend={backend!r}")

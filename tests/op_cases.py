@@ -236,9 +236,9 @@ def check_regression_matches_reference(inp: Inputs, dtype: torch.dtype, optimize
     state = step_state(optimizer, hyper, params, dtype, inp.x.device)
     ref, ref_state = upcast_inputs(inp), [upcast(s) for s in state]
     up_forward = upcast_forward(forward)
-    want_loss = ops.sg_regression_(up_forward.h, up_forward, ref.target, ref.sg, optimizer, hyper, ref_state, ref.context,
+    want_loss = ops.sg_regression_(up_forward, ref.target, ref.sg, optimizer, hyper, ref_state, ref.context,
                                    target_scale=target_scale, loss_weight=loss_weight, backend="reference")
-    got_loss = ops.sg_regression_(forward.h, forward, inp.target, inp.sg, optimizer, hyper, state, inp.context,
+    got_loss = ops.sg_regression_(forward, inp.target, inp.sg, optimizer, hyper, state, inp.context,
                                   target_scale=target_scale, loss_weight=loss_weight, backend=backend)
     assert_step_close(got_loss, want_loss, dtype, "loss")
     names = [*indexed_names("param", len(params)), *indexed_names("state", len(state))]

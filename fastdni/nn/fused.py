@@ -106,7 +106,7 @@ class DecoupledMLP(DecoupledTrainer):
     def _regress(self, index: int, forward: ops.ForwardResult, target: Tensor, context: Optional[Tensor]) -> Tensor:
         sg = self.synthetic_gradients[index].reference_params()
         return self._fused_step(self.sg_optimizers[index], ops.ordered_params(sg), ops.sg_regression_,
-                                forward.h, forward, target, sg, context=context, target_scale=self.gradient_scale,
+                                forward, target, sg, context=context, target_scale=self.gradient_scale,
                                 loss_weight=self.sg_loss_weight, backend=self.backend)
 
     @staticmethod

@@ -152,7 +152,6 @@ def dni_update_(
 
 
 def sg_regression_(
-    h: Tensor,
     forward: ForwardResult,
     target: Tensor,
     sg: SGParams,
@@ -167,8 +166,10 @@ def sg_regression_(
 ) -> Tensor:
     """Regress the SG model onto ``target_scale * target`` and step its parameters in place.
 
-    ``h`` is the SG's input and ``forward`` the :func:`dni_forward` result that predicted from it.
+    ``forward`` is the :func:`dni_forward` result whose prediction is regressed: its ``h`` is the SG's input
+    (named ``h`` in error messages, as in the op's schema), its ``sg_hidden`` the SG's hidden activations.
     Returns ``loss_weight * mean_b ||M(h_b) - target_scale * target_b||^2``."""
+    h = forward.h
     check_sg(h, sg, context, label_range=False)  # the labels' range: the backend that runs checks it, once
     check_tensor("forward.prediction", forward.prediction, shape=tuple(h.shape), like=h)
     check_tensor("target", target, shape=tuple(h.shape), like=h)

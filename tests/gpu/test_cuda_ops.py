@@ -73,7 +73,7 @@ def test_loss_is_the_same_bits_every_run(sg):
     losses = []
     for _ in range(3):
         sg = SGParams(tuple(w.clone() for w in inp.sg.weights), tuple(b.clone() for b in inp.sg.biases), None)
-        losses.append(ops.sg_regression_(f.h, f, inp.target, sg, optimizer, hyper, [], backend="cuda").item())
+        losses.append(ops.sg_regression_(f, inp.target, sg, optimizer, hyper, [], backend="cuda").item())
     assert losses[0] == losses[1] == losses[2]
 
 
@@ -106,7 +106,7 @@ def test_launches_of_a_layer_step(context):
         ops.dni_update_(inp.x, inp.weight, inp.bias, box["f"], optimizer, hyper, layer_state, need_input_grad=True, backend="cuda")
 
     def regression():
-        ops.sg_regression_(box["f"].h, box["f"], inp.target, inp.sg, optimizer, hyper, sg_state, inp.context, backend="cuda")
+        ops.sg_regression_(box["f"], inp.target, inp.sg, optimizer, hyper, sg_state, inp.context, backend="cuda")
 
     steps = (("forward", forward), ("update", update), ("regression", regression))
     for _, fn in steps:

@@ -74,7 +74,7 @@ def test_update_matches_reference(dtype, activation, optimizer_key, need_input_g
 
 def _regress(inp, forward, optimizer_key, backend, state):
     optimizer, hyper = OPTIMIZERS[optimizer_key]
-    return ops.sg_regression_(forward.h, forward, inp.target, inp.sg, optimizer, hyper, state, inp.context,
+    return ops.sg_regression_(forward, inp.target, inp.sg, optimizer, hyper, state, inp.context,
                               target_scale=0.75, loss_weight=1.5, backend=backend)
 
 

@@ -99,7 +99,7 @@ def _layer_step(x, weight, bias, sg, target, state, sg_state):
     forward = ops.dni_forward(x, weight, bias, sg, activation="relu")
     adam = [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 1.0]
     dx = ops.dni_update_(x, weight, bias, forward, "adam", adam, state, need_input_grad=True)
-    loss = ops.sg_regression_(forward.h, forward, target, sg, "adam", adam, sg_state)
+    loss = ops.sg_regression_(forward, target, sg, "adam", adam, sg_state)
     return forward.h, dx, loss
 
 

@@ -165,7 +165,7 @@ def test_sg_regression_matches_reference(dtype, sg_case, opt_name):
     state = _state(optimizer, hyper, params, dtype)
     want_sg, want_state = _sg(sg, _up), [_up(s) for s in state]
     up_forward = ForwardResult(_up(forward.h), _up(forward.pre), _up(forward.prediction), [_up(z) for z in forward.sg_hidden])
-    ops.sg_regression_(up_forward.h, up_forward, _up(target), want_sg, optimizer, hyper, want_state, _up(context), target_scale=0.5,
+    ops.sg_regression_(up_forward, _up(target), want_sg, optimizer, hyper, want_state, _up(context), target_scale=0.5,
                        loss_weight=2.0, backend="reference")
 
     _twin_regression(forward.h, forward, target, sg, context, state, optimizer, hyper, 0.5, 2.0)

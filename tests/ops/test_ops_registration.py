@@ -152,7 +152,7 @@ def _call(name, inp, backend):
         return [weight, bias, *state, dx]
     sg = clone_sg(inp.sg)
     state = _state_like(ops.ordered_params(sg))
-    loss = ops.sg_regression_(forward.h, forward, inp.target, sg, *ADAM, state, inp.context, backend=backend)
+    loss = ops.sg_regression_(forward, inp.target, sg, *ADAM, state, inp.context, backend=backend)
     return [loss, *ops.ordered_params(sg), *state]
 
 
@@ -241,7 +241,7 @@ def _layer_step(inp, backend):
     f = ops.dni_forward(inp.x, weight, bias, sg, inp.context, activation=inp.activation, backend=backend)
     dx = ops.dni_update_(inp.x, weight, bias, f, *ADAM, layer_state, grad_scale=4.0, activation=inp.activation,
                          need_input_grad=True, backend=backend)
-    loss = ops.sg_regression_(f.h, f, inp.target, sg, *SGD_MOMENTUM, sg_state, inp.context, target_scale=2.0,
+    loss = ops.sg_regression_(f, inp.target, sg, *SGD_MOMENTUM, sg_state, inp.context, target_scale=2.0,
                               loss_weight=0.5, backend=backend)
     outputs = [f.h, f.pre, f.prediction, *f.sg_hidden, weight, bias, *layer_state, dx, loss, *ops.ordered_params(sg),
                *sg_state]
@@ -309,7 +309,7 @@ def test_a_batch_of_no_rows_is_rejected_by_every_backend(name, backend):
         elif name == "dni_update_":
             ops.dni_update_(inp.x, inp.weight.clone(), inp.bias.clone(), forward, *ADAM, state, backend=backend)
         else:
-            ops.sg_regression_(forward.h, forward, inp.target, clone_sg(inp.sg), *ADAM, state, inp.context,
+            ops.sg_regression_(forward, inp.target, clone_sg(inp.sg), *ADAM, state, inp.context,
                                backend=backend)
     raw = {"dni_forward": lambda: forward_op_args(inp),
            "dni_update_": lambda: update_op_args(inp, forward, *ADAM, state),

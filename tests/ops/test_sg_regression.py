@@ -31,7 +31,7 @@ TARGET_SCALE, LOSS_WEIGHT = 2.0, 0.5
 def _run(inp, forward, optimizer, hyper, state, backend, *, target_scale=TARGET_SCALE, loss_weight=LOSS_WEIGHT):
     """The wrapper on copies of the SG parameters and state; returns (loss, sg, state)."""
     sg, state = clone_sg(inp.sg), clone_all(state)
-    loss = ops.sg_regression_(forward.h, forward, inp.target, sg, optimizer, hyper, state, inp.context,
+    loss = ops.sg_regression_(forward, inp.target, sg, optimizer, hyper, state, inp.context,
                               target_scale=target_scale, loss_weight=loss_weight, backend=backend)
     return loss, sg, state
 
@@ -139,7 +139,7 @@ def test_updates_in_place(backend):
     sg, state = clone_sg(inp.sg), clone_all(state)
     tensors = ops.ordered_params(sg) + state
     pointers = [t.data_ptr() for t in tensors]
-    ops.sg_regression_(forward.h, forward, inp.target, sg, optimizer, hyper, state, inp.context, backend=backend)
+    ops.sg_regression_(forward, inp.target, sg, optimizer, hyper, state, inp.context, backend=backend)
     assert [t.data_ptr() for t in tensors] == pointers
     for new, old, name in zip(ops.ordered_params(sg), ops.ordered_params(inp.sg), sg_names(sg)):
         assert not torch.equal(new, old), f"{name} was not updated"
@@ -166,7 +166,7 @@ def test_matches_torch_optim_over_steps(dtype, optimizer_name, context, backend)
         target = torch.randn(case.batch, case.features, generator=gen, dtype=dtype)
         forward = ops.dni_forward(x, inp.weight, inp.bias, sg, inp.context, activation="relu", backend=backend)
         optimizer, hyper, state = ops.fused_optimizer_args(fused, params)
-        loss = ops.sg_regression_(forward.h, forward, target, sg, optimizer, hyper, state, inp.context,
+        loss = ops.sg_regression_(forward, target, sg, optimizer, hyper, state, inp.context,
                                   target_scale=TARGET_SCALE, loss_weight=LOSS_WEIGHT, backend=backend)
         ops.advance(fused, params)
 
@@ -209,7 +209,7 @@ def test_noncontiguous_inputs_give_the_contiguous_result(backend, context, which
 
 @dataclasses.dataclass
 class Args:
-    h: torch.Tensor
+    h: torch.Tensor  #: the raw op's h; the wrapper gets it as forward.h
     forward: ForwardResult
     target: torch.Tensor
     sg: SGParams
@@ -307,7 +307,8 @@ def _bad_args(key):
 
 
 def _call_wrapper(a, backend):
-    return ops.sg_regression_(a.h, a.forward, a.target, a.sg, a.optimizer, a.hyper, a.state, a.context,
+    # The wrapper reads h from forward; a mutated a.h (the raw op's own argument) goes there.
+    return ops.sg_regression_(a.forward._replace(h=a.h), a.target, a.sg, a.optimizer, a.hyper, a.state, a.context,
                               target_scale=a.target_scale, loss_weight=a.loss_weight, backend=backend)
 
 
