@@ -127,7 +127,8 @@ LABEL_DTYPES = (torch.int32, torch.int64)
 
 def check_label_range(name: str, labels: Tensor, classes: int) -> None:
     """Labels index a row gather of ``U``: every value in ``[0, classes)``. One device sync (one transfer of
-    ``(min, max)``); the C++ backends check the same with the same message (``check_labels``, op_args.h)."""
+    ``(min, max)``); the C++ backends check the same with the same message and the same ValueError
+    (``check_labels``, op_args.h). Each op's call path checks once: the backend that runs, not the wrapper."""
     if labels.numel():
         low, high = torch.stack(torch.aminmax(labels)).tolist()
         if low < 0 or high >= classes:
