@@ -67,8 +67,7 @@ def mixer(dim: int = 64, depth: int = 3) -> nn.Sequential:
 MODELS = {"cnn": (small_cnn, ["b1", "b2", "b3"]), "mixer": (mixer, ["m1", "m2", "m3"])}
 
 
-def train(net: nn.Module, sgs, opt: torch.optim.Optimizer, data, epochs: int, seed: int, batch: int = 64,
-          on_epoch=None) -> None:
+def train(net: nn.Module, sgs, opt: torch.optim.Optimizer, data, epochs: int, seed: int, batch: int = 64) -> None:
     """Minibatch Adam on cross-entropy; ``sgs`` (a :class:`fastdni.nn.Decoupled` or None) gets the labels as context
     and steps its SG optimizers after the model's."""
     for epoch in range(epochs):
@@ -82,8 +81,6 @@ def train(net: nn.Module, sgs, opt: torch.optim.Optimizer, data, epochs: int, se
             opt.zero_grad()
             if sgs is not None:
                 sgs.step()
-        if on_epoch is not None:
-            on_epoch(epoch)
 
 
 @torch.no_grad()

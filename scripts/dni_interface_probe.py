@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from decouple_own_model import parser, run
 from fastdni.data import load_mnist
 from fastdni.nn import DNI, SyntheticGradient, synthetic_gradient_for
+from fastdni.nn.decouple import default_sg_optimizer
 from fastdni.nn.interface import _RegressOnArrivingGradient
 
 
@@ -59,7 +60,7 @@ class ProbeDNI(DNI):
             return h
         self.calls = getattr(self, "calls", 0) + 1
         prediction = self.synthetic_gradient(*((h.detach(),) if context is None else (h.detach(), context)))
-        sent, scale = prediction.detach(), float(h.shape[0])
+        sent, scale = prediction.detach(), self.scale_for(h)
         if self.normalize_target and getattr(self, "target_square", 0.0) > 0:
             scale = self.target_square ** -0.5  # M predicts the target in units of its running rms
         if self.center:
@@ -124,12 +125,15 @@ def main() -> None:
     args = p.parse_args()
     ProbeDNI.center, ProbeDNI.warm, ProbeDNI.residual_noise = args.center, args.warm, args.residual_noise
     ProbeDNI.normalize_target = args.normalize_target
-    trainable = lambda ps: torch.optim.Adam([q for q in ps if q.requires_grad], lr=args.sg_lr or 1e-3)
+    # Only the trainable SG parameters (--no-bias freezes one); decouple's default optimizer unless --sg-lr.
+    optimizer = default_sg_optimizer if args.sg_lr is None else lambda ps: torch.optim.Adam(ps, lr=args.sg_lr)
+    trainable = lambda ps: optimizer([q for q in ps if q.requires_grad])
     net, sgs, _ = run(args, sg_factory=sg_factory(args.sg, args.no_bias), sg_optimizer=trainable,
                       interface=ProbeDNI)
     blocks = [n for n, _ in net.named_children() if n != "head"]
+    dead = dead_fractions(net.eval(), blocks, load_mnist().test_images[:500])
     print(f"  variant: center={args.center} warm={args.warm} residual_noise={args.residual_noise} "
-          f"no_bias={args.no_bias} normalize_target={args.normalize_target} sg={args.sg}; dead units {dead_fractions(net.eval(), blocks, load_mnist().test_images[:500])}")
+          f"no_bias={args.no_bias} normalize_target={args.normalize_target} sg={args.sg}; dead units {dead}")
     for name, interface in sgs.interfaces.items():
         for first, last in ((0, 100), (100, 600), (len(interface.trace) - 100, len(interface.trace))):
             rows = interface.trace[max(first, 0):last]

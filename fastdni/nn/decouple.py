@@ -54,11 +54,10 @@ class Decoupled(nn.Module):
 
     def __init__(self, model: nn.Module, names: Sequence[str], *, context_features: int,
                  sg_optimizer: SGOptimizerFactory, sg_factory: Callable[[Tensor, int], nn.Module],
-                 interface: Callable[[nn.Module], DNI] = DNI):
+                 interface: Callable[[nn.Module], DNI]):
         super().__init__()
-        self.interface = interface
         self.context_features = check_int("context_features", context_features, 0)
-        self.sg_optimizer, self.sg_factory = sg_optimizer, sg_factory
+        self.sg_optimizer, self.sg_factory, self.interface = sg_optimizer, sg_factory, interface
         self.interfaces = nn.ModuleDict()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.context: Optional[Tensor] = None

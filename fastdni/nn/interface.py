@@ -75,11 +75,12 @@ def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_targe
     if calls > 1 and calls % DIVERGENCE_CHECK_EVERY:
         return
     means = getattr(interface, "_regression_means", pair)
-    error, target, nonfinite = torch.cat((means, interface._nonfinite.reshape(1).double())).tolist()
+    # One transfer: the running means, the non-finite count, and this regression's loss (named if it is the bad one).
+    error, target, nonfinite, current = torch.cat((means, interface._nonfinite.reshape(1).double(), pair[:1])).tolist()
     reason = None
     if nonfinite or not math.isfinite(error):
-        reason = f"the SG regression loss is {float(squared_error)}" if not math.isfinite(float(squared_error)) \
-            else "the SG regression loss was not finite"
+        reason = (f"the SG regression loss is {current}" if not math.isfinite(current)
+                  else f"the SG regression loss was not finite in one of the last {DIVERGENCE_CHECK_EVERY} regressions")
     elif calls >= 2 * DIVERGENCE_WARMUP and target > 0 and error / target > DIVERGENCE_LIMIT:
         reason = (f"the SG's squared error is {error / target:.3g}x its target's (running mean over the last ~100 "
                   f"regressions): it feeds the layers below more noise than signal")
