@@ -99,7 +99,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("mode", choices=["backprop", "dni", "cdni"])
     p.add_argument("--at", nargs="+", help="blocks to decouple (default: every block below the head)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3, help="the model's Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="the model's learning rate")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="the model's optimizer (sgd: with momentum 0.9)")
     p.add_argument("--sg-lr", type=float, help="the SG models' Adam learning rate (default: decouple's)")
     p.add_argument("--freeze", nargs="*", default=[], help="blocks kept at their initial weights")
     p.add_argument("--seed", type=int, default=0)
@@ -118,10 +120,12 @@ def run(args, **decouple_kwargs) -> tuple[nn.Module, object, float]:
         net, at=args.at or blocks, context_features=10 if args.mode == "cdni" else 0, **decouple_kwargs)
     trained = [q for name, q in net.named_parameters() if name.split(".")[0] not in args.freeze]
     data, start = load_mnist(), time.time()
-    train(net, sgs, torch.optim.Adam(trained, lr=args.lr), data, args.epochs, args.seed)
+    opt = (torch.optim.Adam(trained, lr=args.lr) if args.optimizer == "adam"
+           else torch.optim.SGD(trained, lr=args.lr, momentum=0.9))
+    train(net, sgs, opt, data, args.epochs, args.seed)
     error = test_error(net, data)
     at = "" if sgs is None else f" at {args.at or blocks}"
-    print(f"{args.model} {args.mode}{at} lr={args.lr} sg_lr={args.sg_lr or 'default'} freeze={args.freeze}: "
+    print(f"{args.model} {args.mode}{at} {args.optimizer} lr={args.lr} sg_lr={args.sg_lr or 'default'} freeze={args.freeze}: "
           f"test error {error:.2f}% after {args.epochs} epoch(s), {time.time() - start:.0f} s", flush=True)
     return net, sgs, error
 

@@ -38,9 +38,12 @@ DEMO = dict(steps=4680, eval_every=234, lr_schedule="cosine")
 # Adam learning rates of the demo per mode, from sweeps (docs/mnist.md): at 5 epochs for the models with
 # BatchNorm, at 20 epochs for the fused fcn. DNI's blocks need a smaller rate: without the label its synthetic
 # gradients are noisy, and Adam turns noise into full steps. Without BatchNorm the SG models want a higher rate.
-DEMO_LR_BN = {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3), "cdni": dict(lr=1e-3, sg_lr=1e-3)}
+# The classifier (head) learns from the true gradient in every mode: under DNI it keeps backprop's rate.
+DEMO_LR_BN = {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3, head_lr=1e-3),
+              "cdni": dict(lr=1e-3, sg_lr=1e-3)}
 DEMO_LR = {
-    "fcn": {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3), "cdni": dict(lr=1e-3, sg_lr=3e-3)},
+    "fcn": {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3, head_lr=1e-3),
+            "cdni": dict(lr=1e-3, sg_lr=3e-3)},
     "fcn-bn": DEMO_LR_BN,
     "cnn": DEMO_LR_BN,
 }
@@ -55,6 +58,7 @@ class RunConfig:
     lr: float  #: Adam learning rate of the blocks
     sg_lr: float  #: Adam learning rate of the SG models
     lr_schedule: str
+    head_lr: Optional[float] = None  #: Adam learning rate of the classifier (None: ``lr``)
     model: str = "fcn"
     backend: str = "auto"  #: fused-op backend of the fcn model
     hidden_layers: int = 3
@@ -71,7 +75,8 @@ MODELS = ("fcn", "fcn-bn", "cnn")
 
 def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledSequential]:
     torch.manual_seed(config.seed)
-    optimizers = dict(optimizer=partial(torch.optim.Adam, lr=config.lr), sg_optimizer=partial(torch.optim.Adam, lr=config.sg_lr))
+    optimizers = dict(optimizer=partial(torch.optim.Adam, lr=config.lr), sg_optimizer=partial(torch.optim.Adam, lr=config.sg_lr),
+                      head_optimizer=partial(torch.optim.Adam, lr=config.head_lr or config.lr))
     mode = "backprop" if config.mode == "backprop" else "dni"
     # The loss is a batch mean: by default SG models predict per-example gradients.
     gradient_scale = config.gradient_scale or config.batch_size
@@ -150,6 +155,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate of the blocks, all modes (default: per model and mode, DEMO_LR)")
     p.add_argument("--sg-lr", type=float, default=None, help="Adam learning rate of the SG models (default: per model and mode, DEMO_LR)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="Adam learning rate of the classifier (default: per model and mode, DEMO_LR; else --lr)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                    help="learning-rate schedule of every optimizer (default cosine decay to 0; --paper: constant)")
     p.add_argument("--gradient-scale", type=float, default=None,
@@ -187,6 +194,7 @@ def main(args: argparse.Namespace, data) -> int:
             sg_hidden=tuple(args.cdni_sg_hidden if mode == "cdni" else args.dni_sg_hidden if mode == "dni" else ()),
             steps=args.steps, batch_size=args.batch_size,
             lr=args.lr or DEMO_LR[args.model][mode]["lr"], sg_lr=args.sg_lr or DEMO_LR[args.model][mode]["sg_lr"],
+            head_lr=args.head_lr or (None if args.lr else DEMO_LR[args.model][mode].get("head_lr")),
             lr_schedule=args.lr_schedule, gradient_scale=args.gradient_scale, seed=args.seed,
         )
         try:

@@ -56,7 +56,8 @@ def synthetic_gradients(
     models: list[nn.Module] = []
     for shape in block_output_shapes(blocks, input_shape)[:-1]:
         if len(shape) == 3:
-            models.append(ConvSyntheticGradient(shape[0], hidden, kernel_size=5, context_features=context_features))
+            models.append(ConvSyntheticGradient(shape[0], hidden, kernel_size=5, context_features=context_features,
+                                                context_map=shape[1:]))
         else:
             models.append(SyntheticGradient(shape[0], hidden, context_features=context_features))
     return models

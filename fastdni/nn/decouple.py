@@ -41,7 +41,8 @@ def synthetic_gradient_for(h: Tensor, context_features: int = 0) -> nn.Module:
     if h.dim() < 2:
         raise ValueError(f"h: expected a batch of activations [B, *features], got shape {tuple(h.shape)}")
     if h.dim() == 4:
-        sg: nn.Module = ConvSyntheticGradient(h.shape[1], (), kernel_size=3, context_features=context_features)
+        sg: nn.Module = ConvSyntheticGradient(h.shape[1], (), kernel_size=3, context_features=context_features,
+                                              context_map=tuple(h.shape[2:]))
     else:
         sg = SyntheticGradient(h[0].numel(), context_features=context_features)
     return sg.to(device=h.device, dtype=h.dtype)

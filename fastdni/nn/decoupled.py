@@ -99,6 +99,9 @@ class DecoupledSequential(DecoupledTrainer):
             (whose output goes to the loss). ``None`` means plain backprop only.
         optimizer: builds the optimizer of one block from its parameters (default Adam, lr 1e-3).
         sg_optimizer: the same for each SG model (default: ``optimizer``).
+        head_optimizer: the same for the last block (default: ``optimizer``). It alone learns from the true
+            gradient in ``mode="dni"``, so it can take the rate backprop would, where the blocks under
+            unconditioned synthetic gradients want a lower one (docs/mnist.md).
         mode: ``"dni"`` or ``"backprop"``.
         sg_loss_weight: weight of the SG regression loss.
         gradient_scale: the SG models predict ``gradient_scale * dL/dh`` (see :class:`DNI`);
@@ -112,6 +115,7 @@ class DecoupledSequential(DecoupledTrainer):
         *,
         optimizer: OptimizerFactory = default_optimizer,
         sg_optimizer: Optional[OptimizerFactory] = None,
+        head_optimizer: Optional[OptimizerFactory] = None,
         mode: str = "dni",
         sg_loss_weight: float = 1.0,
         gradient_scale: float = 1.0,
@@ -134,7 +138,7 @@ class DecoupledSequential(DecoupledTrainer):
         else:
             self.interfaces = None
         self.mode = mode
-        self.optimizers = [optimizer(b.parameters()) if has_trainable_params(b) else None for b in self.blocks]
+        self.optimizers = block_optimizers(self.blocks, optimizer, head_optimizer)
         sg_optimizer = sg_optimizer or optimizer
         self.sg_optimizers = [
             sg_optimizer(i.parameters()) if has_trainable_params(i) else None for i in (self.interfaces or ())
@@ -177,6 +181,14 @@ class DecoupledSequential(DecoupledTrainer):
             update(i, out.detach())
         sg_losses = tuple(i.last_sg_loss for i in self.interfaces)
         return StepResult(loss.detach(), out.detach(), sg_losses)
+
+
+def block_optimizers(blocks: Sequence[nn.Module], optimizer: OptimizerFactory,
+                     head_optimizer: Optional[OptimizerFactory] = None) -> list[Optional[torch.optim.Optimizer]]:
+    """One optimizer per block with trainable parameters (``None`` for the others); the last block's from
+    ``head_optimizer`` when given."""
+    factories = [optimizer] * (len(blocks) - 1) + [head_optimizer or optimizer]
+    return [make(b.parameters()) if has_trainable_params(b) else None for make, b in zip(factories, blocks)]
 
 
 def step_optimizer(optimizer: Optional[torch.optim.Optimizer]) -> None:

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from .. import ops
 from .._checks import check_int, check_positive
 from ..reference.activations import check_activation
-from .decoupled import DecoupledTrainer, LossFunction, OptimizerFactory, StepResult, default_optimizer, step_optimizer
+from .decoupled import (DecoupledTrainer, LossFunction, OptimizerFactory, StepResult, block_optimizers, default_optimizer,
+                        step_optimizer)
 from .synthetic_gradient import SyntheticGradient
 
 
@@ -32,6 +33,7 @@ class DecoupledMLP(DecoupledTrainer):
         sg_hidden: hidden sizes of every SG model (``()``: linear, as cDNI in the paper).
         context_features: cDNI: the SG models also see a context (e.g. the labels, ``[B]`` ints).
         optimizer, sg_optimizer: build each layer's / SG model's optimizer from its parameters.
+        head_optimizer: the output layer's (default ``optimizer``); it learns from the true gradient.
         mode: ``"dni"`` or ``"backprop"`` (the same layers by ordinary backprop, for comparison).
         sg_loss_weight, gradient_scale: as in :class:`DNI`.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (see :mod:`fastdni.ops`).
@@ -48,6 +50,7 @@ class DecoupledMLP(DecoupledTrainer):
         context_features: int = 0,
         optimizer: OptimizerFactory = default_optimizer,
         sg_optimizer: Optional[OptimizerFactory] = None,
+        head_optimizer: Optional[OptimizerFactory] = None,
         mode: str = "dni",
         sg_loss_weight: float = 1.0,
         gradient_scale: float = 1.0,
@@ -70,7 +73,7 @@ class DecoupledMLP(DecoupledTrainer):
             raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
         self.backend = backend
         self.mode = mode
-        self.optimizers = [optimizer(layer.parameters()) for layer in self.layers]
+        self.optimizers = block_optimizers(self.layers, optimizer, head_optimizer)
         self.sg_optimizers = [(sg_optimizer or optimizer)(sg.parameters()) for sg in self.synthetic_gradients]
 
     def forward(self, x: Tensor) -> Tensor:

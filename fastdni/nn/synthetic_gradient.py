@@ -75,12 +75,15 @@ class ConvSyntheticGradient(nn.Module):
     """An SG model over a feature map ``[B, C, H, W]``: "same"-padded convolutions with ReLU between.
 
     As in the paper's CNN experiments the spatial size is kept, so the prediction has the shape
-    of ``h``. A cDNI context adds a learned per-channel bias to the first convolution's output
-    (``ctx(c)`` of :func:`fastdni.reference.context_term`, broadcast over H and W). The last
-    convolution starts at zero.
+    of ``h``. A cDNI context adds a learned term to the first convolution's output (``ctx(c)`` of
+    :func:`fastdni.reference.context_term`): with ``context_map=(H, W)`` a full map ``[C', H, W]`` per
+    context (what a label contributes to the true gradient of a map read by a dense layer, ``W^T e_y``,
+    varies with the position), else a per-channel bias broadcast over H and W. The last convolution
+    starts at zero.
     """
 
-    def __init__(self, channels: int, hidden_channels: Sequence[int] = (), kernel_size: int = 5, context_features: int = 0):
+    def __init__(self, channels: int, hidden_channels: Sequence[int] = (), kernel_size: int = 5, context_features: int = 0,
+                 context_map: Optional[Sequence[int]] = None):
         super().__init__()
         (channels,) = _check_sizes("channels", (channels,))
         hidden_channels = _check_sizes("hidden_channels", hidden_channels)
@@ -92,7 +95,14 @@ class ConvSyntheticGradient(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv2d(i, o, kernel_size, padding=kernel_size // 2) for i, o in zip(sizes[:-1], sizes[1:])
         )
-        self.context_weight = nn.Parameter(torch.zeros(sizes[1], context_features)) if context_features else None
+        if context_map is not None:
+            context_map = _check_sizes("context_map", context_map)
+            if len(context_map) != 2:
+                raise ValueError(f"context_map: expected the map's (H, W), got {context_map!r}")
+        self.context_map = context_map
+        # One row per channel of the first conv's output, or per (channel, y, x) with a context map.
+        rows = sizes[1] * (math.prod(context_map) if context_map else 1)
+        self.context_weight = nn.Parameter(torch.zeros(rows, context_features)) if context_features else None
         nn.init.zeros_(self.convs[-1].weight)
         nn.init.zeros_(self.convs[-1].bias)
         if self.context_weight is not None and len(self.convs) > 1:
@@ -100,15 +110,17 @@ class ConvSyntheticGradient(nn.Module):
 
     def forward(self, h: Tensor, context: Optional[Tensor] = None) -> Tensor:
         check_tensor("h", h, ndim=4, like=self.convs[0].weight)
-        if h.shape[1] != self.channels:
-            raise ValueError(f"h: expected {self.channels} channels, got shape {tuple(h.shape)}")
+        if h.shape[1] != self.channels or (self.context_map and tuple(h.shape[2:]) != self.context_map):
+            where = f" and maps of {self.context_map}" if self.context_map else ""
+            raise ValueError(f"h: expected {self.channels} channels{where}, got shape {tuple(h.shape)}")
         check_context_presence(context, self.context_weight is not None)
         z = h
         for i, conv in enumerate(self.convs):
             z = conv(z)
             if i == 0 and context is not None:
                 check_context(context, batch=h.shape[0], features=self.context_features, like=h)
-                z = z + context_term(context, self.context_weight)[:, :, None, None]
+                term = context_term(context, self.context_weight)
+                z = z + (term.view_as(z) if self.context_map else term[:, :, None, None])
             if i < len(self.convs) - 1:
                 z = F.relu(z)
         return z

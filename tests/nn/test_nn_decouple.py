@@ -52,7 +52,8 @@ def test_decouple_equals_dnis_placed_by_hand(context_features):
     F.cross_entropy(out, y).backward()
 
     c = y if context_features else None
-    dni_conv = DNI(ConvSyntheticGradient(3, (), 3, context_features).double())
+    map_size = tuple(by_hand.conv(x).shape[2:])  # the default conv SG's label term is a map of this size
+    dni_conv = DNI(ConvSyntheticGradient(3, (), 3, context_features, context_map=map_size).double())
     dni_fc = DNI(SyntheticGradient(8, context_features=context_features).double())
     for made, mine in ((sgs.interfaces["conv"], dni_conv), (sgs.interfaces["fc"], dni_fc)):
         mine.load_state_dict(made.state_dict())

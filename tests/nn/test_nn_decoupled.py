@@ -336,6 +336,25 @@ def test_default_optimizer_and_plain_forward(check_close):
     assert [(i.loss_weight, i.gradient_scale) for i in model.interfaces] == [(1.0, 1.0)] * 2
 
 
+@pytest.mark.parametrize("container", ["sequential", "fused"])
+def test_head_optimizer_builds_the_last_blocks_optimizer(container):
+    """The classifier learns from the true gradient; its optimizer can differ from the blocks' under SGs."""
+    slow, fast = functools.partial(torch.optim.Adam, lr=1e-4), functools.partial(torch.optim.SGD, lr=0.5)
+    if container == "sequential":
+        model = DecoupledSequential(mlp_blocks(), [SyntheticGradient(10).double(), SyntheticGradient(8).double()],
+                                    optimizer=slow, head_optimizer=fast)
+        head = model.blocks[-1]
+    else:
+        from fastdni.nn import DecoupledMLP
+        model = DecoupledMLP(6, (10, 8), 3, optimizer=slow, head_optimizer=fast)
+        head = model.layers[-1]
+    *below, top = model.optimizers
+    assert isinstance(top, torch.optim.SGD) and top.defaults["lr"] == 0.5
+    assert {p for g in top.param_groups for p in g["params"]} == set(head.parameters())
+    assert all(isinstance(o, torch.optim.Adam) and o.defaults["lr"] == 1e-4 for o in below)
+    assert all(isinstance(o, torch.optim.Adam) and o.defaults["lr"] == 1e-4 for o in model.sg_optimizers)
+
+
 def test_step_result_and_zero_initialised_sgs():
     blocks = mlp_blocks()
     model = DecoupledSequential(blocks, [SyntheticGradient(10, (4,)).double(), SyntheticGradient(8).double()])

@@ -202,6 +202,30 @@ def test_conv_sg_context_is_a_per_channel_bias(check_close):
     check_close(out, expected)
 
 
+@pytest.mark.parametrize("hidden", [(), (5,)], ids=["linear", "deep"])
+@pytest.mark.parametrize("float_context", [False, True], ids=["labels", "float"])
+def test_conv_sg_context_map_is_a_per_position_term(hidden, float_context, check_close):
+    """With ``context_map`` the context adds a full map per context feature to the first conv's output: what
+    the label contributes to the true gradient of a map read by a dense layer varies with the position."""
+    channels, classes, size = 3, 4, (5, 6)
+    sg = randomise_(ConvSyntheticGradient(channels, hidden, 3, classes, context_map=size).double())
+    first = sg.convs[0].out_channels
+    assert sg.context_weight.shape == (first * 30, classes)
+    h, y = torch.randn(2, channels, *size, dtype=F64), torch.tensor([3, 1])
+    context = F.one_hot(y, classes).double() if float_context else y
+    maps = (F.one_hot(y, classes).double() @ sg.context_weight.T).view(2, first, *size)
+    z = h
+    for i, conv in enumerate(sg.convs):
+        z = F.conv2d(z, conv.weight, conv.bias, padding=1) + (maps if i == 0 else 0)
+        z = torch.relu(z) if i < len(sg.convs) - 1 else z
+    check_close(sg(h, context), z)
+    assert maps[0].sub(maps[0].mean((1, 2), keepdim=True)).abs().max() > 0  # not a per-channel bias
+    with pytest.raises(ValueError, match=r"^h: expected 3 channels and maps of \(5, 6\), got shape \(2, 3, 6, 5\)"):
+        sg(h.transpose(2, 3), y)
+    with pytest.raises(ValueError, match=r"^context_map: expected the map's \(H, W\), got \(5,\)"):
+        ConvSyntheticGradient(channels, (), 3, classes, context_map=(5,))
+
+
 def test_conv_sg_argument_errors():
     sg = ConvSyntheticGradient(4, (), 3, context_features=3)
     h = torch.randn(2, 4, 5, 5)
