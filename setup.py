@@ -12,6 +12,12 @@ Switches (environment):
   CUDA_HOME               defaults to /usr/local/cuda
   TORCH_CUDA_ARCH_LIST    defaults to "8.0;9.0+PTX" (there is no GPU to detect at build time)
 
+One wheel per torch version serves every CPython >= 3.10: fastdni._C is built against the limited C API
+(``py_limited_api``, as pytorch/extension-cpp builds it). It can be: it has no pybind and no libtorch_python, its
+only Python C-API calls are PyInit__C's (the ops reach Python through the dispatcher), and torch defines
+Py_LIMITED_API for every compiler (C++ and nvcc) of such an extension. The library is ``_C.abi3.so``, the wheel
+``*-cp310-abi3-<platform>.whl``.
+
 The compilers' output, with nvcc's -Xptxas=-v report of every kernel (registers, spills, shared memory), is kept
 in build/ext_build.log (appended to by each build).
 """
@@ -25,6 +31,24 @@ import time
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+MIN_PYTHON = (3, 10)  # python_requires, the abi3 wheel's tag and Py_LIMITED_API: the same version
+
+
+def _limited_api_tag(ext_modules):
+    """The wheel's ``cpXY`` tag for the limited API, or None where the extension can't use it (no extension).
+
+    torch compiles a ``py_limited_api`` extension with ``-DPy_LIMITED_API=cpp_extension.min_supported_cpython``;
+    the tag must name that same version, or the wheel would claim Pythons the library was not built for."""
+    if not ext_modules:
+        return None
+    from torch.utils import cpp_extension
+
+    hexversion = int(cpp_extension.min_supported_cpython, 16)
+    torch_min = (hexversion >> 24, (hexversion >> 16) & 0xFF)
+    if torch_min != MIN_PYTHON:
+        raise RuntimeError(f"torch builds limited-API extensions for Python {torch_min}, setup.py's MIN_PYTHON is "
+                           f"{MIN_PYTHON}: change MIN_PYTHON (python_requires and the wheel's tag follow it)")
+    return "cp%d%d" % MIN_PYTHON
 
 
 def _sources(pattern):
@@ -68,6 +92,7 @@ def extensions():
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args=extra,
+            py_limited_api=True,
             library_dirs=[os.path.join(nvidia, "lib")],
             # No unversioned libcublasLt.so ships in the wheel. rpath: the nvidia wheel beside an installed
             # fastdni ($ORIGIN/..), then the one this build used (editable installs).
@@ -79,7 +104,7 @@ def extensions():
         )
     else:
         ext = cpp_extension.CppExtension("fastdni._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=extra,
-                                         extra_link_args=link)
+                                         extra_link_args=link, py_limited_api=True)
     return [ext], {"build_ext": _tree_build(cpp_extension.BuildExtension).with_options(use_ninja=True)}
 
 
@@ -92,6 +117,8 @@ def _tree_build(base):
     - One object directory for every build of this tree (editable install, ``build_ext --inplace``, ``pip wheel``):
       ninja then recompiles only what changed, so the wheel built after ``scripts/setup.sh``'s install (by
       tests/packaging/test_wheel.py in CI) compiles nothing; the CUDA sources take minutes on 2 cores.
+    - An in-place build (editable install) deletes the tree's other ``_C.*.so``: Python would import a stale
+      ``_C.cpython-311-*.so`` (from before the abi3 build) ahead of the new ``_C.abi3.so``, its suffix comes first.
     - The compilers' output kept in build/ext_build.log as well as printed: nvcc's ``-Xptxas=-v`` lines (registers,
       spill stores/loads, shared memory of every kernel, per architecture) would otherwise scroll past, or vanish
       under ``pip -q``. The compilers write to file descriptors 1 and 2 (ninja's children), so those are
@@ -118,6 +145,8 @@ def _tree_build(base):
                     os.dup2(log.fileno(), 1)
                     os.dup2(log.fileno(), 2)
                     super().build_extensions()
+                if self.inplace:
+                    self._remove_stale_libraries()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -130,10 +159,20 @@ def _tree_build(base):
                     sys.stdout.write(log.read())
                 print(f"compiler output (ptxas -v included): {BUILD_LOG}")
 
+        def _remove_stale_libraries(self):
+            for ext in self.extensions:
+                built = self.get_ext_fullpath(ext.name)
+                pattern = os.path.join(os.path.dirname(built), ext.name.rsplit(".", 1)[-1] + ".*.so")
+                for stale in glob.glob(pattern):
+                    if os.path.abspath(stale) != os.path.abspath(built):
+                        os.remove(stale)
+                        print(f"removed {stale}: {os.path.basename(built)} replaces it")
+
     return TreeBuild
 
 
 ext_modules, cmdclass = extensions()
+abi3_tag = _limited_api_tag(ext_modules)
 
 setup(
     name="fastdni",
@@ -141,7 +180,7 @@ setup(
     description="Decoupled Neural Interfaces using Synthetic Gradients for PyTorch: reference, modules, fused kernels",
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=%d.%d" % MIN_PYTHON,
     packages=find_packages(include=["fastdni", "fastdni.*"]),
     install_requires=["torch>=2.14", "numpy", "tqdm", "matplotlib"],
     # nvidia-cutlass: headers only, for scripts/cutlass_probe.sh (tests/packaging/test_cutlass_probe.py); pinned, the probe's
@@ -150,4 +189,5 @@ setup(
     entry_points={"console_scripts": ["fastdni-mnist=fastdni.experiments.mnist:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": abi3_tag}} if abi3_tag else {},
 )
