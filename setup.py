@@ -16,7 +16,8 @@ One wheel per torch version serves every CPython >= 3.10: fastdni._C is built ag
 (``py_limited_api``, as pytorch/extension-cpp builds it). It can be: it has no pybind and no libtorch_python, its
 only Python C-API calls are PyInit__C's (the ops reach Python through the dispatcher), and torch defines
 Py_LIMITED_API for every compiler (C++ and nvcc) of such an extension. The library is ``_C.abi3.so``, the wheel
-``*-cp310-abi3-<platform>.whl``.
+``*-cp310-abi3-<platform>.whl``, and it requires the torch minor release it was built against: one wheel per torch
+version.
 
 The compilers' output, with nvcc's -Xptxas=-v report of every kernel (registers, spills, shared memory), is kept
 in build/ext_build.log (appended to by each build).
@@ -171,6 +172,17 @@ def _tree_build(base):
     return TreeBuild
 
 
+def _torch_requirement(ext_modules):
+    """The torch the package needs: with the extension, the minor release it was built against (torch's C++ API,
+    which the extension uses, has no stable ABI across releases, and a library that fails to load would leave only
+    the reference backend); without it, any from 2.14 on."""
+    if not ext_modules:
+        return "torch>=2.14"
+    import torch
+
+    return "torch==%s.%s.*" % tuple(torch.__version__.split(".")[:2])
+
+
 ext_modules, cmdclass = extensions()
 abi3_tag = _limited_api_tag(ext_modules)
 
@@ -182,7 +194,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=%d.%d" % MIN_PYTHON,
     packages=find_packages(include=["fastdni", "fastdni.*"]),
-    install_requires=["torch>=2.14", "numpy", "tqdm", "matplotlib"],
+    install_requires=[_torch_requirement(ext_modules), "numpy", "tqdm", "matplotlib"],
     # nvidia-cutlass: headers only, for scripts/cutlass_probe.sh (tests/packaging/test_cutlass_probe.py); pinned, the probe's
     # findings in docs/performance.md are for this version.
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "nvidia-cutlass==4.2.0.0"]},

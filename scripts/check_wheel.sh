@@ -12,19 +12,24 @@ mkdir -p "$work"
 wheel=$(ls "$work"/dist/fastdni-*.whl)
 echo "built $wheel"
 # One wheel per torch version, for every CPython from the minimum on (setup.py: py_limited_api): the tag is
-# abi3 and names the same minimum as Requires-Python, and the library inside is _C.abi3.so.
+# abi3 and names the same minimum as Requires-Python, the library inside is _C.abi3.so, and the wheel requires
+# the torch minor release it was built against.
 .venv/bin/python - "$wheel" <<'EOF'
 import re, sys, zipfile
+import torch
 wheel = sys.argv[1]
 tag = re.search(r"-(cp3(\d+))-abi3-linux_x86_64\.whl$", wheel)
 assert tag, f"{wheel}: not an abi3 wheel (expected a name ending in -cp3X-abi3-linux_x86_64.whl)"
 with zipfile.ZipFile(wheel) as z:
     libraries = [n for n in z.namelist() if re.fullmatch(r"fastdni/_C\..*so", n)]
     (metadata,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
-    requires = re.search(r"^Requires-Python: >=3\.(\d+)$", z.read(metadata).decode(), re.M)
+    metadata = z.read(metadata).decode()
+    requires = re.search(r"^Requires-Python: >=3\.(\d+)$", metadata, re.M)
+torch_pin = "torch==%s.%s.*" % tuple(torch.__version__.split(".")[:2])
+assert f"Requires-Dist: {torch_pin}\n" in metadata, f"{wheel}: does not require {torch_pin}, the torch it was built against"
 assert libraries == ["fastdni/_C.abi3.so"], f"{wheel}: the extension must be fastdni/_C.abi3.so, found {libraries}"
 assert requires and requires[1] == tag[2], f"{wheel}: tag {tag[1]} but Requires-Python >=3.{requires and requires[1]}"
-print(f"abi3 wheel: {tag[1]}-abi3, fastdni/_C.abi3.so, Requires-Python >=3.{requires[1]}")
+print(f"abi3 wheel: {tag[1]}-abi3, fastdni/_C.abi3.so, Requires-Python >=3.{requires[1]}, {torch_pin}")
 EOF
 # The limited API holds at link level too: no libtorch_python or libpython, and no private (_Py*) CPython symbol.
 unzip -q -o -d "$work/unpacked" "$wheel" fastdni/_C.abi3.so

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fastdni.ops
 
@@ -29,6 +30,9 @@ def test_wheel_installs_and_passes_the_smoke_test(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fastdni.smoke_test"], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout
     assert [p.name for p in (tmp_path / "site" / "fastdni").glob("_C*.so")] == ["_C.abi3.so"]
+    (metadata,) = (tmp_path / "site").glob("fastdni-*.dist-info/METADATA")
+    torch_pin = "torch==%s.%s.*" % tuple(torch.__version__.split(".")[:2])  # the torch it was built against
+    assert f"Requires-Dist: {torch_pin}\n" in metadata.read_text()
     assert f"from {tmp_path / 'site'}" in out and "compiled CPU kernels: True" in out and "smoke test passed" in out
     assert f"compiled CUDA kernels: {fastdni.ops.HAS_CUDA_KERNELS}" in out
     if fastdni.ops.HAS_CUDA_KERNELS:  # the wheel ships sm_80 and sm_90 cubins and PTX (for later GPUs)
