@@ -146,8 +146,6 @@ def _tree_build(base):
                     os.dup2(log.fileno(), 1)
                     os.dup2(log.fileno(), 2)
                     super().build_extensions()
-                if self.inplace:
-                    self._remove_stale_libraries()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -160,11 +158,17 @@ def _tree_build(base):
                     sys.stdout.write(log.read())
                 print(f"compiler output (ptxas -v included): {BUILD_LOG}")
 
-        def _remove_stale_libraries(self):
+        def copy_extensions_to_source(self):
+            # setuptools' step of an in-place build (editable installs too): the library is built in build/, then
+            # copied into the source tree, beside whatever an earlier build left there.
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
             for ext in self.extensions:
-                built = self.get_ext_fullpath(ext.name)
-                pattern = os.path.join(os.path.dirname(built), ext.name.rsplit(".", 1)[-1] + ".*.so")
-                for stale in glob.glob(pattern):
+                fullname = self.get_ext_fullname(ext.name)
+                package, _, name = fullname.rpartition(".")
+                directory = build_py.get_package_dir(package)
+                built = os.path.join(directory, os.path.basename(self.get_ext_filename(fullname)))
+                for stale in glob.glob(os.path.join(directory, name + ".*.so")):
                     if os.path.abspath(stale) != os.path.abspath(built):
                         os.remove(stale)
                         print(f"removed {stale}: {os.path.basename(built)} replaces it")
