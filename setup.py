@@ -12,6 +12,13 @@ Switches (environment):
   CUDA_HOME               defaults to /usr/local/cuda
   TORCH_CUDA_ARCH_LIST    defaults to "8.0;9.0+PTX" (there is no GPU to detect at build time)
 
+One wheel per torch version serves every CPython >= 3.10: fastdni._C is built against the limited C API
+(``py_limited_api``, as pytorch/extension-cpp builds it). It can be: it has no pybind and no libtorch_python, its
+only Python C-API calls are PyInit__C's (the ops reach Python through the dispatcher), and torch defines
+Py_LIMITED_API for every compiler (C++ and nvcc) of such an extension. The library is ``_C.abi3.so``, the wheel
+``*-cp310-abi3-<platform>.whl``, and it requires the torch minor release it was built against: one wheel per torch
+version.
+
 The compilers' output, with nvcc's -Xptxas=-v report of every kernel (registers, spills, shared memory), is kept
 in build/ext_build.log (appended to by each build).
 """
@@ -25,6 +32,24 @@ import time
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+MIN_PYTHON = (3, 10)  # python_requires, the abi3 wheel's tag and Py_LIMITED_API: the same version
+
+
+def _limited_api_tag(ext_modules):
+    """The wheel's ``cpXY`` tag for the limited API, or None where the extension can't use it (no extension).
+
+    torch compiles a ``py_limited_api`` extension with ``-DPy_LIMITED_API=cpp_extension.min_supported_cpython``;
+    the tag must name that same version, or the wheel would claim Pythons the library was not built for."""
+    if not ext_modules:
+        return None
+    from torch.utils import cpp_extension
+
+    hexversion = int(cpp_extension.min_supported_cpython, 16)
+    torch_min = (hexversion >> 24, (hexversion >> 16) & 0xFF)
+    if torch_min != MIN_PYTHON:
+        raise RuntimeError(f"torch builds limited-API extensions for Python {torch_min}, setup.py's MIN_PYTHON is "
+                           f"{MIN_PYTHON}: change MIN_PYTHON (python_requires and the wheel's tag follow it)")
+    return "cp%d%d" % MIN_PYTHON
 
 
 def _sources(pattern):
@@ -68,6 +93,7 @@ def extensions():
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args=extra,
+            py_limited_api=True,
             library_dirs=[os.path.join(nvidia, "lib")],
             # No unversioned libcublasLt.so ships in the wheel. rpath: the nvidia wheel beside an installed
             # fastdni ($ORIGIN/..), then the one this build used (editable installs).
@@ -79,7 +105,7 @@ def extensions():
         )
     else:
         ext = cpp_extension.CppExtension("fastdni._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=extra,
-                                         extra_link_args=link)
+                                         extra_link_args=link, py_limited_api=True)
     return [ext], {"build_ext": _tree_build(cpp_extension.BuildExtension).with_options(use_ninja=True)}
 
 
@@ -92,6 +118,8 @@ def _tree_build(base):
     - One object directory for every build of this tree (editable install, ``build_ext --inplace``, ``pip wheel``):
       ninja then recompiles only what changed, so the wheel built after ``scripts/setup.sh``'s install (by
       tests/packaging/test_wheel.py in CI) compiles nothing; the CUDA sources take minutes on 2 cores.
+    - An in-place build (editable install) deletes the tree's other ``_C.*.so``: Python would import a stale
+      ``_C.cpython-311-*.so`` (from before the abi3 build) ahead of the new ``_C.abi3.so``, its suffix comes first.
     - The compilers' output kept in build/ext_build.log as well as printed: nvcc's ``-Xptxas=-v`` lines (registers,
       spill stores/loads, shared memory of every kernel, per architecture) would otherwise scroll past, or vanish
       under ``pip -q``. The compilers write to file descriptors 1 and 2 (ninja's children), so those are
@@ -130,10 +158,37 @@ def _tree_build(base):
                     sys.stdout.write(log.read())
                 print(f"compiler output (ptxas -v included): {BUILD_LOG}")
 
+        def copy_extensions_to_source(self):
+            # setuptools' step of an in-place build (editable installs too): the library is built in build/, then
+            # copied into the source tree, beside whatever an earlier build left there.
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                fullname = self.get_ext_fullname(ext.name)
+                package, _, name = fullname.rpartition(".")
+                directory = build_py.get_package_dir(package)
+                built = os.path.join(directory, os.path.basename(self.get_ext_filename(fullname)))
+                for stale in glob.glob(os.path.join(directory, name + ".*.so")):
+                    if os.path.abspath(stale) != os.path.abspath(built):
+                        os.remove(stale)
+                        print(f"removed {stale}: {os.path.basename(built)} replaces it")
+
     return TreeBuild
 
 
+def _torch_requirement(ext_modules):
+    """The torch the package needs: with the extension, the minor release it was built against (torch's C++ API,
+    which the extension uses, has no stable ABI across releases, and a library that fails to load would leave only
+    the reference backend); without it, any from 2.14 on."""
+    if not ext_modules:
+        return "torch>=2.14"
+    import torch
+
+    return "torch==%s.%s.*" % tuple(torch.__version__.split(".")[:2])
+
+
 ext_modules, cmdclass = extensions()
+abi3_tag = _limited_api_tag(ext_modules)
 
 setup(
     name="fastdni",
@@ -141,13 +196,14 @@ setup(
     description="Decoupled Neural Interfaces using Synthetic Gradients for PyTorch: reference, modules, fused kernels",
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=%d.%d" % MIN_PYTHON,
     packages=find_packages(include=["fastdni", "fastdni.*"]),
-    install_requires=["torch>=2.14", "numpy", "tqdm", "matplotlib"],
+    install_requires=[_torch_requirement(ext_modules), "numpy", "tqdm", "matplotlib"],
     # nvidia-cutlass: headers only, for scripts/cutlass_probe.sh (tests/packaging/test_cutlass_probe.py); pinned, the probe's
     # findings in docs/performance.md are for this version.
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "nvidia-cutlass==4.2.0.0"]},
     entry_points={"console_scripts": ["fastdni-mnist=fastdni.experiments.mnist:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": abi3_tag}} if abi3_tag else {},
 )

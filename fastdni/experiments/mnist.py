@@ -184,19 +184,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def config_for(args: argparse.Namespace, mode: str) -> RunConfig:
+    """The run of ``mode`` that the parsed command line ``args`` asks for (per-mode defaults filled in)."""
+    return RunConfig(
+        mode=mode, model=args.model, backend=args.backend, hidden_layers=args.hidden_layers, width=args.width,
+        cnn_channels=tuple(args.cnn_channels),
+        sg_hidden=tuple(args.cdni_sg_hidden if mode == "cdni" else args.dni_sg_hidden if mode == "dni" else ()),
+        steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr or DEMO_LR[args.model][mode]["lr"], sg_lr=args.sg_lr or DEMO_LR[args.model][mode]["sg_lr"],
+        head_lr=args.head_lr or (None if args.lr else DEMO_LR[args.model][mode].get("head_lr")),
+        lr_schedule=args.lr_schedule, gradient_scale=args.gradient_scale, seed=args.seed,
+    )
+
+
 @mnist_main(parse_args)
 def main(args: argparse.Namespace, data) -> int:
     rows = []
     for mode in dict.fromkeys(args.modes):
-        config = RunConfig(
-            mode=mode, model=args.model, backend=args.backend, hidden_layers=args.hidden_layers, width=args.width,
-            cnn_channels=tuple(args.cnn_channels),
-            sg_hidden=tuple(args.cdni_sg_hidden if mode == "cdni" else args.dni_sg_hidden if mode == "dni" else ()),
-            steps=args.steps, batch_size=args.batch_size,
-            lr=args.lr or DEMO_LR[args.model][mode]["lr"], sg_lr=args.sg_lr or DEMO_LR[args.model][mode]["sg_lr"],
-            head_lr=args.head_lr or (None if args.lr else DEMO_LR[args.model][mode].get("head_lr")),
-            lr_schedule=args.lr_schedule, gradient_scale=args.gradient_scale, seed=args.seed,
-        )
+        config = config_for(args, mode)
         try:
             rows.append(run(config, data, args.out, eval_every=args.eval_every,
                             checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress))
