@@ -16,7 +16,7 @@ import fastdni.ops as ops
 from fastdni.reference import SGParams
 from op_cases import (
     ACTIVATIONS, CONTEXTS, OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_SGS, STEP_SHAPES, check_forward_matches_reference,
-    check_regression_matches_reference, check_update_matches_reference, gpu_inputs, step_state,
+    check_predict_matches_reference, check_regression_matches_reference, check_update_matches_reference, gpu_inputs, step_state,
 )
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS),
@@ -41,6 +41,15 @@ def test_forward(dtype, activation, sg, context):
     if context != "none" and STEP_SGS[sg] is None:
         pytest.skip("a context needs an SG model")
     check_forward_matches_reference(_inputs(dtype, activation, sg, context), dtype, "cuda")
+
+
+@pytest.mark.parametrize("strided", (False, True), ids=("contiguous", "strided"))
+@pytest.mark.parametrize("shape", tuple(STEP_SHAPES))
+@pytest.mark.parametrize("context", CONTEXTS)
+@pytest.mark.parametrize("sg", ("linear", "mlp", "mlp2"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sg_predict(dtype, sg, context, shape, strided):
+    check_predict_matches_reference(_inputs(dtype, "relu", sg, context, shape), dtype, "cuda", strided=strided)
 
 
 @pytest.mark.parametrize("shape", tuple(STEP_SHAPES))
