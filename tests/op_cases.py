@@ -497,3 +497,11 @@ def set_sg(field: str, index: Optional[int], value: Callable[[Any], Any]) -> Cal
             items[index] = value(args)
             args.sg = args.sg._replace(**{field: tuple(items)})
     return mutate
+
+
+def set_first_label(value: int) -> Callable[[Any], None]:
+    """Sets ``args.context[0]`` (on a copy of the labels) to ``value``."""
+    def mutate(args):
+        args.context = args.context.clone()
+        args.context[0] = value
+    return mutate

@@ -3,7 +3,9 @@
 ``torch.ops.fastdni.*`` with fake kernels and autograd, and callable here with checked arguments and
 a backend switch. Schemas: :mod:`.schema`; optimizer arguments: :mod:`.optim`."""
 from ._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS
-from .api import BACKENDS, ForwardResult, Prediction, check_backend, fused_backend_blocker, dni_forward, dni_update_, sg_predict, sg_regression_
+from .api import (
+    BACKENDS, ForwardResult, Prediction, check_backend, dni_forward, dni_update_, fused_backend_blocker, sg_predict, sg_regression_,
+)
 from .optim import HYPER_FIELDS, advance, check_fusable_optimizer, fused_optimizer_args, fused_step, optimizer_step_
 from .reference_backend import ordered_params
 

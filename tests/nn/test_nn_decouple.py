@@ -8,21 +8,9 @@ from torch import nn
 
 from fastdni.nn import DNI, ConvSyntheticGradient, SyntheticGradient, decouple, synthetic_gradient_for
 from fastdni.nn.decouple import default_sg_optimizer
+from helpers import SmallNet
 
 F64 = torch.float64
-
-
-class SmallNet(nn.Module):
-    """A user's own model: a conv block, a pooled vector block, a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU())
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 8), nn.Tanh())
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.fc(self.conv(x)))
 
 
 def data(batch=5):

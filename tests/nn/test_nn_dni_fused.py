@@ -17,8 +17,7 @@ from torch import nn
 import fastdni.ops as ops
 import fastdni.ops.api as api
 from fastdni.nn import DNI, ConvSyntheticGradient, SyntheticGradient, decouple
-from fastdni.nn.decouple import default_sg_optimizer
-from helpers import randomise_
+from helpers import SmallNet, randomise_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -278,17 +277,6 @@ def test_an_empty_batch_passes_through_without_a_step():
 
 
 # --- decouple: fused interfaces by default, each SG stepped once ------------------------------------------
-
-class SmallNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU())
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 8), nn.Tanh())
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.fc(self.conv(x)))
-
 
 def test_decouple_fuses_vector_interfaces_and_steps_each_sg_once():
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from fastdni.reference import SGParams
 from op_cases import (
     ADAM, ARG_ERRORS, BACKEND_PARAMS, CONTEXTS, DTYPE_IDS, OP_DTYPES, SG_SHAPES, Case, assert_all_close, case_id,
     clone_all, clone_sg, indexed_names, make_inputs, make_state, noncontiguous, reference_forward, requires_cpu,
-    set_field, set_sg, sg_names,
+    set_field, set_first_label, set_sg, sg_names,
 )
 
 OPS = torch.ops.fastdni
@@ -198,13 +198,6 @@ def _base_args(context):
     return Args(_h(inp), inp.sg, inp.context)
 
 
-def _first_label(value):
-    def mutate(a):
-        a.context = a.context.clone()
-        a.context[0] = value
-    return mutate
-
-
 # id: (base context, mutation, wrapper message pattern, raw-op message pattern)
 BAD_INPUTS = {
     "h-1d": ("labels64", set_field("h", lambda a: a.h[0]), r"^h\b", r"^h\b"),
@@ -222,8 +215,8 @@ BAD_INPUTS = {
                         r"^sg_weights\b"),
     "labels-dtype": ("labels64", set_field("context", lambda a: a.context.to(torch.uint8)), r"^context\b", r"^context\b"),
     "labels-shape": ("labels64", set_field("context", lambda a: a.context[:-1]), r"^context\b", r"^context\b"),
-    "labels-out-of-range": ("labels64", _first_label(Case().classes), r"^context\b", r"^context\b"),
-    "labels-negative": ("labels32", _first_label(-1), r"^context\b", r"^context\b"),
+    "labels-out-of-range": ("labels64", set_first_label(Case().classes), r"^context\b", r"^context\b"),
+    "labels-negative": ("labels32", set_first_label(-1), r"^context\b", r"^context\b"),
     "float-context-shape": ("float", set_field("context", lambda a: a.context[:, :-1]), r"^context\b", r"^context\b"),
     "float-context-dtype": ("float", set_field("context", lambda a: a.context.double()), r"^context\b", r"^context\b"),
     "context-without-context-weight": ("float", set_sg("context_weight", None, lambda a: None), r"^context\b",
