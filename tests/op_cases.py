@@ -505,3 +505,16 @@ def set_first_label(value: int) -> Callable[[Any], None]:
         args.context = args.context.clone()
         args.context[0] = value
     return mutate
+
+
+#: The bad cDNI contexts of the SG ops' bad-argument tables (test_sg_predict, test_sg_regression):
+#: id: (base context, mutation of ``args.context``/``args.sg``, wrapper message pattern, raw-op message pattern).
+CONTEXT_BAD_INPUTS = {
+    "float-context-shape": ("float", set_field("context", lambda a: a.context[:, :-1]), r"^context\b", r"^context\b"),
+    "float-context-dtype": ("float", set_field("context", lambda a: a.context.double()), r"^context\b", r"^context\b"),
+    "context-without-context-weight": ("float", set_sg("context_weight", None, lambda a: None), r"^context\b",
+                                       r"^context\b"),
+    "context-weight-without-context": ("float", set_field("context", None), r"^context\b", r"^context\b"),
+    "context-weight-shape": ("float", set_sg("context_weight", None, lambda a: torch.randn(8, a.context.shape[1])),
+                             r"^params\.context_weight\b", r"^context_weight\b"),
+}

@@ -12,7 +12,7 @@ import torch
 import fastdni.ops as ops
 from fastdni.reference import SGParams
 from op_cases import (
-    ADAM, ARG_ERRORS, BACKEND_PARAMS, CONTEXTS, DTYPE_IDS, OP_DTYPES, SG_SHAPES, Case, assert_all_close, case_id,
+    ADAM, ARG_ERRORS, CONTEXT_BAD_INPUTS, BACKEND_PARAMS, CONTEXTS, DTYPE_IDS, OP_DTYPES, SG_SHAPES, Case, assert_all_close, case_id,
     clone_all, clone_sg, indexed_names, make_inputs, make_state, noncontiguous, reference_forward, requires_cpu,
     set_field, set_first_label, set_sg, sg_names,
 )
@@ -217,13 +217,7 @@ BAD_INPUTS = {
     "labels-shape": ("labels64", set_field("context", lambda a: a.context[:-1]), r"^context\b", r"^context\b"),
     "labels-out-of-range": ("labels64", set_first_label(Case().classes), r"^context\b", r"^context\b"),
     "labels-negative": ("labels32", set_first_label(-1), r"^context\b", r"^context\b"),
-    "float-context-shape": ("float", set_field("context", lambda a: a.context[:, :-1]), r"^context\b", r"^context\b"),
-    "float-context-dtype": ("float", set_field("context", lambda a: a.context.double()), r"^context\b", r"^context\b"),
-    "context-without-context-weight": ("float", set_sg("context_weight", None, lambda a: None), r"^context\b",
-                                       r"^context\b"),
-    "context-weight-without-context": ("float", set_field("context", None), r"^context\b", r"^context\b"),
-    "context-weight-shape": ("float", set_sg("context_weight", None, lambda a: torch.randn(8, a.context.shape[1])),
-                             r"^params\.context_weight\b", r"^context_weight\b"),
+    **CONTEXT_BAD_INPUTS,
 }
 
 

@@ -16,7 +16,7 @@ import fastdni.ops as ops
 from fastdni.ops import ForwardResult
 from fastdni.reference import SGParams, sg_forward
 from op_cases import (
-    ADAM, ARG_ERRORS, BACKEND_PARAMS, CONTEXTS, DTYPE_IDS, META_DEVICE_SKIP, OP_DTYPES, SG_SHAPES,
+    ADAM, ARG_ERRORS, CONTEXT_BAD_INPUTS, BACKEND_PARAMS, CONTEXTS, DTYPE_IDS, META_DEVICE_SKIP, OP_DTYPES, SG_SHAPES,
     TORCH_OPTIMIZER_STEPS, TORCH_OPTIMIZERS, Case, assert_all_close, assert_states_match, at_thread_counts, case_id,
     clone_all, clone_sg, indexed_names, make_inputs, make_state, noncontiguous, num_threads, optimizer_pair,
     prepare_step, raw_op_pattern, reference_forward, requires_cpu, set_field, set_first_label, set_forward, set_sg, sg_names,
@@ -267,13 +267,7 @@ BAD_INPUTS = {
     # Raw op: out-of-range labels index outside dU; tested in a subprocess (test_raw_op_rejects_out_of_range_labels).
     "labels-out-of-range": ("labels64", set_first_label(Case().classes), r"^context\b", None),
     "labels-negative": ("labels32", set_first_label(-1), r"^context\b", None),
-    "float-context-shape": ("float", set_field("context", lambda a: a.context[:, :-1]), r"^context\b", r"^context\b"),
-    "float-context-dtype": ("float", set_field("context", lambda a: a.context.double()), r"^context\b", r"^context\b"),
-    "context-without-context-weight": ("float", set_sg("context_weight", None, lambda a: None), r"^context\b",
-                                       r"^context\b"),
-    "context-weight-without-context": ("float", set_field("context", None), r"^context\b", r"^context\b"),
-    "context-weight-shape": ("float", set_sg("context_weight", None, lambda a: torch.randn(8, a.context.shape[1])),
-                             r"^params\.context_weight\b", r"^context_weight\b"),
+    **CONTEXT_BAD_INPUTS,
     "sg-weight-noncontiguous": ("labels64", set_sg("weights", 0, lambda a: noncontiguous(a.sg.weights[0])),
                                 r"^sg params\[0\]", r"^sg_weights\b"),
     "sg-bias-noncontiguous": ("labels64", set_sg("biases", 0, lambda a: noncontiguous(a.sg.biases[0])),
