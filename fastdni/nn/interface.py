@@ -123,7 +123,60 @@ def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_targe
                       f"or use a smaller SG model.", RuntimeWarning, stacklevel=2)
 
 
-class DNI(nn.Module):
+class FusedSG:
+    """The fused SG step of an interface (:class:`DNI`, :class:`~fastdni.nn.TruncationDNI`) that holds its SG model
+    (``synthetic_gradient``) and, optionally, that model's optimizer: when and how the ops replace autograd."""
+
+    synthetic_gradient: nn.Module
+
+    def _init_fused_sg(self, optimizer: Optional[SGOptimizer], backend: str) -> None:
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            if not callable(optimizer):
+                raise TypeError(f"optimizer: expected a torch.optim.Optimizer, a factory of one, or None, got "
+                                f"{type(optimizer).__name__}")
+            optimizer = optimizer(self.synthetic_gradient.parameters())
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer: the factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        self.optimizer: Optional[torch.optim.Optimizer] = optimizer
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.fused = False  #: whether the last training call ran the fused ops
+
+    def fusion_blocker(self, h: Tensor, context: Optional[Tensor] = None) -> Optional[str]:
+        """Why a training call on ``h`` would run the SG by autograd instead of the fused ops; None where it runs fused."""
+        sg = self.synthetic_gradient
+        if self.optimizer is None:
+            return "no SG optimizer was given"
+        if not isinstance(sg, SyntheticGradient) or type(sg).forward is not SyntheticGradient.forward:
+            return f"the SG model is a {type(sg).__name__}; the ops run SyntheticGradient's"
+        params = list(sg.parameters())
+        if not all(p.requires_grad for p in params):
+            return "some SG parameters are frozen (requires_grad=False)"
+        like = sg.layers[0].weight
+        if h.dtype != like.dtype or h.device != like.device:
+            return f"h ({h.dtype}, {h.device}) is not like the SG's parameters ({like.dtype}, {like.device})"
+        if h.dim() < 2 or math.prod(h.shape[1:]) != sg.features:
+            return f"h of shape {tuple(h.shape)} does not have the SG's {sg.features} features"
+        reason = ops.fused_backend_blocker(self.backend, h.device, h.dtype)
+        if reason is not None:
+            return reason
+        try:
+            ops.check_fusable_optimizer(self.optimizer, ops.ordered_params(sg.reference_params()))
+        except (TypeError, ValueError) as error:
+            return str(error)
+        return None
+
+    def _predict_fused(self, flat: Tensor, context: Optional[Tensor]) -> "ops.Prediction":
+        """``sg_predict`` on ``flat`` ``[B, features]``, outside any graph."""
+        with torch.no_grad():
+            return ops.sg_predict(flat, self.synthetic_gradient.reference_params(), context, backend=self.backend)
+
+    def _fused_extra_repr(self) -> str:
+        return "" if self.optimizer is None else f", optimizer={type(self.optimizer).__name__}, backend={self.backend!r}"
+
+
+class DNI(FusedSG, nn.Module):
     """A decoupled neural interface that can be placed on any activation tensor of any model.
 
     In training, ``out = dni(h, context)``:
@@ -174,18 +227,7 @@ class DNI(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         self.synthetic_gradient = synthetic_gradient
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            if not callable(optimizer):
-                raise TypeError(f"optimizer: expected a torch.optim.Optimizer, a factory of one, or None, got "
-                                f"{type(optimizer).__name__}")
-            optimizer = optimizer(synthetic_gradient.parameters())
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(f"optimizer: the factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
-        self.optimizer: Optional[torch.optim.Optimizer] = optimizer
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
-        self.backend = backend
-        self.fused = False  #: whether the last training call ran the fused ops
+        self._init_fused_sg(optimizer, backend)
         self.loss_weight = check_positive("loss_weight", float(loss_weight))
         if isinstance(gradient_scale, str):
             if gradient_scale != "batch":
@@ -223,41 +265,14 @@ class DNI(nn.Module):
             return h.detach().requires_grad_()
         return _RegressOnArrivingGradient.apply(h.detach(), prediction, self, scale)
 
-    def fusion_blocker(self, h: Tensor, context: Optional[Tensor] = None) -> Optional[str]:
-        """Why a training call on ``h`` would run the SG by autograd instead of the fused ops; None where it runs fused."""
-        sg = self.synthetic_gradient
-        if self.optimizer is None:
-            return "no SG optimizer was given"
-        if not isinstance(sg, SyntheticGradient) or type(sg).forward is not SyntheticGradient.forward:
-            return f"the SG model is a {type(sg).__name__}; the ops run SyntheticGradient's"
-        params = list(sg.parameters())
-        if not all(p.requires_grad for p in params):
-            return "some SG parameters are frozen (requires_grad=False)"
-        like = sg.layers[0].weight
-        if h.dtype != like.dtype or h.device != like.device:
-            return f"h ({h.dtype}, {h.device}) is not like the SG's parameters ({like.dtype}, {like.device})"
-        if h.dim() < 2 or math.prod(h.shape[1:]) != sg.features:
-            return f"h of shape {tuple(h.shape)} does not have the SG's {sg.features} features"
-        reason = ops.fused_backend_blocker(self.backend, h.device, h.dtype)
-        if reason is not None:
-            return reason
-        try:
-            ops.check_fusable_optimizer(self.optimizer, ops.ordered_params(sg.reference_params()))
-        except (TypeError, ValueError) as error:
-            return str(error)
-        return None
-
     def _fused_forward(self, h: Tensor, context: Optional[Tensor]) -> Tensor:
         """The training call on the fused ops (see the class docstring): predict, send ``M / s`` down, and return
         ``h`` cut from the graph below, wired to regress and step the SG when its gradient arrives."""
-        flat = h.detach().reshape(h.shape[0], -1)  # [B, prod(rest)]: a view where h is contiguous
-        with torch.no_grad():
-            predicted = ops.sg_predict(flat, self.synthetic_gradient.reference_params(), context, backend=self.backend)
+        predicted = self._predict_fused(h.detach().reshape(h.shape[0], -1), context)  # a view where h is contiguous
         scale = self.scale_for(h)
         if h.requires_grad:
             h.backward(predicted.prediction.view(h.shape) / scale)
         return _RegressFusedOnArrivingGradient.apply(h.detach().requires_grad_(), self, predicted, context, scale)
 
     def extra_repr(self) -> str:
-        extra = "" if self.optimizer is None else f", optimizer={type(self.optimizer).__name__}, backend={self.backend!r}"
-        return f"loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}{extra}"
+        return f"loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}{self._fused_extra_repr()}"

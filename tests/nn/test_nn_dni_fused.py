@@ -1,7 +1,7 @@
 """fastdni.nn.DNI given its SG optimizer: the SG predicted by fastdni.ops.sg_predict and regressed and stepped by
 fastdni.ops.sg_regression_ (the fused path) trains exactly as the autograd path with the same optimizer stepped
 after each backward; when it falls back to autograd, and why; decouple runs its vector interfaces fused and
-steps each SG once."""
+steps each SG once; TruncationDNI's boundaries on the same path."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +16,9 @@ from torch import nn
 
 import fastdni.ops as ops
 import fastdni.ops.api as api
-from fastdni.nn import DNI, ConvSyntheticGradient, SyntheticGradient, decouple
+from fastdni.nn import DNI, ConvSyntheticGradient, SyntheticGradient, TruncationDNI, decouple
 from helpers import SmallNet, randomise_
+from test_nn_recurrent import HIDDEN, StepCore, initial_state, sequence
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -347,3 +348,52 @@ def test_deepcopy_keeps_working():
     twin = copy.deepcopy(dni)
     assert isinstance(twin.optimizer, torch.optim.Adam)
     assert {id(p) for p in twin.optimizer.param_groups[0]["params"]} == {id(p) for p in twin.synthetic_gradient.parameters()}
+
+
+# --- TruncationDNI: the same fused path at truncated-BPTT boundaries ------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bootstrap, aux", [(1.0, False), (0.5, True)], ids=["dni", "discounted-aux"])
+@pytest.mark.parametrize("sg_hidden", [(), (6,)], ids=["linear-sg", "mlp-sg"])
+def test_truncation_dni_fused_equals_autograd(sg_hidden, bootstrap, aux, backend):
+    """Two sequences of three segments each (an LSTMCell, its state [B, 2H] at every boundary): with its SG optimizer
+    the boundary regresses and steps its SG in the fused ops, and trains the core, the SG and the aux predictor as
+    autograd with the optimizer stepped after each segment; the bootstrap correction (bootstrap != sg_scale) and
+    DNI+Aux included."""
+    if backend == "auto" and not ops.HAS_CPU_KERNELS:
+        pytest.skip("no C++ kernels: 'auto' falls back to autograd")
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        core = randomise_(StepCore(), 0.5)
+        sg = randomise_(SyntheticGradient(2 * HIDDEN, sg_hidden).double(), 0.2)
+        aux_predictor = randomise_(nn.Linear(HIDDEN, 2 * HIDDEN).double(), 0.2) if aux else None
+        start_sg = [p.detach().clone() for p in sg.parameters()]
+        sg_opt = torch.optim.Adam(sg.parameters(), lr=1e-2)
+        boundary = TruncationDNI(sg, gradient_scale=4.0, bootstrap=bootstrap, aux_predictor=aux_predictor, aux_weight=0.3,
+                                 optimizer=sg_opt if fused else None, backend=backend)
+        model_opt = torch.optim.SGD([*core.parameters(), *(aux_predictor.parameters() if aux else ())], lr=0.05)
+        losses = []
+        for _ in range(2):
+            inputs, targets = sequence(9)
+            state = initial_state()
+            for start in (0, 3, 6):
+                state = boundary.begin_segment(state)
+                assert boundary.fused == fused
+                loss, state, outputs = core(inputs[start:start + 3], targets[start:start + 3], state)
+                boundary.end_segment(loss, state, aux_inputs=outputs if aux else None, final=start == 6)
+                model_opt.step()
+                model_opt.zero_grad()
+                if not fused:
+                    sg_opt.step()
+                    sg_opt.zero_grad()
+                if boundary.last_sg_loss is not None:
+                    losses.append(float(boundary.last_sg_loss))
+        assert all(p.grad is None for p in sg.parameters())
+        assert all(not torch.equal(a, p) for a, p in zip(start_sg, sg.parameters())), "an SG parameter was never stepped"
+        runs.append((losses, [p.detach().clone() for p in [*sg.parameters(), *core.parameters()]]))
+    (want_losses, want), (got_losses, got) = runs
+    assert len(got_losses) == len(want_losses) == 6
+    torch.testing.assert_close(torch.tensor(got_losses, dtype=F64), torch.tensor(want_losses, dtype=F64), rtol=1e-10, atol=1e-12)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, i=i: f"parameter {i}: {m}")
