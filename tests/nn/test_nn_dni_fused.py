@@ -268,6 +268,20 @@ def test_fused_on_cpu_for_float32_and_float64():
         assert DNI(sg, optimizer=torch.optim.Adam(sg.parameters())).fusion_blocker(torch.randn(2, 4, dtype=dtype)) is None
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused"])
+def test_an_inplace_change_of_h_before_the_gradient_arrives_is_an_error(fused):
+    """The regression reads h: changed in place after the interface ran, it is the same error on both paths (the
+    interface's output is a view of h made in a custom Function, whose base torch does not let change)."""
+    sg = randomise_(SyntheticGradient(4).double())
+    dni = DNI(sg, optimizer=torch.optim.SGD(sg.parameters(), lr=0.1) if fused else None, backend="reference")
+    h = torch.randn(3, 4, dtype=F64)
+    out = dni(h)
+    assert dni.fused == fused
+    h.mul_(2)
+    with pytest.raises(RuntimeError, match="is a view and its base or another view of its base has been modified inplace"):
+        out.sum().backward()
+
+
 def test_an_empty_batch_passes_through_without_a_step():
     sg = randomise_(SyntheticGradient(4).double())
     opt = torch.optim.Adam(sg.parameters())
