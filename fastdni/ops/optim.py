@@ -89,18 +89,17 @@ def fused_optimizer_args(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -
             state += [s["exp_avg"], s["exp_avg_sq"]]
         hyper = [lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]), float(decoupled), step]
         return "adam", hyper, state
-    if isinstance(opt, torch.optim.SGD):
-        momentum = float(group["momentum"])
-        first = any(opt.state[p].get("momentum_buffer") is None for p in params)
-        state = []
-        if momentum != 0:
-            for p in params:
-                if opt.state[p].get("momentum_buffer") is None:
-                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state.append(opt.state[p]["momentum_buffer"])
-        hyper = [lr, momentum, float(group["dampening"]), float(group["weight_decay"]), float(group["nesterov"]), float(first)]
-        return "sgd", hyper, state
-    raise AssertionError("unreachable: check_fusable_optimizer admits Adam and SGD only")
+    # torch.optim.SGD: the only other kind check_fusable_optimizer admits
+    momentum = float(group["momentum"])
+    first = any(opt.state[p].get("momentum_buffer") is None for p in params)
+    state = []
+    if momentum != 0:
+        for p in params:
+            if opt.state[p].get("momentum_buffer") is None:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state.append(opt.state[p]["momentum_buffer"])
+    hyper = [lr, momentum, float(group["dampening"]), float(group["weight_decay"]), float(group["nesterov"]), float(first)]
+    return "sgd", hyper, state
 
 
 def check_fusable_optimizer(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> dict:
