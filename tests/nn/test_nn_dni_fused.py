@@ -411,3 +411,24 @@ def test_truncation_dni_fused_equals_autograd(sg_hidden, bootstrap, aux, backend
     torch.testing.assert_close(torch.tensor(got_losses, dtype=F64), torch.tensor(want_losses, dtype=F64), rtol=1e-10, atol=1e-12)
     for i, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, i=i: f"parameter {i}: {m}")
+
+
+def test_fused_backend_blocker_per_device_and_dtype(monkeypatch):
+    """Which (backend, device, dtype) the fused path takes: no GPU needed, the rule is on the arguments."""
+    from fastdni.ops import _triton
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    blocker = ops.fused_backend_blocker
+    assert blocker("auto", cuda, torch.float64).startswith("the CUDA kernels take float32, bfloat16 or float16")
+    assert blocker("auto", torch.device("meta"), torch.float32) == "no fused kernels for meta tensors"
+    assert blocker("cpu", cpu, torch.float16).startswith(
+        "the CPU kernels take float32 or float64" if ops.HAS_CPU_KERNELS else "backend: 'cpu' needs the compiled extension")
+    assert blocker("reference", cuda, torch.float64) is None
+    monkeypatch.setattr(_triton, "HAS_TRITON", True)
+    assert blocker("auto", cuda, torch.bfloat16) is None
+    monkeypatch.setattr(_triton, "INTERPRETED", False)
+    assert blocker("triton", cpu, torch.float32).startswith("backend: 'triton' runs on CUDA tensors")
+    monkeypatch.setattr(_triton, "HAS_TRITON", False)
+    monkeypatch.setattr(api, "HAS_CUDA_KERNELS", False)
+    assert blocker("auto", cuda, torch.float32).startswith("no CUDA kernels")
+    assert blocker("triton", cuda, torch.float32).startswith("backend: 'triton' needs the triton package")
