@@ -242,6 +242,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), action="append", help="only this dtype (repeatable)")
     parser.add_argument("--skip", choices=("compiled", "fused_triton"), action="append", default=[])
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per variant on the CPU (default 7)")
+    parser.add_argument("--threads", type=int, help="intra-op threads on the CPU (default: torch's)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--markdown", metavar="PATH")
     return parser.parse_args(argv)
@@ -250,6 +251,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     opts = parse_args(argv)
     device = torch.device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("dni_sg_step.py: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
