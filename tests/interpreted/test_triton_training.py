@@ -184,3 +184,27 @@ def test_dni_fused_launches():
     with launch_counter() as backward:
         F.cross_entropy(head(out), y).backward()
     assert (forward.total, backward.total) == (2, 4)
+
+
+def test_dni_fused_on_triton_strided_h_float_context_expanded_gradient():
+    """The Triton ops on what a user's model may hand DNI: a permuted (strided) 3-d h, a float context, SGD with
+    momentum, and an arriving gradient of stride 0 (``out.sum().backward()``): the reference ops' step."""
+    from fastdni.nn import DNI, SyntheticGradient
+
+    runs = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        sg = SyntheticGradient(40, (33,), context_features=5)
+        with torch.no_grad():
+            for p in sg.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        sg = sg.to(DEVICE)
+        dni = DNI(sg, optimizer=torch.optim.SGD(sg.parameters(), lr=0.1, momentum=0.9), backend=backend)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(2):
+            h = torch.randn(37, 5, 8, generator=gen).to(DEVICE).permute(0, 2, 1)  # [B, 8, 5], not contiguous
+            dni(h, torch.randn(37, 5, generator=gen).to(DEVICE)).sum().backward()
+            assert dni.fused
+        runs.append([*(p.detach() for p in sg.parameters()), dni.last_sg_loss])
+    for i, (g, w) in enumerate(zip(*runs)):
+        torch.testing.assert_close(g, w, msg=lambda m, i=i: f"tensor {i}: {m}", **STEP_TOL)
