@@ -143,6 +143,10 @@ class FusedSG:
         self.backend = backend
         self.fused = False  #: whether the last training call ran the fused ops
 
+    # Run as Python under torch.compile: Dynamo, tracing a read of a torch.optim param group, sets the group's
+    # capturable=True, which the fused ops reject (the interface then fell back to autograd, the user's optimizer
+    # changed). One graph break, where the interface breaks anyway (h.backward).
+    @torch.compiler.disable
     def fusion_blocker(self, h: Tensor, context: Optional[Tensor] = None) -> Optional[str]:
         """Why a training call on ``h`` would run the SG by autograd instead of the fused ops; None where it runs fused."""
         sg = self.synthetic_gradient

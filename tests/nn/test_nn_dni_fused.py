@@ -432,3 +432,24 @@ def test_fused_backend_blocker_per_device_and_dtype(monkeypatch):
     monkeypatch.setattr(api, "HAS_CUDA_KERNELS", False)
     assert blocker("auto", cuda, torch.float32).startswith("no CUDA kernels")
     assert blocker("triton", cuda, torch.float32).startswith("backend: 'triton' needs the triton package")
+
+
+def test_a_compiled_model_runs_the_fused_path():
+    """torch.compile of a model decoupled by decouple: its vector interface still runs fused (the SG optimizer's
+    param group untouched by Dynamo), and trains as eager."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = SmallNet().double()
+        sgs = decouple(model, at=["conv", "fc"])
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            x, y = torch.randn(5, 1, 6, 6, generator=gen, dtype=F64), torch.randint(0, 4, (5,), generator=gen)
+            F.cross_entropy(run(x), y).backward()
+            sgs.step()
+        assert sgs.interfaces["fc"].fused == ops.HAS_CPU_KERNELS
+        assert not any(g.get("capturable") for o in sgs.optimizers.values() for g in o.param_groups)  # left as given
+        runs.append([p.detach().clone() for p in [*model.parameters(), *sgs.parameters()]])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
