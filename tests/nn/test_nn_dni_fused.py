@@ -453,3 +453,16 @@ def test_a_compiled_model_runs_the_fused_path():
         runs.append([p.detach().clone() for p in [*model.parameters(), *sgs.parameters()]])
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused"])
+def test_context_errors_are_the_autograd_paths(fused):
+    """A context the SG does not take, or none where it needs one: the same ValueError on both paths."""
+    for context_features, context, pattern in ((0, torch.tensor([0, 1, 2]), "^context: the SG model takes no context"),
+                                               (3, None, "^context: the SG model is conditioned")):
+        sg = SyntheticGradient(4, context_features=context_features).double()
+        dni = DNI(sg, optimizer=torch.optim.Adam(sg.parameters()) if fused else None, backend="reference")
+        h = torch.randn(3, 4, dtype=F64)
+        assert (dni.fusion_blocker(h, context) is None) == fused
+        with pytest.raises(ValueError, match=pattern):
+            dni(h, context)
