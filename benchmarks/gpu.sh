@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: set up .venv, run the Triton and CUDA C++ suites on the GPU, then the
-# step benchmark (Triton and, where fastdni._C has its CUDA kernels, the CUDA backend beside it).
+# step benchmark (Triton and, where fastdni._C has its CUDA kernels, the CUDA backend beside it), then the SG step of
+# fastdni.nn.DNI on a user's activation (sg_predict + sg_regression_ against autograd DNI and torch.compile).
 #
-#   benchmarks/gpu.sh                       # full grid -> docs/benchmarks/gpu_step.{json,md}
+#   benchmarks/gpu.sh                       # full grids -> docs/benchmarks/gpu_step.{json,md}, dni_sg_step_gpu.{json,md}
 #   benchmarks/gpu.sh --dtype bf16 --sg mlp # extra arguments go to benchmarks/gpu_step.py
 #   SKIP_TESTS=1 benchmarks/gpu.sh --quick  # benchmark only (SKIP_BENCH=1: tests only; SKIP_BUILD=1: use the install as is)
+#   SKIP_DNI=1 benchmarks/gpu.sh            # without the DNI SG-step grid (DNI_ARGS: its own arguments, e.g. "--quick")
 #
 # Tests: tests/interpreted with FASTDNI_TEST_DEVICE=cuda (the Triton kernels' suite, which CI runs under the
 # interpreter, here on the compiled kernels; see tests/interpreted/conftest.py) and tests/gpu (the CUDA C++ backend
@@ -63,6 +65,15 @@ fi
 [ "${SKIP_BENCH:-0}" = 1 ] && exit "$tests_failed"
 echo "== benchmark: benchmarks/gpu_step.py $*"
 mkdir -p docs/benchmarks
+bench_failed=0
 "$PY" benchmarks/gpu_step.py --device cuda \
-  --json docs/benchmarks/gpu_step.json --markdown docs/benchmarks/gpu_step.md "$@"
+  --json docs/benchmarks/gpu_step.json --markdown docs/benchmarks/gpu_step.md "$@" || bench_failed=1
+if [ "${SKIP_DNI:-0}" != 1 ]; then
+  # fastdni.nn.DNI's SG step: fused (auto: the CUDA C++ kernels where built, else Triton; fused_triton beside them)
+  # against autograd DNI and torch.compile; rows fail their equal-work check -> non-zero exit.
+  echo "== benchmark: benchmarks/dni_sg_step.py --device cuda ${DNI_ARGS:-}"
+  "$PY" benchmarks/dni_sg_step.py --device cuda ${DNI_ARGS:-} \
+    --json docs/benchmarks/dni_sg_step_gpu.json --markdown docs/benchmarks/dni_sg_step_gpu.md || bench_failed=1
+fi
+[ "$bench_failed" = 0 ] || exit 1
 exit "$tests_failed"

@@ -1,4 +1,4 @@
-"""Shared cases of the fused-op tests (test_dni_forward, test_dni_update, test_sg_regression,
+"""Shared cases of the fused-op tests (test_dni_forward, test_sg_predict, test_dni_update, test_sg_regression,
 test_ops_registration): the per-dtype tolerance table, seeded input builders, optimizer configurations
 (and the fused-vs-torch.optim pairs), the argument lists of the raw ``torch.ops.fastdni`` calls, and
 the pieces of the bad-argument tests (mutations, the raw op's skip).
@@ -203,6 +203,20 @@ def check_forward_matches_reference(inp: Inputs, dtype: torch.dtype, backend: st
     for i, (g, w) in enumerate(zip(got.sg_hidden, want.sg_hidden)):
         assert_step_close(g, w, dtype, f"sg_hidden[{i}]")
     return got
+
+
+def check_predict_matches_reference(inp: Inputs, dtype: torch.dtype, backend: str, *, strided: bool = False) -> None:
+    """``sg_predict`` on ``backend`` against the reference in fp32 on the same (rounded) inputs: the prediction and the
+    hidden activations. Its ``h`` is ``inp.target`` (any ``[B, N]`` does), a transposed (strided) view if ``strided``."""
+    h = inp.target.T.contiguous().T if strided else inp.target
+    assert h.is_contiguous() != strided
+    got = ops.sg_predict(h, inp.sg, inp.context, backend=backend)
+    ref = upcast_inputs(inp)
+    want = ops.sg_predict(ref.target, ref.sg, ref.context, backend="reference")
+    assert_step_close(got.prediction, want.prediction, dtype, "prediction")
+    assert len(got.sg_hidden) == len(want.sg_hidden)
+    for i, (g, w) in enumerate(zip(got.sg_hidden, want.sg_hidden)):
+        assert_step_close(g, w, dtype, f"sg_hidden[{i}]")
 
 
 def check_update_matches_reference(inp: Inputs, dtype: torch.dtype, optimizer_key: str, backend: str, *,
@@ -483,3 +497,24 @@ def set_sg(field: str, index: Optional[int], value: Callable[[Any], Any]) -> Cal
             items[index] = value(args)
             args.sg = args.sg._replace(**{field: tuple(items)})
     return mutate
+
+
+def set_first_label(value: int) -> Callable[[Any], None]:
+    """Sets ``args.context[0]`` (on a copy of the labels) to ``value``."""
+    def mutate(args):
+        args.context = args.context.clone()
+        args.context[0] = value
+    return mutate
+
+
+#: The bad cDNI contexts of the SG ops' bad-argument tables (test_sg_predict, test_sg_regression):
+#: id: (base context, mutation of ``args.context``/``args.sg``, wrapper message pattern, raw-op message pattern).
+CONTEXT_BAD_INPUTS = {
+    "float-context-shape": ("float", set_field("context", lambda a: a.context[:, :-1]), r"^context\b", r"^context\b"),
+    "float-context-dtype": ("float", set_field("context", lambda a: a.context.double()), r"^context\b", r"^context\b"),
+    "context-without-context-weight": ("float", set_sg("context_weight", None, lambda a: None), r"^context\b",
+                                       r"^context\b"),
+    "context-weight-without-context": ("float", set_field("context", None), r"^context\b", r"^context\b"),
+    "context-weight-shape": ("float", set_sg("context_weight", None, lambda a: torch.randn(8, a.context.shape[1])),
+                             r"^params\.context_weight\b", r"^context_weight\b"),
+}

@@ -127,24 +127,16 @@ inline std::vector<std::vector<at::Tensor>> split_state(at::TensorList state, co
   return grouped;
 }
 
-// dni_forward's arguments: the layer, the SG layers' shapes (each takes the one below's output) and the
-// context, all checked before any work.
-inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights,
-                               at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
-                               const std::optional<at::Tensor>& context) {
-  check_layer(x, weight, bias);
-  const int64_t rows = x.size(0), features = weight.size(0);
-  TORCH_CHECK(sg_weights.size() == sg_biases.size(), "sg_biases: expected one per SG weight (", sg_weights.size(), "), got ",
-              sg_biases.size());
-  if (sg_weights.empty()) {
-    TORCH_CHECK(!context.has_value(), "context: given, but there is no SG model to condition");
-    return;
-  }
+// An SG model over [rows, features] inputs shaped like `like`: the layers' shapes (each takes the one below's
+// output, the last gives `features`) and the context, all checked before any work (dni_forward, sg_predict).
+inline void check_sg_model(const at::Tensor& like, int64_t rows, int64_t features, at::TensorList sg_weights,
+                           at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
+                           const std::optional<at::Tensor>& context) {
   int64_t width = features;
   for (size_t l = 0; l < sg_weights.size(); ++l) {
     const int64_t out = l + 1 == sg_weights.size() ? features : sg_weights[l].size(0);
-    check_tensor("sg_weights", sg_weights[l], {out, width}, x);
-    check_tensor("sg_biases", sg_biases[l], {out}, x);
+    check_tensor("sg_weights", sg_weights[l], {out, width}, like);
+    check_tensor("sg_biases", sg_biases[l], {out}, like);
     width = out;
   }
   if (!context.has_value()) {
@@ -153,12 +145,43 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, co
   }
   TORCH_CHECK(context_weight.has_value(), "context: given, but the SG model has no context_weight");
   const at::Tensor& u = *context_weight;
-  check_tensor("context_weight", u, {sg_weights[0].size(0), -1}, x);
+  check_tensor("context_weight", u, {sg_weights[0].size(0), -1}, like);
   if (at::isFloatingType(context->scalar_type())) {
-    check_tensor("context", *context, {rows, u.size(1)}, x);
+    check_tensor("context", *context, {rows, u.size(1)}, like);
   } else {
     check_labels(*context, rows, u.size(1));
   }
+}
+
+// dni_forward's arguments: the layer, then its SG model (if any) over h [B, N].
+inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights,
+                               at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight,
+                               const std::optional<at::Tensor>& context) {
+  check_layer(x, weight, bias);
+  TORCH_CHECK(sg_weights.size() == sg_biases.size(), "sg_biases: expected one per SG weight (", sg_weights.size(), "), got ",
+              sg_biases.size());
+  if (sg_weights.empty()) {
+    TORCH_CHECK(!context.has_value(), "context: given, but there is no SG model to condition");
+    return;
+  }
+  check_sg_model(x, x.size(0), weight.size(0), sg_weights, sg_biases, context_weight, context);
+}
+
+// The SG's input h [B, N] of sg_predict and sg_regression_: 2-d, floating, at least one row.
+inline void check_sg_input(const at::Tensor& h) {
+  TORCH_CHECK(h.dim() == 2, "h: expected a 2-d tensor, got shape ", h.sizes());
+  // A batch of none: a mean over it is 0/0 and an optimizer step on a zero gradient still moves (fastdni/_checks.py).
+  TORCH_CHECK(h.size(0) >= 1, "h: expected a batch of at least 1 row, got shape ", h.sizes());
+  TORCH_CHECK(at::isFloatingType(h.scalar_type()), "h: expected a floating-point tensor, got ", h.scalar_type());
+}
+
+// sg_predict's arguments: h [B, N] and an SG model of at least one layer over it.
+inline void check_predict_args(const at::Tensor& h, at::TensorList sg_weights, at::TensorList sg_biases,
+                               const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context) {
+  check_sg_input(h);
+  TORCH_CHECK(!sg_weights.empty(), "sg_weights: expected at least one SG layer");
+  TORCH_CHECK(sg_biases.size() == sg_weights.size(), "sg_biases: expected ", sg_weights.size(), " tensors, got ", sg_biases.size());
+  check_sg_model(h, h.size(0), h.size(1), sg_weights, sg_biases, context_weight, context);
 }
 
 // dni_update_'s arguments; returns the optimizer state grouped per parameter (weight, bias).
@@ -189,9 +212,7 @@ inline RegressionArgs check_regression_args(const at::Tensor& h, at::TensorList 
                                             const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context,
                                             at::TensorList state, std::string_view optimizer, c10::ArrayRef<double> hyper,
                                             double loss_weight) {
-  TORCH_CHECK(h.dim() == 2, "h: expected a 2-d tensor, got shape ", h.sizes());
-  TORCH_CHECK(h.size(0) >= 1, "h: expected a batch of at least 1 row, got shape ", h.sizes());
-  TORCH_CHECK(at::isFloatingType(h.scalar_type()), "h: expected a floating-point tensor, got ", h.scalar_type());
+  check_sg_input(h);
   const int64_t rows = h.size(0), features = h.size(1);
   const size_t layers = sg_weights.size();
   TORCH_CHECK(layers >= 1, "sg_weights: expected at least one SG layer");

@@ -17,6 +17,10 @@ namespace fastdni {
   const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList sg_weights, at::TensorList sg_biases, \
       const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context, std::string_view activation
 
+#define FASTDNI_SG_PREDICT_PARAMS                                                                                       \
+  const at::Tensor& h, at::TensorList sg_weights, at::TensorList sg_biases, const std::optional<at::Tensor>& context_weight, \
+      const std::optional<at::Tensor>& context
+
 #define FASTDNI_DNI_UPDATE_PARAMS                                                                                         \
   const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& h, const at::Tensor& pre,     \
       const at::Tensor& prediction, at::TensorList state, std::string_view optimizer, c10::ArrayRef<double> hyper,       \
@@ -31,7 +35,11 @@ namespace fastdni {
 // (h, pre, prediction, sg_hidden)
 using DniForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 
+// (prediction, sg_hidden)
+using SgPredictResult = std::tuple<at::Tensor, std::vector<at::Tensor>>;
+
 using DniForwardFn = DniForwardResult(FASTDNI_DNI_FORWARD_PARAMS);
+using SgPredictFn = SgPredictResult(FASTDNI_SG_PREDICT_PARAMS);
 using DniUpdateFn = at::Tensor(FASTDNI_DNI_UPDATE_PARAMS);
 using SgRegressionFn = at::Tensor(FASTDNI_SG_REGRESSION_PARAMS);
 

@@ -1,5 +1,6 @@
 // dni_forward on CPU: the layer GEMM with its bias folded in (addmm), the activation as one pass over
 // its output, then each SG layer the same way, the cDNI context term joining the first SG layer's pass.
+// sg_predict is the SG part alone (the same code), for an activation the SG model sits on.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -48,19 +49,9 @@ void add_label_context_relu_(const at::Tensor& a, const at::Tensor& context_weig
   });
 }
 
-}  // namespace
-
-DniForwardResult dni_forward(FASTDNI_DNI_FORWARD_PARAMS) {
-  const Activation act = parse_activation(activation);
-  check_forward_args(x, weight, bias, sg_weights, sg_biases, context_weight, context);
-
-  at::Tensor pre = at::addmm(bias, x, weight.t());
-  at::Tensor h = activate(pre, act);
-  at::Tensor saved_pre = needs_pre(act) ? pre : at::empty({0}, x.options());
-  if (sg_weights.empty()) {
-    return {h, saved_pre, at::empty({0}, x.options()), {}};
-  }
-
+// The SG model M(h, c) layer by layer: (prediction, the hidden activations the regression needs). h may be strided.
+SgPredictResult predict(const at::Tensor& h, at::TensorList sg_weights, at::TensorList sg_biases,
+                        const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context) {
   std::vector<at::Tensor> hidden;
   at::Tensor z = h;
   const size_t last = sg_weights.size() - 1;
@@ -80,7 +71,28 @@ DniForwardResult dni_forward(FASTDNI_DNI_FORWARD_PARAMS) {
     if (relu) hidden.push_back(a);
     z = a;
   }
-  return {h, saved_pre, z, hidden};
+  return {z, hidden};
+}
+
+}  // namespace
+
+DniForwardResult dni_forward(FASTDNI_DNI_FORWARD_PARAMS) {
+  const Activation act = parse_activation(activation);
+  check_forward_args(x, weight, bias, sg_weights, sg_biases, context_weight, context);
+
+  at::Tensor pre = at::addmm(bias, x, weight.t());
+  at::Tensor h = activate(pre, act);
+  at::Tensor saved_pre = needs_pre(act) ? pre : at::empty({0}, x.options());
+  if (sg_weights.empty()) {
+    return {h, saved_pre, at::empty({0}, x.options()), {}};
+  }
+  auto [prediction, hidden] = predict(h, sg_weights, sg_biases, context_weight, context);
+  return {h, saved_pre, prediction, hidden};
+}
+
+SgPredictResult sg_predict(FASTDNI_SG_PREDICT_PARAMS) {
+  check_predict_args(h, sg_weights, sg_biases, context_weight, context);
+  return predict(h, sg_weights, sg_biases, context_weight, context);
 }
 
 }  // namespace fastdni::cpu

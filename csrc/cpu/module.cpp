@@ -15,6 +15,7 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY_IMPL(fastdni, CPU, m) {
   m.impl("dni_forward", &fastdni::cpu::dni_forward);
+  m.impl("sg_predict", &fastdni::cpu::sg_predict);
   m.impl("dni_update_", &fastdni::cpu::dni_update_);
   m.impl("sg_regression_", &fastdni::cpu::sg_regression_);
 }

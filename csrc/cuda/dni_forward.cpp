@@ -2,6 +2,7 @@
 // (erf) gelu as one pass after a bias epilogue; each SG layer the same way, cDNI's context joining the first:
 // a float context as a first GEMM that the layer's GEMM accumulates onto (beta = 1), labels as a column gather.
 // Launches: 1 per GEMM, +1 for tanh/gelu, +1 for a label context, +1 for a float context.
+// sg_predict is the SG part alone (the same code), for an activation the SG model sits on.
 #include <c10/cuda/CUDAGuard.h>
 
 #include "common/op_args.h"
@@ -23,22 +24,10 @@ at::Tensor activate(const at::Tensor& pre, Activation act) {
   return h;
 }
 
-}  // namespace
-
-DniForwardResult dni_forward(FASTDNI_DNI_FORWARD_PARAMS) {
-  const Activation act = parse_activation(activation);
-  check_forward_args(x, weight, bias, sg_weights, sg_biases, context_weight, context);
-  check_step_dtype("x", x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0), features = weight.size(0);
-
-  at::Tensor pre = at::empty({rows, features}, x.options());
-  lt_gemm(x.contiguous(), weight.contiguous(), true, pre, act == Activation::kRelu ? LtEpilogue::kReluBias : LtEpilogue::kBias,
-          bias.contiguous(), 0.f);
-  at::Tensor h = activate(pre, act);
-  at::Tensor saved_pre = needs_pre(act) ? pre : at::empty({0}, x.options());
-  if (sg_weights.empty()) return {h, saved_pre, at::empty({0}, x.options()), {}};
-
+// The SG model M(h, c) layer by layer on a contiguous h: (prediction, the hidden activations the regression needs).
+SgPredictResult predict(const at::Tensor& h, at::TensorList sg_weights, at::TensorList sg_biases,
+                        const std::optional<at::Tensor>& context_weight, const std::optional<at::Tensor>& context) {
+  const int64_t rows = h.size(0);
   std::vector<at::Tensor> hidden;
   at::Tensor z = h;
   const size_t last = sg_weights.size() - 1;
@@ -46,7 +35,7 @@ DniForwardResult dni_forward(FASTDNI_DNI_FORWARD_PARAMS) {
     const bool relu = l != last;
     const LtEpilogue epilogue = relu ? LtEpilogue::kReluBias : LtEpilogue::kBias;
     const at::Tensor w = sg_weights[l].contiguous(), b = sg_biases[l].contiguous();
-    at::Tensor a = at::empty({rows, w.size(0)}, x.options());
+    at::Tensor a = at::empty({rows, w.size(0)}, h.options());
     if (l == 0 && context.has_value() && at::isFloatingType(context->scalar_type())) {
       lt_gemm(context->contiguous(), context_weight->contiguous(), true, a, LtEpilogue::kNone, {}, 0.f);
       lt_gemm(z, w, true, a, epilogue, b, 1.f);  // a = z A^T + c U^T + b, then relu: one epilogue for both terms
@@ -65,7 +54,33 @@ DniForwardResult dni_forward(FASTDNI_DNI_FORWARD_PARAMS) {
     if (relu) hidden.push_back(a);
     z = a;
   }
-  return {h, saved_pre, z, hidden};
+  return {z, hidden};
+}
+
+}  // namespace
+
+DniForwardResult dni_forward(FASTDNI_DNI_FORWARD_PARAMS) {
+  const Activation act = parse_activation(activation);
+  check_forward_args(x, weight, bias, sg_weights, sg_biases, context_weight, context);
+  check_step_dtype("x", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), features = weight.size(0);
+
+  at::Tensor pre = at::empty({rows, features}, x.options());
+  lt_gemm(x.contiguous(), weight.contiguous(), true, pre, act == Activation::kRelu ? LtEpilogue::kReluBias : LtEpilogue::kBias,
+          bias.contiguous(), 0.f);
+  at::Tensor h = activate(pre, act);
+  at::Tensor saved_pre = needs_pre(act) ? pre : at::empty({0}, x.options());
+  if (sg_weights.empty()) return {h, saved_pre, at::empty({0}, x.options()), {}};
+  auto [prediction, hidden] = predict(h, sg_weights, sg_biases, context_weight, context);
+  return {h, saved_pre, prediction, hidden};
+}
+
+SgPredictResult sg_predict(FASTDNI_SG_PREDICT_PARAMS) {
+  check_predict_args(h, sg_weights, sg_biases, context_weight, context);
+  check_step_dtype("h", h);
+  const c10::cuda::CUDAGuard guard(h.device());
+  return predict(h.contiguous(), sg_weights, sg_biases, context_weight, context);
 }
 
 }  // namespace fastdni::cuda

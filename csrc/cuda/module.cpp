@@ -6,6 +6,7 @@
 
 TORCH_LIBRARY_IMPL(fastdni, CUDA, m) {
   m.impl("dni_forward", &fastdni::cuda::dni_forward);
+  m.impl("sg_predict", &fastdni::cuda::sg_predict);
   m.impl("dni_update_", &fastdni::cuda::dni_update_);
   m.impl("sg_regression_", &fastdni::cuda::sg_regression_);
 }

@@ -6,6 +6,7 @@
 namespace fastdni::cuda {
 
 DniForwardFn dni_forward;
+SgPredictFn sg_predict;
 DniUpdateFn dni_update_;
 SgRegressionFn sg_regression_;
 

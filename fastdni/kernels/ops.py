@@ -7,6 +7,7 @@ optimizer math in fp32. Kernel launches per call (``L`` SG layers, ``dx`` = ``ne
 ``dni_forward``     1 + L      :func:`linear_act` for the layer (bias + activation epilogue; ``pre`` only for
                                gelu: relu/tanh take ``act'`` from ``h``), then one per SG layer (the cDNI
                                label term a row gather of ``U`` in the first one's epilogue)
+``sg_predict``      L          ``dni_forward``'s SG part alone, on a given ``h`` (any strides)
 ``dni_update_``     1 (+1 dx)  ``dx = delta W`` first, then the weight-gradient GEMM with the Adam/SGD step on
                                ``W`` and ``b`` as its epilogue; ``delta = prediction / grad_scale * act'`` is
                                formed in both kernels' operand loads and never stored, nor is ``dW``/``db``
@@ -34,7 +35,7 @@ from .grad_step import gemm_grad_step_
 from .linear_act import check_labels, linear_act
 from .prologue import GradSource
 
-__all__ = ["dni_forward", "dni_update_", "sg_regression_"]
+__all__ = ["dni_forward", "sg_predict", "dni_update_", "sg_regression_"]
 
 
 def _context_args(context_weight: Optional[Tensor], context: Optional[Tensor]) -> dict:
@@ -64,6 +65,20 @@ def dni_forward(x: Tensor, weight: Tensor, bias: Tensor, sg_weights: Sequence[Te
     saved_pre = pre if pre is not None else h.new_empty(0)
     if not sg_weights:
         return h, saved_pre, h.new_empty(0), []
+    prediction, hidden = _sg_layers(h, sg_weights, sg_biases, context_weight, context)
+    return h, saved_pre, prediction, hidden
+
+
+def sg_predict(h: Tensor, sg_weights: Sequence[Tensor], sg_biases: Sequence[Tensor], context_weight: Optional[Tensor],
+               context: Optional[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    check_rows("h", h)
+    _check_label_range(context_weight, context)
+    return _sg_layers(h, sg_weights, sg_biases, context_weight, context)
+
+
+def _sg_layers(h: Tensor, sg_weights: Sequence[Tensor], sg_biases: Sequence[Tensor], context_weight: Optional[Tensor],
+               context: Optional[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """``M(h, c)`` one :func:`linear_act` per SG layer (relu epilogue on the hidden ones), and the hidden outputs."""
     z = h
     hidden = []
     last = len(sg_weights) - 1
@@ -72,7 +87,7 @@ def dni_forward(x: Tensor, weight: Tensor, bias: Tensor, sg_weights: Sequence[Te
         z, _ = linear_act(z, w, b, "identity" if i == last else "relu", **extra)
         if i != last:
             hidden.append(z)
-    return h, saved_pre, z, hidden
+    return z, hidden
 
 
 def dni_update_(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor, pre: Tensor, prediction: Tensor,

@@ -14,7 +14,9 @@ The model's own code is untouched: a forward hook on each chosen submodule passe
 :class:`~fastdni.nn.DNI`. The SG models are built at the first training forward (their shape is the output's):
 a linear :class:`~fastdni.nn.SyntheticGradient` over vectors (any ``[B, *]`` that is not a feature map) and a
 one-convolution :class:`~fastdni.nn.ConvSyntheticGradient` (3x3, "same") over feature maps ``[B, C, H, W]``,
-zero-initialised (they predict 0 until they learn), on the output's device and dtype.
+zero-initialised (they predict 0 until they learn), on the output's device and dtype. Each interface is given its
+SG's optimizer, so a :class:`~fastdni.nn.SyntheticGradient` is predicted, regressed and stepped by the fused ops
+(:class:`~fastdni.nn.DNI`); the others train by autograd and are stepped by :meth:`Decoupled.step`.
 """
 from __future__ import annotations
 
@@ -79,8 +81,11 @@ class Decoupled(nn.Module):
                 raise TypeError(f"at: {name!r} returned {type(output).__name__}; DNI needs a tensor output")
             if key not in self.interfaces:
                 sg = self.sg_factory(output.detach(), self.context_features)
-                self.interfaces[key] = self.interface(sg)
-                self.optimizers[key] = self.sg_optimizer(sg.parameters())
+                interface = self.interface(sg)
+                if interface.optimizer is None:  # handed to the interface: it steps the SG in the fused op where it can
+                    interface.optimizer = self.sg_optimizer(sg.parameters())
+                self.interfaces[key] = interface
+                self.optimizers[key] = interface.optimizer
             if self.context_features and self.context is None:
                 raise ValueError(f"context: the SG models are conditioned ({self.context_features} features): "
                                  f"set .context (e.g. the labels) before the forward")
@@ -88,9 +93,11 @@ class Decoupled(nn.Module):
         return hook
 
     def step(self) -> None:
-        """Step every SG model's optimizer on the regression gradients of the last backward; zero them."""
-        for optimizer in self.optimizers.values():
-            optimizer.step()
+        """Step every SG model's optimizer on the regression gradients of the last backward; zero them. An
+        interface whose last call ran fused has stepped its SG in the regression op already: it is not stepped again."""
+        for key, optimizer in self.optimizers.items():
+            if not self.interfaces[key].fused:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     def sg_losses(self) -> dict[str, Optional[float]]:
@@ -112,7 +119,8 @@ def decouple(model: nn.Module, at: Sequence[str], *, context_features: int = 0,
     ``model.named_modules()``). ``context_features > 0``: cDNI, the SG models see ``Decoupled.context``
     (integer labels ``[B]`` or float features ``[B, context_features]``). ``sg_factory(h, context_features)``
     builds an SG model for an activation like ``h`` (default :func:`synthetic_gradient_for`);
-    ``sg_optimizer(params)`` its optimizer (default Adam 1e-3); ``interface(sg)`` the interface around it
+    ``sg_optimizer(params)`` its optimizer (default Adam 1e-3), handed to the interface (which steps the SG in the
+    fused op where it can) unless the interface has one already; ``interface(sg)`` the interface around it
     (default :class:`DNI`; e.g. ``functools.partial(DNI, loss_weight=0.5)``)."""
     if isinstance(at, str):
         at = [at]

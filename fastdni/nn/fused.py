@@ -1,7 +1,7 @@
 """An MLP trained with a synthetic gradient after every hidden layer, each layer step run by the fused ops."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -91,9 +91,9 @@ class DecoupledMLP(DecoupledTrainer):
             for i, (layer, sg) in enumerate(zip(self.layers, self.synthetic_gradients)):
                 forward = ops.dni_forward(h, layer.weight, layer.bias, sg.reference_params(), context,
                                           activation=self.activation, backend=self.backend)
-                dx = self._fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_,
-                                      h, layer.weight, layer.bias, forward, grad_scale=self.gradient_scale,
-                                      activation=self.activation, need_input_grad=below is not None, backend=self.backend)
+                dx = ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_,
+                                    h, layer.weight, layer.bias, forward, grad_scale=self.gradient_scale,
+                                    activation=self.activation, need_input_grad=below is not None, backend=self.backend)
                 if below is not None:  # dx: the bootstrapped target of the SG below
                     sg_losses[below[0]] = self._regress(*below, dx, context)
                 below, h = (i, forward), forward.h
@@ -108,16 +108,9 @@ class DecoupledMLP(DecoupledTrainer):
 
     def _regress(self, index: int, forward: ops.ForwardResult, target: Tensor, context: Optional[Tensor]) -> Tensor:
         sg = self.synthetic_gradients[index].reference_params()
-        return self._fused_step(self.sg_optimizers[index], ops.ordered_params(sg), ops.sg_regression_,
-                                forward, target, sg, context=context, target_scale=self.gradient_scale,
-                                loss_weight=self.sg_loss_weight, backend=self.backend)
-
-    @staticmethod
-    def _fused_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], op: Callable[..., Tensor], *args, **kwargs):
-        """Run ``op(*args, optimizer_name, hyper, state, **kwargs)`` as ``optimizer``'s step on ``params``."""
-        result = op(*args, *ops.fused_optimizer_args(optimizer, params), **kwargs)
-        ops.advance(optimizer, params)
-        return result
+        return ops.fused_step(self.sg_optimizers[index], ops.ordered_params(sg), ops.sg_regression_,
+                              forward, target, sg, context=context, target_scale=self.gradient_scale,
+                              loss_weight=self.sg_loss_weight, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, mode={self.mode!r}, backend={self.backend!r}"

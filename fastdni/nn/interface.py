@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from .._checks import check_positive
+from .synthetic_gradient import SyntheticGradient
+
+#: What ``DNI(optimizer=...)`` takes: the SG model's optimizer, or a factory building it from the SG's parameters.
+SGOptimizer = Union[torch.optim.Optimizer, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
 
 #: The divergence check of the SG regression: past twice this many regressions (the first are a transient), warn
 #: once when the running mean of
@@ -55,6 +60,34 @@ class _RegressOnArrivingGradient(torch.autograd.Function):
         return None, error * (2.0 * interface.loss_weight / batch), None, None
 
 
+class _RegressFusedOnArrivingGradient(torch.autograd.Function):
+    """:class:`_RegressOnArrivingGradient` on the fused ops: identity on ``h`` (detached, made to require grad so
+    that the backward runs) whose backward regresses the SG onto ``s t`` and steps its optimizer in one
+    :func:`fastdni.ops.sg_regression_`, from the prediction and hidden activations :func:`fastdni.ops.sg_predict`
+    kept. Nothing flows on into the SG parameters: they have been stepped, and get no ``.grad``."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, interface: nn.Module, predicted: "ops.Prediction", context: Optional[Tensor],
+                scale: float) -> Tensor:
+        ctx.interface, ctx.predicted, ctx.context, ctx.scale = interface, predicted, context, scale
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, target: Tensor):
+        interface, predicted = ctx.interface, ctx.predicted
+        ctx.predicted = None  # one regression per prediction; free it now
+        flat = target.reshape(predicted.h.shape)  # a view where the arriving gradient is contiguous
+        sg = interface.synthetic_gradient.reference_params()
+        loss = ops.fused_step(interface.optimizer, ops.ordered_params(sg), ops.sg_regression_, predicted, flat, sg,
+                              context=ctx.context, target_scale=ctx.scale, loss_weight=interface.loss_weight,
+                              backend=interface.backend)
+        interface.last_sg_loss = loss
+        batch = flat.shape[0]
+        # The watch's sums, as the autograd path forms them: ||M - s t||^2 from the op's loss, ||s t||^2 one reduction.
+        _watch_divergence(interface, loss * (batch / interface.loss_weight), (flat * flat).sum() * ctx.scale ** 2)
+        return None, None, None, None, None
+
+
 def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_target: Tensor) -> None:
     """Warn once per interface when its SG regression diverges (see ``DIVERGENCE_LIMIT``).
 
@@ -90,7 +123,64 @@ def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_targe
                       f"or use a smaller SG model.", RuntimeWarning, stacklevel=2)
 
 
-class DNI(nn.Module):
+class FusedSG:
+    """The fused SG step of an interface (:class:`DNI`, :class:`~fastdni.nn.TruncationDNI`) that holds its SG model
+    (``synthetic_gradient``) and, optionally, that model's optimizer: when and how the ops replace autograd."""
+
+    synthetic_gradient: nn.Module
+
+    def _init_fused_sg(self, optimizer: Optional[SGOptimizer], backend: str) -> None:
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            if not callable(optimizer):
+                raise TypeError(f"optimizer: expected a torch.optim.Optimizer, a factory of one, or None, got "
+                                f"{type(optimizer).__name__}")
+            optimizer = optimizer(self.synthetic_gradient.parameters())
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer: the factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        self.optimizer: Optional[torch.optim.Optimizer] = optimizer
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.fused = False  #: whether the last training call ran the fused ops
+
+    # Run as Python under torch.compile: Dynamo, tracing a read of a torch.optim param group, sets the group's
+    # capturable=True, which the fused ops reject (the interface then fell back to autograd, the user's optimizer
+    # changed). One graph break, where the interface breaks anyway (h.backward).
+    @torch.compiler.disable
+    def fusion_blocker(self, h: Tensor, context: Optional[Tensor] = None) -> Optional[str]:
+        """Why a training call on ``h`` would run the SG by autograd instead of the fused ops; None where it runs fused."""
+        sg = self.synthetic_gradient
+        if self.optimizer is None:
+            return "no SG optimizer was given"
+        if not isinstance(sg, SyntheticGradient) or type(sg).forward is not SyntheticGradient.forward:
+            return f"the SG model is a {type(sg).__name__}; the ops run SyntheticGradient's"
+        params = list(sg.parameters())
+        if not all(p.requires_grad for p in params):
+            return "some SG parameters are frozen (requires_grad=False)"
+        like = sg.layers[0].weight
+        if h.dtype != like.dtype or h.device != like.device:
+            return f"h ({h.dtype}, {h.device}) is not like the SG's parameters ({like.dtype}, {like.device})"
+        if h.dim() < 2 or math.prod(h.shape[1:]) != sg.features:
+            return f"h of shape {tuple(h.shape)} does not have the SG's {sg.features} features"
+        reason = ops.fused_backend_blocker(self.backend, h.device, h.dtype)
+        if reason is not None:
+            return reason
+        try:
+            ops.check_fusable_optimizer(self.optimizer, ops.ordered_params(sg.reference_params()))
+        except (TypeError, ValueError) as error:
+            return str(error)
+        return None
+
+    def _predict_fused(self, flat: Tensor, context: Optional[Tensor]) -> "ops.Prediction":
+        """``sg_predict`` on ``flat`` ``[B, features]``, outside any graph."""
+        with torch.no_grad():
+            return ops.sg_predict(flat, self.synthetic_gradient.reference_params(), context, backend=self.backend)
+
+    def _fused_extra_repr(self) -> str:
+        return "" if self.optimizer is None else f", optimizer={type(self.optimizer).__name__}, backend={self.backend!r}"
+
+
+class DNI(FusedSG, nn.Module):
     """A decoupled neural interface that can be placed on any activation tensor of any model.
 
     In training, ``out = dni(h, context)``:
@@ -116,14 +206,32 @@ class DNI(nn.Module):
     or, past its first 200 regressions, ``M``'s squared error runs above 10x its target's
     (see ``DIVERGENCE_LIMIT``).
 
-    The SG parameters are not stepped here: give them to an optimizer of their own. In eval
-    mode, with grad disabled, or on a batch of no examples, the interface is the identity.
+    **The SG's step.** Without ``optimizer`` the SG parameters are not stepped here: they get ``.grad`` from the
+    regression (autograd), for an optimizer of their own. With ``optimizer`` (a ``torch.optim`` optimizer over the
+    SG's parameters, or a factory building one from them; ``fastdni.nn.decouple`` passes its own) and a
+    :class:`SyntheticGradient` SG (linear or MLP, with or without context), the step is fused wherever the ops have
+    kernels for ``h``'s device and dtype (``backend``, as in :mod:`fastdni.ops`): the prediction is one op,
+    :func:`fastdni.ops.sg_predict`, on ``h`` flattened to ``[B, prod(rest)]`` (a view where ``h`` is contiguous),
+    and the arriving gradient's regression and the optimizer's step are one more, :func:`fastdni.ops.sg_regression_`,
+    which updates the SG parameters and the optimizer's state in place (``optimizer.state_dict()`` stays the one
+    copy of the state). The SG parameters then get no ``.grad``: do not step ``optimizer`` again. The regression
+    loss, :attr:`last_sg_loss` and the divergence warning are those of the autograd path. Anywhere else (another SG
+    model, e.g. :class:`~fastdni.nn.ConvSyntheticGradient`; an optimizer the ops cannot run, e.g. RMSprop; frozen
+    SG parameters; a device or dtype without kernels) the interface falls back to autograd as without
+    ``optimizer``, and the caller steps ``optimizer``: :meth:`fusion_blocker` says why, :attr:`fused` whether the
+    last training call ran fused. One difference remains: the fused step runs at each regression, where autograd
+    sums the gradients of all regressions before the caller's one step (they differ for an interface called more
+    than once per step).
+
+    In eval mode, with grad disabled, or on a batch of no examples, the interface is the identity.
     """
 
     def __init__(self, synthetic_gradient: nn.Module, *, loss_weight: float = 1.0,
-                 gradient_scale: Union[float, str] = "batch"):
+                 gradient_scale: Union[float, str] = "batch", optimizer: Optional[SGOptimizer] = None,
+                 backend: str = "auto"):
         super().__init__()
         self.synthetic_gradient = synthetic_gradient
+        self._init_fused_sg(optimizer, backend)
         self.loss_weight = check_positive("loss_weight", float(loss_weight))
         if isinstance(gradient_scale, str):
             if gradient_scale != "batch":
@@ -144,6 +252,9 @@ class DNI(nn.Module):
             raise TypeError(f"h: expected a torch.Tensor, got {type(h).__name__}")
         if h.dim() == 0 or h.shape[0] == 0:  # no examples: nothing to predict or regress; pass it through
             return h
+        self.fused = self.fusion_blocker(h, context) is None
+        if self.fused:
+            return self._fused_forward(h, context)
         # An SG model without context may be any module taking h alone (e.g. an oracle in tests).
         args = (h.detach(),) if context is None else (h.detach(), context)
         prediction = self.synthetic_gradient(*args)
@@ -158,5 +269,14 @@ class DNI(nn.Module):
             return h.detach().requires_grad_()
         return _RegressOnArrivingGradient.apply(h.detach(), prediction, self, scale)
 
+    def _fused_forward(self, h: Tensor, context: Optional[Tensor]) -> Tensor:
+        """The training call on the fused ops (see the class docstring): predict, send ``M / s`` down, and return
+        ``h`` cut from the graph below, wired to regress and step the SG when its gradient arrives."""
+        predicted = self._predict_fused(h.detach().reshape(h.shape[0], -1), context)  # a view where h is contiguous
+        scale = self.scale_for(h)
+        if h.requires_grad:
+            h.backward(predicted.prediction.view(h.shape) / scale)
+        return _RegressFusedOnArrivingGradient.apply(h.detach().requires_grad_(), self, predicted, context, scale)
+
     def extra_repr(self) -> str:
-        return f"loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}"
+        return f"loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}{self._fused_extra_repr()}"

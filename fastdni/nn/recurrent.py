@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int, check_positive
-from .interface import _RegressOnArrivingGradient, has_trainable_params
+from .interface import FusedSG, SGOptimizer, _RegressFusedOnArrivingGradient, _RegressOnArrivingGradient, has_trainable_params
 
 State = Union[Tensor, tuple[Tensor, ...]]
 StepOutputs = Union[Tensor, Sequence[Tensor]]
@@ -87,7 +87,7 @@ def unflatten_state(flat: Tensor, like: State, batch_dim: int = 0) -> State:
     return out[0] if isinstance(like, Tensor) else tuple(out)
 
 
-class TruncationDNI(nn.Module):
+class TruncationDNI(FusedSG, nn.Module):
     """A DNI at the boundaries between truncated-BPTT segments (see the module docstring).
 
     ``synthetic_gradient`` maps ``[B, features]`` to ``[B, features]`` (e.g. a linear
@@ -104,6 +104,13 @@ class TruncationDNI(nn.Module):
     DNI+Aux: :meth:`end_segment` takes the segment's per-step core outputs and adds the auxiliary loss of
     the module docstring, weighted by ``aux_weight`` (0: exactly DNI); :attr:`last_aux_loss` holds its
     value. The SG and aux parameters, both in :meth:`parameters`, are stepped by the caller's optimizer.
+
+    With ``optimizer`` (the SG's, or a factory of it) and a :class:`~fastdni.nn.SyntheticGradient`, the SG side runs
+    on the fused ops as in :class:`~fastdni.nn.DNI`: :func:`fastdni.ops.sg_predict` at each boundary (and for the
+    bootstrap prediction of :meth:`end_segment`), and :func:`fastdni.ops.sg_regression_` (regression and the
+    optimizer's step) when the boundary's target arrives; the SG parameters then get no ``.grad`` (a caller's
+    optimizer over all of :meth:`parameters` skips them). Elsewhere it falls back to autograd
+    (:meth:`fusion_blocker`).
     """
 
     def __init__(
@@ -117,9 +124,12 @@ class TruncationDNI(nn.Module):
         aux_weight: float = 1.0,
         sg_scale: float = 1.0,
         bootstrap: float = 1.0,
+        optimizer: Optional[SGOptimizer] = None,
+        backend: str = "auto",
     ):
         super().__init__()
         self.synthetic_gradient = synthetic_gradient
+        self._init_fused_sg(optimizer, backend)
         self.aux_predictor = aux_predictor
         self.batch_dim = batch_dim
         self.loss_weight = check_positive("loss_weight", float(loss_weight))
@@ -147,8 +157,13 @@ class TruncationDNI(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return state
         flat = flatten_state(state, self.batch_dim).detach()
+        self.fused = self.fusion_blocker(flat) is None  # fused implies trainable SG parameters
         if has_trainable_params(self.synthetic_gradient):
-            flat = _RegressOnArrivingGradient.apply(flat, self._predict(flat), self)
+            if self.fused:
+                flat = _RegressFusedOnArrivingGradient.apply(flat.requires_grad_(), self, self._predict_fused(flat, None),
+                                                             None, self.gradient_scale)
+            else:
+                flat = _RegressOnArrivingGradient.apply(flat, self._predict(flat), self)
             # The target M regresses onto: what arrives here plus the bootstrap correction of end_segment.
             flat = _AddToArrivingGradient.apply(flat, self._bootstrap_correction)
             self._segment_start = flat
@@ -166,7 +181,12 @@ class TruncationDNI(nn.Module):
         synthetic gradient given to ``state`` (flattened, detached; zero when ``final``)."""
         flat = flatten_state(state, self.batch_dim)
         with torch.no_grad():
-            prediction = torch.zeros_like(flat) if final else self._predict(flat.detach())
+            if final:
+                prediction = torch.zeros_like(flat)
+            elif self.fusion_blocker(flat) is None:
+                prediction = self._predict_fused(flat.detach(), None).prediction
+            else:
+                prediction = self._predict(flat.detach())
         synthetic = prediction * (self.sg_scale / self.gradient_scale)
         tensors, grads = ([], []) if final else ([flat], [synthetic])
         self._bootstrap_correction.value = None
@@ -224,7 +244,7 @@ class TruncationDNI(nn.Module):
     def extra_repr(self) -> str:
         aux = f", aux_weight={self.aux_weight}" if self.aux_predictor is not None else ""
         return (f"batch_dim={self.batch_dim}, loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}, "
-                f"sg_scale={self.sg_scale}, bootstrap={self.bootstrap}{aux}")
+                f"sg_scale={self.sg_scale}, bootstrap={self.bootstrap}{aux}{self._fused_extra_repr()}")
 
 
 class _Correction:

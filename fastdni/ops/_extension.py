@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import schema  # noqa: F401  the ops must be defined before asking which kernels they have
+from . import schema  # the ops must be defined before asking which kernels they have
 
 try:
     from .. import _C  # noqa: F401  registers the C++ CPU (and CUDA) kernels of torch.ops.fastdni
@@ -23,5 +23,5 @@ else:
 HAS_CPU_KERNELS = _C is not None
 HAS_CUDA_KERNELS = HAS_CPU_KERNELS and all(
     torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdni::{name}", "CUDA")
-    for name in ("dni_forward", "dni_update_", "sg_regression_")
+    for name in schema.SCHEMAS
 )

@@ -51,16 +51,30 @@ def register(dispatch_key: str = "CUDA", library: "torch.library.Library | None"
 _CUDA_LIBRARY = register("CUDA") if HAS_TRITON and not HAS_CUDA_KERNELS else None
 
 
+def _split_sg(num_sg: int, has_context_weight: bool, has_context: bool, rest) -> tuple:
+    """``(sg_weights, sg_biases, context_weight, context)`` from the flat tensor arguments of an ``apply``."""
+    sg_weights, sg_biases = list(rest[:num_sg]), list(rest[num_sg:2 * num_sg])
+    tail = list(rest[2 * num_sg:])
+    context_weight = tail.pop(0) if has_context_weight else None
+    context = tail.pop(0) if has_context else None
+    return sg_weights, sg_biases, context_weight, context
+
+
+def _flat_sg(sg_weights, sg_biases, context_weight, context) -> list:
+    return [*sg_weights, *sg_biases, *(t for t in (context_weight, context) if t is not None)]
+
+
+def _sg_grad_tail(ctx, grad_w, grad_b, grad_u) -> list:
+    return [*grad_w, *grad_b, *([grad_u] if ctx.has_context_weight else []), *([None] if ctx.has_context else [])]
+
+
 class _DniForward(torch.autograd.Function):
     """``backend="triton"`` calls the kernels directly (they also run on CPU under the interpreter, where
     ``torch.ops.fastdni`` dispatches to the C++ kernels): this gives that call the op's autograd formula."""
 
     @staticmethod
     def forward(ctx, activation, num_sg, has_context_weight, has_context, x, weight, bias, *rest):
-        sg_weights, sg_biases = list(rest[:num_sg]), list(rest[num_sg:2 * num_sg])
-        tail = list(rest[2 * num_sg:])
-        context_weight = tail.pop(0) if has_context_weight else None
-        context = tail.pop(0) if has_context else None
+        sg_weights, sg_biases, context_weight, context = _split_sg(num_sg, has_context_weight, has_context, rest)
         inputs = (x, weight, bias, sg_weights, sg_biases, context_weight, context, activation)
         h, pre, prediction, hidden = kernel_ops().dni_forward(*inputs)
         registration.setup_forward(ctx, inputs, (h, pre, prediction, hidden))
@@ -71,13 +85,39 @@ class _DniForward(torch.autograd.Function):
     def backward(ctx, grad_h, grad_pre, grad_prediction, *grad_hidden):
         gx, gw, gb, gsw, gsb, gu, _, _ = registration.dni_forward_backward(ctx, grad_h, grad_pre, grad_prediction,
                                                                             list(grad_hidden))
-        tail = ([gu] if ctx.has_context_weight else []) + ([None] if ctx.has_context else [])
-        return (None, None, None, None, gx, gw, gb, *gsw, *gsb, *tail)
+        return (None, None, None, None, gx, gw, gb, *_sg_grad_tail(ctx, gsw, gsb, gu))
+
+
+class _SgPredict(torch.autograd.Function):
+    """:class:`_DniForward` for ``sg_predict``."""
+
+    @staticmethod
+    def forward(ctx, num_sg, has_context_weight, has_context, h, *rest):
+        inputs = (h, *_split_sg(num_sg, has_context_weight, has_context, rest))
+        prediction, hidden = kernel_ops().sg_predict(*inputs)
+        registration.setup_sg_predict(ctx, inputs, (prediction, hidden))
+        ctx.has_context = has_context
+        return (prediction, *hidden)
+
+    @staticmethod
+    def backward(ctx, grad_prediction, *grad_hidden):
+        gh, gw, gb, gu, _ = registration.sg_predict_backward(ctx, grad_prediction, list(grad_hidden))
+        return (None, None, None, gh, *_sg_grad_tail(ctx, gw, gb, gu))
 
 
 def dni_forward(x, weight, bias, sg_weights, sg_biases, context_weight, context, activation):
     """The Triton ``dni_forward``, differentiable (backprop mode), with the op's signature and results."""
-    extra = [t for t in (context_weight, context) if t is not None]
     out = _DniForward.apply(activation, len(sg_weights), context_weight is not None, context is not None,
-                            x, weight, bias, *sg_weights, *sg_biases, *extra)
+                            x, weight, bias, *_flat_sg(sg_weights, sg_biases, context_weight, context))
     return out[0], out[1], out[2], list(out[3:])
+
+
+def sg_predict(h, sg_weights, sg_biases, context_weight, context):
+    """The Triton ``sg_predict``, differentiable, with the op's signature and results."""
+    out = _SgPredict.apply(len(sg_weights), context_weight is not None, context is not None,
+                           h, *_flat_sg(sg_weights, sg_biases, context_weight, context))
+    return out[0], list(out[1:])
+
+
+#: The ops whose ``backend="triton"`` call goes through an autograd wrapper above (the others are optimizer steps).
+DIFFERENTIABLE = {"dni_forward": dni_forward, "sg_predict": sg_predict}

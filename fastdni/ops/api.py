@@ -13,7 +13,7 @@
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -36,6 +36,14 @@ class ForwardResult(NamedTuple):
     h: Tensor  #: ``act(x W^T + b)``, ``[B, N]``
     pre: Tensor  #: the pre-activation where ``act'`` needs it (``fastdni.contract.NEEDS_PRE``: gelu), else empty
     prediction: Tensor  #: the synthetic gradient ``M(h, c)``, ``[B, N]`` (empty without an SG)
+    sg_hidden: list[Tensor]  #: the SG's hidden activations, kept for the regression
+
+
+class Prediction(NamedTuple):
+    """What :func:`sg_predict` returns; :func:`sg_regression_` takes it as it takes a :class:`ForwardResult`."""
+
+    h: Tensor  #: the SG's input, ``[B, N]`` (as given: the regression reads it again)
+    prediction: Tensor  #: the synthetic gradient ``M(h, c)``, ``[B, N]``
     sg_hidden: list[Tensor]  #: the SG's hidden activations, kept for the regression
 
 
@@ -73,11 +81,39 @@ def check_backend(backend: str, device: torch.device, dtype: Optional[torch.dtyp
     return "compiled"
 
 
+CPU_DTYPES = (torch.float32, torch.float64)  #: the C++ CPU backend's
+
+
+def fused_backend_blocker(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``backend`` would not run the ops on ``device``/``dtype`` with a fused kernel, or None where it would.
+
+    ``"auto"`` counts only the compiled kernels (the C++ CPU ones; on CUDA the C++ or the Triton ones): where it would
+    fall back to the reference, a module using the ops falls back to autograd instead. A backend named explicitly
+    (``"reference"`` included) counts where :func:`check_backend` accepts it."""
+    if backend == "auto":
+        if device.type == "cpu":
+            if not HAS_CPU_KERNELS:
+                return f"no compiled CPU kernels (fastdni._C did not load: {LOAD_ERROR})"
+            return None if dtype in CPU_DTYPES else f"the CPU kernels take float32 or float64, got {dtype}"
+        if device.type == "cuda":
+            if not (HAS_CUDA_KERNELS or _triton.HAS_TRITON):
+                return "no CUDA kernels (fastdni._C built without csrc/cuda, and no triton)"
+            return None if dtype in TRITON_DTYPES else f"the CUDA kernels take float32, bfloat16 or float16, got {dtype}"
+        return f"no fused kernels for {device.type} tensors"
+    try:
+        check_backend(backend, device, dtype, "h")
+    except (ValueError, TypeError, RuntimeError) as error:
+        return str(error)
+    if backend == "cpu" and dtype not in CPU_DTYPES:
+        return f"the CPU kernels take float32 or float64, got {dtype}"
+    return None
+
+
 def _implementation(run: str, op: str):
     if run == "reference":
         return getattr(reference_backend, op)
     if run == "triton":
-        return _triton.dni_forward if op == "dni_forward" else getattr(_triton.kernel_ops(), op)
+        return _triton.DIFFERENTIABLE.get(op) or getattr(_triton.kernel_ops(), op)
     return getattr(_OPS, op)
 
 
@@ -113,6 +149,23 @@ def dni_forward(
     args = (x, weight, bias, list(sg.weights), list(sg.biases), sg.context_weight, context, activation)
     out = _implementation(run, "dni_forward")(*args)
     return ForwardResult(out[0], out[1], out[2], list(out[3]))
+
+
+def sg_predict(
+    h: Tensor,
+    sg: SGParams,
+    context: Optional[Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> Prediction:
+    """The SG prediction ``M(h, context)`` of an activation ``h [B, N]`` (any strides), with the hidden
+    activations :func:`sg_regression_` needs: ``dni_forward``'s SG part, for an ``h`` the ops did not compute.
+
+    Differentiable w.r.t. ``h`` and the SG's parameters. A batch of no rows is an error, as for every op."""
+    check_sg(h, sg, context, label_range=False)  # the labels' range: the backend that runs checks it, once
+    run = check_backend(backend, h.device, h.dtype, "h")
+    prediction, hidden = _implementation(run, "sg_predict")(h, list(sg.weights), list(sg.biases), sg.context_weight, context)
+    return Prediction(h, prediction, list(hidden))
 
 
 def dni_update_(
@@ -152,7 +205,7 @@ def dni_update_(
 
 
 def sg_regression_(
-    forward: ForwardResult,
+    forward: Union[ForwardResult, Prediction],
     target: Tensor,
     sg: SGParams,
     optimizer: str,
@@ -166,7 +219,7 @@ def sg_regression_(
 ) -> Tensor:
     """Regress the SG model onto ``target_scale * target`` and step its parameters in place.
 
-    ``forward`` is the :func:`dni_forward` result whose prediction is regressed: its ``h`` is the SG's input
+    ``forward`` is the :func:`dni_forward` (or :func:`sg_predict`) result whose prediction is regressed: its ``h`` is the SG's input
     (named ``h`` in error messages, as in the op's schema), its ``sg_hidden`` the SG's hidden activations.
     Returns ``loss_weight * mean_b ||M(h_b) - target_scale * target_b||^2``."""
     h = forward.h

@@ -27,7 +27,8 @@ from torch import Tensor
 from ..contract import HYPER_FIELDS, check_hyper, state_per_param
 from ..reference.optim import adam_update, sgd_momentum_update
 
-__all__ = ["HYPER_FIELDS", "state_per_param", "check_optimizer_args", "optimizer_step_", "fused_optimizer_args", "advance"]
+__all__ = ["HYPER_FIELDS", "state_per_param", "check_optimizer_args", "optimizer_step_", "fused_optimizer_args", "advance",
+           "check_fusable_optimizer", "fused_step"]
 
 
 def check_optimizer_args(optimizer: str, hyper: Sequence[float], state: Sequence[Tensor], params: Sequence[Tensor]) -> None:
@@ -71,10 +72,7 @@ def fused_optimizer_args(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -
 
     Missing state is created as ``torch.optim`` would; call :func:`advance` after the op ran.
     """
-    group = _group_of(opt, params)
-    for flag in _UNSUPPORTED_FLAGS:
-        if group.get(flag, False):
-            raise ValueError(f"optimizer: {flag}=True is not supported by the fused ops")
+    group = check_fusable_optimizer(opt, params)
     lr = float(group["lr"])
     if isinstance(opt, torch.optim.Adam):
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -91,18 +89,38 @@ def fused_optimizer_args(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -
             state += [s["exp_avg"], s["exp_avg_sq"]]
         hyper = [lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]), float(decoupled), step]
         return "adam", hyper, state
-    if isinstance(opt, torch.optim.SGD):
-        momentum = float(group["momentum"])
-        first = any(opt.state[p].get("momentum_buffer") is None for p in params)
-        state = []
-        if momentum != 0:
-            for p in params:
-                if opt.state[p].get("momentum_buffer") is None:
-                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state.append(opt.state[p]["momentum_buffer"])
-        hyper = [lr, momentum, float(group["dampening"]), float(group["weight_decay"]), float(group["nesterov"]), float(first)]
-        return "sgd", hyper, state
-    raise TypeError(f"optimizer: the fused ops support torch.optim.Adam, AdamW and SGD, got {type(opt).__name__}")
+    # torch.optim.SGD: the only other kind check_fusable_optimizer admits
+    momentum = float(group["momentum"])
+    first = any(opt.state[p].get("momentum_buffer") is None for p in params)
+    state = []
+    if momentum != 0:
+        for p in params:
+            if opt.state[p].get("momentum_buffer") is None:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state.append(opt.state[p]["momentum_buffer"])
+    hyper = [lr, momentum, float(group["dampening"]), float(group["weight_decay"]), float(group["nesterov"]), float(first)]
+    return "sgd", hyper, state
+
+
+def check_fusable_optimizer(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> dict:
+    """The param group holding every one of ``params``, if the fused ops can step ``opt`` on them: Adam, AdamW or
+    SGD, one param group, none of ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``. Raises
+    ``TypeError``/``ValueError`` naming ``optimizer`` otherwise; changes nothing."""
+    if not isinstance(opt, (torch.optim.Adam, torch.optim.SGD)):
+        raise TypeError(f"optimizer: the fused ops support torch.optim.Adam, AdamW and SGD, got {type(opt).__name__}")
+    group = _group_of(opt, params)
+    for flag in _UNSUPPORTED_FLAGS:
+        if group.get(flag, False):
+            raise ValueError(f"optimizer: {flag}=True is not supported by the fused ops")
+    return group
+
+
+def fused_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], op, *args, **kwargs):
+    """``op(*args, optimizer_name, hyper, state, **kwargs)`` run as ``opt``'s step on ``params`` (an update op of
+    :mod:`fastdni.ops`), then :func:`advance`; returns what ``op`` returns."""
+    result = op(*args, *fused_optimizer_args(opt, params), **kwargs)
+    advance(opt, params)
+    return result
 
 
 def advance(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:

@@ -37,8 +37,19 @@ def dni_forward(
     if not sg_weights:
         check_context_presence(context, False)
         return h, saved_pre, h.new_empty(0), []
+    prediction, hidden = sg_predict(h, sg_weights, sg_biases, context_weight, context)
+    return h, saved_pre, prediction, hidden
+
+
+def sg_predict(
+    h: Tensor,
+    sg_weights: Sequence[Tensor],
+    sg_biases: Sequence[Tensor],
+    context_weight: Optional[Tensor],
+    context: Optional[Tensor],
+) -> tuple[Tensor, list[Tensor]]:
     z = sg_forward(h, SGParams(tuple(sg_weights), tuple(sg_biases), context_weight), context)
-    return h, saved_pre, z[-1], z[1:-1]
+    return z[-1], z[1:-1]
 
 
 def dni_update_(
@@ -98,4 +109,4 @@ def ordered_params(params: SGParams) -> list[Tensor]:
     return join_sg_params(params.weights, params.biases, params.context_weight)
 
 
-__all__ = ["dni_forward", "dni_update_", "sg_regression_", "ordered_params"]
+__all__ = ["dni_forward", "sg_predict", "dni_update_", "sg_regression_", "ordered_params"]

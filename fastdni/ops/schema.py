@@ -1,13 +1,17 @@
 """The ``torch.ops.fastdni`` schemas, each declared once, here.
 
 One DNI layer step ``x [B, K] -> h [B, N]`` with an SG model of ``L`` layers is three ops, in the
-order a layer needs them (why this split is minimal: ``docs/ops.md``):
+order a layer needs them (why this split is minimal: ``docs/ops.md``); a fourth, ``sg_predict``, is the SG
+side alone, for an SG on an activation the ops did not compute (``fastdni.nn.DNI`` on any model):
 
 ``dni_forward``
     ``h = act(x W^T + b)`` and the SG prediction ``M(h, c)``. Returns ``pre`` only for activations
     whose derivative needs it (gelu; an empty tensor otherwise: ``act'`` follows from ``h``) and the
     SG's hidden activations ``z_1 .. z_{L-1}`` (empty for a linear SG), which the regression needs.
     With no SG layers it is the plain layer and ``prediction`` is empty. Differentiable.
+``sg_predict``
+    The SG prediction ``M(h, c)`` of ``h [B, N]`` (``dni_forward``'s SG part), and the hidden activations
+    ``z_1 .. z_{L-1}`` that ``sg_regression_`` then takes. Differentiable.
 ``dni_update_``
     ``delta = prediction / grad_scale * act'(pre)``; ``dW = delta^T x`` and ``db`` go straight into
     the optimizer step on ``weight``, ``bias`` and their ``state`` (in place). Returns
@@ -28,6 +32,10 @@ SCHEMAS = {
         "dni_forward(Tensor x, Tensor weight, Tensor bias, Tensor[] sg_weights, Tensor[] sg_biases, "
         "Tensor? context_weight, Tensor? context, str activation) "
         "-> (Tensor h, Tensor pre, Tensor prediction, Tensor[] sg_hidden)"
+    ),
+    "sg_predict": (
+        "sg_predict(Tensor h, Tensor[] sg_weights, Tensor[] sg_biases, Tensor? context_weight, Tensor? context) "
+        "-> (Tensor prediction, Tensor[] sg_hidden)"
     ),
     "dni_update_": (
         "dni_update_(Tensor x, Tensor(a!) weight, Tensor(b!) bias, Tensor h, Tensor pre, Tensor prediction, "

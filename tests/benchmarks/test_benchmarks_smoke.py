@@ -80,3 +80,21 @@ def test_compiled_step_matches_fused():
         pytest.skip(f"torch.compile cannot compile here: {error}")
     _assert_same_step(problem, compiled, compiled_out, fused, fused.step())
     assert all(p.grad is None for p in compiled.params)  # the step ends with zero_grad(set_to_none=True)
+
+
+def test_dni_sg_step_row_checks_equal_work():
+    """One row of ``dni_sg_step.py`` (the SG step of fastdni.nn.DNI, fused against autograd), fp64, no torch.compile:
+    the variants agree; a variant doing other work (twice the learning rate) is caught by the same check."""
+    import dni_sg_step
+
+    opts = dni_sg_step.parse_args(["--skip", "compiled", "--reps", "1"])
+    row = dni_sg_step.run_row(8, "2x3x3", "mlp", "fp64", torch.device("cpu"), opts)
+    assert set(row["ms"]) == {"fused", "eager"} and all(c["ok"] for c in row["check"].values()), row["check"]
+    problem = dni_sg_step.make_problem(8, (18,), "linear", torch.float64, torch.device("cpu"))
+    other = dni_sg_step.make_eager(problem)
+    for group in other.optimizer.param_groups:
+        group["lr"] *= 2
+    check = dni_sg_step.check_equal_step(problem, {"fused": dni_sg_step.make_fused(problem), "eager": other},
+                                         dni_sg_step.CHECK_TOL["fp64"])
+    assert not check["eager"]["ok"]
+

@@ -16,7 +16,7 @@ import fastdni.ops as ops
 from fastdni.reference import SGParams
 from op_cases import (
     ACTIVATIONS, CONTEXTS, OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_SGS, STEP_SHAPES, check_forward_matches_reference,
-    check_regression_matches_reference, check_update_matches_reference, gpu_inputs, step_state,
+    check_predict_matches_reference, check_regression_matches_reference, check_update_matches_reference, gpu_inputs, step_state,
 )
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS),
@@ -41,6 +41,15 @@ def test_forward(dtype, activation, sg, context):
     if context != "none" and STEP_SGS[sg] is None:
         pytest.skip("a context needs an SG model")
     check_forward_matches_reference(_inputs(dtype, activation, sg, context), dtype, "cuda")
+
+
+@pytest.mark.parametrize("strided", (False, True), ids=("contiguous", "strided"))
+@pytest.mark.parametrize("shape", tuple(STEP_SHAPES))
+@pytest.mark.parametrize("context", CONTEXTS)
+@pytest.mark.parametrize("sg", ("linear", "mlp", "mlp2"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sg_predict(dtype, sg, context, shape, strided):
+    check_predict_matches_reference(_inputs(dtype, "relu", sg, context, shape), dtype, "cuda", strided=strided)
 
 
 @pytest.mark.parametrize("shape", tuple(STEP_SHAPES))
@@ -131,3 +140,37 @@ def test_bad_input_raises_naming_the_argument():
     sg = _inputs(torch.float32, sg="linear", context="labels64").sg
     with pytest.raises(ValueError, match=r"context: labels must lie in \[0, "):
         torch.ops.fastdni.dni_forward(inp.x, inp.weight, inp.bias, list(sg.weights), list(sg.biases), sg.context_weight, labels, "relu")
+    h = torch.randn(inp.x.shape[0], inp.weight.shape[0], device=DEVICE)
+    with pytest.raises(RuntimeError, match="h: the CUDA backend takes float32, bfloat16 or float16 tensors, got Double"):
+        torch.ops.fastdni.sg_predict(h.double(), [w.double() for w in sg.weights], [b.double() for b in sg.biases],
+                                     sg.context_weight.double(), torch.zeros_like(labels))
+    with pytest.raises(RuntimeError, match=r"h: expected a batch of at least 1 row"):
+        torch.ops.fastdni.sg_predict(h[:0], list(sg.weights), list(sg.biases), sg.context_weight, labels[:0])
+
+
+@pytest.mark.parametrize("sg_hidden, context", [((), "none"), ((40,), "labels64")], ids=["linear", "mlp-cdni"])
+def test_dni_fused_on_cuda_equals_the_reference_ops(sg_hidden, context):
+    """fastdni.nn.DNI on a [B, 4, 6, 6] activation, backend="auto" (the CUDA C++ sg_predict and sg_regression_) against
+    backend="reference", three fp32 steps: the SG losses and parameters."""
+    from fastdni.nn import DNI, SyntheticGradient
+
+    runs = []
+    for backend in ("auto", "reference"):
+        torch.manual_seed(0)
+        sg = SyntheticGradient(144, sg_hidden, context_features=10 if context != "none" else 0)
+        with torch.no_grad():
+            for p in sg.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        sg = sg.to(DEVICE)
+        dni = DNI(sg, optimizer=torch.optim.Adam(sg.parameters(), lr=1e-2), backend=backend)
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(3):
+            h = torch.randn(37, 4, 6, 6, generator=gen).to(DEVICE)
+            y = torch.randint(0, 10, (37,), generator=gen).to(DEVICE)
+            dni(h, y if context != "none" else None).backward(torch.randn(37, 4, 6, 6, generator=gen).to(DEVICE))
+            assert dni.fused, dni.fusion_blocker(h)
+            losses.append(dni.last_sg_loss)
+        runs.append([torch.stack(losses), *(p.detach() for p in sg.parameters())])
+    for i, (g, w) in enumerate(zip(*runs)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"tensor {i}: {m}")

@@ -1,4 +1,4 @@
-"""The three ops on the Triton backend (``backend="triton"``, fastdni/kernels/ops.py) against the reference, interpreted.
+"""The ops on the Triton backend (``backend="triton"``, fastdni/kernels/ops.py) against the reference, interpreted.
 
 Oracle: the reference backend in fp32 on the same (already rounded) inputs and state, upcast. The Triton ops
 take every tensor in one dtype (fp32, bf16 or fp16) and compute in fp32; their results are rounded once to
@@ -17,8 +17,9 @@ from fastdni.reference import SGParams
 
 from conftest import DEVICE
 from op_cases import (
-    ACTIVATIONS, CONTEXTS, OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_SGS, check_forward_matches_reference,
-    check_regression_matches_reference, check_update_matches_reference, clone_all, clone_sg, gpu_inputs, step_state, upcast_inputs,
+    ACTIVATIONS, CONTEXTS, OPTIMIZERS, STEP_DTYPE_IDS, STEP_DTYPES, STEP_SGS, assert_step_close,
+    check_forward_matches_reference, check_predict_matches_reference, check_regression_matches_reference,
+    check_update_matches_reference, clone_all, clone_sg, gpu_inputs, step_state, upcast_inputs,
 )
 
 BUILDS_ON_CPU = True  # seeded CPU generators (op_cases), then moved: see conftest.py
@@ -52,6 +53,41 @@ def _forward_cases():
 @pytest.mark.parametrize("dtype, activation, sg, context", list(_forward_cases()))
 def test_forward_matches_reference(dtype, activation, sg, context):
     check_forward_matches_reference(_inputs(dtype, activation, sg, context), dtype, "triton")
+
+
+def _predict_cases():
+    for dtype in DTYPES:
+        for sg in ("linear", "mlp", "mlp2"):
+            for context in CONTEXTS:
+                if dtype != torch.float32 and (context == "labels32" or sg == "mlp2"):
+                    continue
+                yield pytest.param(dtype, sg, context, id=f"{str(dtype)[6:]}-{sg}-{context}")
+
+
+@pytest.mark.parametrize("dtype, sg, context", list(_predict_cases()))
+def test_sg_predict_matches_reference(dtype, sg, context):
+    check_predict_matches_reference(_inputs(dtype, "relu", sg, context), dtype, "triton")
+
+
+@pytest.mark.parametrize("sg, context", [("linear", "float"), ("mlp", "labels64")])
+def test_sg_predict_on_a_strided_h(sg, context):
+    check_predict_matches_reference(_inputs(torch.float32, "relu", sg, context), torch.float32, "triton", strided=True)
+
+
+def test_sg_predict_backward_is_the_references():
+    """``backend="triton"`` is differentiable (its autograd wrapper, fastdni/ops/_triton.py): dh and every SG
+    parameter's gradient, against the reference's autograd in fp32."""
+    inp = _inputs(torch.float32, "relu", "mlp", "labels64")
+    grad_out = torch.randn(inp.target.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    grads = []
+    for backend in ("triton", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (inp.target, *inp.sg.weights, *inp.sg.biases,
+                                                                inp.sg.context_weight)]
+        sg = SGParams(tuple(leaves[1:3]), tuple(leaves[3:5]), leaves[5])
+        ops.sg_predict(leaves[0], sg, inp.context, backend=backend).prediction.backward(grad_out)
+        grads.append([t.grad for t in leaves])
+    for i, (g, w) in enumerate(zip(*grads)):
+        assert_step_close(g, w, torch.float32, f"grad {i}")
 
 
 UPDATE_OPTIMIZERS = ("adam-step1", "adam-l2-step3", "adamw-step7", "sgd-wd-first", "sgd-dampening", "sgd-nesterov")
@@ -128,6 +164,9 @@ def test_launches_per_layer_step(sg, context, want, dtype):
         _regress(inp, forward, "adam-step1", "triton", _state(optimizer, hyper, ops.ordered_params(inp.sg), dtype))
     counts.append(count.total)
     assert tuple(counts) == want
+    with launch_counter() as count:  # the SG part of the forward alone: its launches less the layer's one
+        ops.sg_predict(forward.h, inp.sg, inp.context, backend="triton")
+    assert count.total == want[0] - 1
 
 
 # --- bad input: a clear error naming the argument, and nothing launched or written ----------------------
@@ -168,7 +207,7 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("name", ["dni_forward", "dni_update_", "sg_regression_"])
+@pytest.mark.parametrize("name", ["dni_forward", "sg_predict", "dni_update_", "sg_regression_"])
 def test_the_kernels_reject_a_batch_of_no_rows(name):
     """The Triton implementations themselves (what torch.ops.fastdni runs on CUDA), not only the wrappers."""
     from fastdni.kernels import ops as kernel_ops
@@ -177,10 +216,12 @@ def test_the_kernels_reject_a_batch_of_no_rows(name):
     x, h = inp.x[:0], inp.x.new_zeros(0, inp.weight.shape[0])
     sg = inp.sg
     optimizer, hyper = OPTIMIZERS["adam-step1"]
-    arg = "h" if name == "sg_regression_" else "x"
+    arg = "h" if name in ("sg_predict", "sg_regression_") else "x"
     with launch_counter() as count, pytest.raises(ValueError, match=rf"^{arg}: expected a batch of at least 1 row"):
         if name == "dni_forward":
             kernel_ops.dni_forward(x, inp.weight, inp.bias, list(sg.weights), list(sg.biases), None, None, "relu")
+        elif name == "sg_predict":
+            kernel_ops.sg_predict(h, list(sg.weights), list(sg.biases), None, None)
         elif name == "dni_update_":
             state = _state(optimizer, hyper, [inp.weight, inp.bias])
             kernel_ops.dni_update_(x, inp.weight, inp.bias, h, h.new_empty(0), h, state, optimizer, hyper, 1.0,

@@ -125,3 +125,86 @@ def test_compiled_step_equals_eager(triton_dispatch):
     for i, (eager, compiled) in enumerate(zip(*runs)):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7, msg=lambda m, i=i: f"output/param {i}: {m}")
     assert not torch.equal(runs[0][3], tensors[2].to(DEVICE)), "the eager step did not update the weight"
+
+
+# --- fastdni.nn.DNI on a user's activation, its SG step fused on the Triton backend -------------------------------
+
+def _dni_model(backend: str, map_shaped: bool):
+    """A small model with a DNI on a feature map [B, 4, 6, 6] (linear SG) or a vector [B, 40] (MLP SG + labels)."""
+    from fastdni.nn import DNI, SyntheticGradient
+
+    torch.manual_seed(0)
+    if map_shaped:
+        below = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh())
+        head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 10))
+        sg = SyntheticGradient(144)
+    else:
+        below = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 40), torch.nn.Tanh())
+        head = torch.nn.Linear(40, 10)
+        sg = SyntheticGradient(40, (33,), context_features=10)
+    with torch.no_grad():  # a trained SG, not the zero one
+        for p in sg.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    below, head, sg = below.to(DEVICE), head.to(DEVICE), sg.to(DEVICE)
+    dni = DNI(sg, optimizer=torch.optim.Adam(sg.parameters(), lr=1e-2), backend=backend)
+    return below, head, dni
+
+
+@pytest.mark.parametrize("map_shaped", [True, False], ids=["map-linear-sg", "vector-mlp-sg-cdni"])
+def test_dni_fused_on_triton_equals_the_reference_ops(map_shaped):
+    """Three training steps (B = 37) of a model with a DNI: the Triton ops' SG step equals the reference ops' step
+    (fp32): the SG losses, the SG parameters and the layers below, which learn from the prediction."""
+    runs = []
+    for backend in ("triton", "reference"):
+        below, head, dni = _dni_model(backend, map_shaped)
+        opt = torch.optim.SGD([*below.parameters(), *head.parameters()], lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(3):
+            x = torch.randn(37, 1, 6, 6, generator=gen).to(DEVICE)
+            y = torch.randint(0, 10, (37,), generator=gen).to(DEVICE)
+            F.cross_entropy(head(dni(below(x), None if map_shaped else y)), y).backward()
+            assert dni.fused, dni.fusion_blocker(below(x))
+            opt.step()
+            opt.zero_grad()
+            losses.append(dni.last_sg_loss)
+        runs.append((torch.stack(losses), [p.detach() for p in [*dni.parameters(), *below.parameters()]]))
+    (got_losses, got), (want_losses, want) = runs
+    torch.testing.assert_close(got_losses, want_losses, **STEP_TOL)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, msg=lambda m, i=i: f"parameter {i}: {m}", **STEP_TOL)
+
+
+def test_dni_fused_launches():
+    """A DNI step on the Triton ops: sg_predict's L launches, sg_regression_'s 2L - 1 (+1 for U)."""
+    below, head, dni = _dni_model("triton", map_shaped=False)
+    x, y = torch.randn(37, 1, 6, 6).to(DEVICE), torch.randint(0, 10, (37,)).to(DEVICE)
+    with launch_counter() as forward:
+        out = dni(below(x), y)
+    with launch_counter() as backward:
+        F.cross_entropy(head(out), y).backward()
+    assert (forward.total, backward.total) == (2, 4)
+
+
+def test_dni_fused_on_triton_strided_h_float_context_expanded_gradient():
+    """The Triton ops on what a user's model may hand DNI: a permuted (strided) 3-d h, a float context, SGD with
+    momentum, and an arriving gradient of stride 0 (``out.sum().backward()``): the reference ops' step."""
+    from fastdni.nn import DNI, SyntheticGradient
+
+    runs = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        sg = SyntheticGradient(40, (33,), context_features=5)
+        with torch.no_grad():
+            for p in sg.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        sg = sg.to(DEVICE)
+        dni = DNI(sg, optimizer=torch.optim.SGD(sg.parameters(), lr=0.1, momentum=0.9), backend=backend)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(2):
+            h = torch.randn(37, 5, 8, generator=gen).to(DEVICE).permute(0, 2, 1)  # [B, 8, 5], not contiguous
+            dni(h, torch.randn(37, 5, generator=gen).to(DEVICE)).sum().backward()
+            assert dni.fused
+        runs.append([*(p.detach() for p in sg.parameters()), dni.last_sg_loss])
+    for i, (g, w) in enumerate(zip(*runs)):
+        torch.testing.assert_close(g, w, msg=lambda m, i=i: f"tensor {i}: {m}", **STEP_TOL)

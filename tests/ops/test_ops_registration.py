@@ -1,6 +1,6 @@
 """Cross-op concerns of torch.ops.fastdni: registration (schemas, kernels, torch.library.opcheck), the
-backend switch of the Python wrappers, the torch.optim bridge, and a whole layer step chained through the
-three ops on each backend."""
+backend switch of the Python wrappers, the torch.optim bridge, a whole layer step chained through the
+three layer ops on each backend, and the batch of no rows (every op, sg_predict included)."""
 from __future__ import annotations
 
 import pytest
@@ -140,6 +140,10 @@ def _call(name, inp, backend):
     if name == "dni_forward":
         f = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend=backend)
         return [f.h, f.pre, f.prediction, *f.sg_hidden]
+    if name == "sg_predict":  # on the layer's input as the SG's h (any [B, N] will do): x is [B, K], K != N
+        h = inp.x.new_ones(inp.x.shape[0], inp.weight.shape[0]) if inp.x.device.type == "meta" else reference_forward(inp).h
+        p = ops.sg_predict(h, inp.sg, inp.context, backend=backend)
+        return [p.prediction, *p.sg_hidden]
     forward = reference_forward(inp) if inp.x.device.type == "cpu" else ops.ForwardResult(
         inp.x.new_empty(inp.x.shape[0], inp.weight.shape[0]), inp.x.new_empty(0),
         inp.x.new_empty(inp.x.shape[0], inp.weight.shape[0]), [inp.x.new_empty(inp.x.shape[0], w.shape[0])
@@ -167,8 +171,8 @@ def _meta(inp):
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_unknown_backend_is_rejected(name):
     inp = make_inputs(Case(dtype=torch.float32, sg="mlp1"))
-    with pytest.raises(ValueError, match=r"^backend\b.*'cuda'"):
-        _call(name, inp, "cuda")
+    with pytest.raises(ValueError, match=r"^backend: expected one of .*, got 'vulkan'"):  # "cuda" is one now
+        _call(name, inp, "vulkan")
 
 
 @requires_cpu
@@ -300,18 +304,21 @@ def test_a_batch_of_no_rows_is_rejected_by_every_backend(name, backend):
     """One behaviour everywhere: a clear error naming the batch (no ZeroDivisionError, no NaN loss), from the
     wrappers of every backend and from the raw op (C++ or the reference implementation)."""
     inp, forward = _no_rows(make_inputs(Case(dtype=torch.float64, sg="mlp1", context="labels")))
-    arg = "h" if name == "sg_regression_" else "x"
+    arg = "h" if name in ("sg_predict", "sg_regression_") else "x"
     message = rf"^{arg}: expected a batch of at least 1 row, got shape \(0, "
     state = _state_like([inp.weight, inp.bias]) if name == "dni_update_" else _state_like(ops.ordered_params(inp.sg))
     with pytest.raises(ValueError, match=message):
         if name == "dni_forward":
             ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, backend=backend)
+        elif name == "sg_predict":
+            ops.sg_predict(forward.h, inp.sg, inp.context, backend=backend)
         elif name == "dni_update_":
             ops.dni_update_(inp.x, inp.weight.clone(), inp.bias.clone(), forward, *ADAM, state, backend=backend)
         else:
             ops.sg_regression_(forward, inp.target, clone_sg(inp.sg), *ADAM, state, inp.context,
                                backend=backend)
     raw = {"dni_forward": lambda: forward_op_args(inp),
+           "sg_predict": lambda: (forward.h, list(inp.sg.weights), list(inp.sg.biases), inp.sg.context_weight, inp.context),
            "dni_update_": lambda: update_op_args(inp, forward, *ADAM, state),
            "sg_regression_": lambda: regression_op_args(inp, forward, *ADAM, state)}[name]()
     with pytest.raises((RuntimeError, ValueError), match=rf"{arg}: expected a batch of at least 1 row"):

@@ -16,10 +16,10 @@ import fastdni.ops as ops
 from fastdni.ops import ForwardResult
 from fastdni.reference import SGParams, sg_forward
 from op_cases import (
-    ADAM, ARG_ERRORS, BACKEND_PARAMS, CONTEXTS, DTYPE_IDS, META_DEVICE_SKIP, OP_DTYPES, SG_SHAPES,
+    ADAM, ARG_ERRORS, CONTEXT_BAD_INPUTS, BACKEND_PARAMS, CONTEXTS, DTYPE_IDS, META_DEVICE_SKIP, OP_DTYPES, SG_SHAPES,
     TORCH_OPTIMIZER_STEPS, TORCH_OPTIMIZERS, Case, assert_all_close, assert_states_match, at_thread_counts, case_id,
     clone_all, clone_sg, indexed_names, make_inputs, make_state, noncontiguous, num_threads, optimizer_pair,
-    prepare_step, raw_op_pattern, reference_forward, requires_cpu, set_field, set_forward, set_sg, sg_names,
+    prepare_step, raw_op_pattern, reference_forward, requires_cpu, set_field, set_first_label, set_forward, set_sg, sg_names,
     sg_params,
 )
 
@@ -242,14 +242,6 @@ def _state(change):
     return mutate
 
 
-def _labels(value):
-    """Sets the first label (on a copy of the labels) to ``value``."""
-    def mutate(a):
-        a.context = a.context.clone()
-        a.context[0] = value
-    return mutate
-
-
 # id: (base context, mutation, wrapper message pattern, raw-op message pattern); None: not applicable there.
 BAD_INPUTS = {
     "h-1d": ("labels64", set_field("h", lambda a: a.h[0]), r"^h\b", r"^h\b"),
@@ -273,15 +265,9 @@ BAD_INPUTS = {
     "labels-dtype": ("labels64", set_field("context", lambda a: a.context.to(torch.uint8)), r"^context\b", r"^context\b"),
     "labels-shape": ("labels64", set_field("context", lambda a: a.context[:-1]), r"^context\b", r"^context\b"),
     # Raw op: out-of-range labels index outside dU; tested in a subprocess (test_raw_op_rejects_out_of_range_labels).
-    "labels-out-of-range": ("labels64", _labels(Case().classes), r"^context\b", None),
-    "labels-negative": ("labels32", _labels(-1), r"^context\b", None),
-    "float-context-shape": ("float", set_field("context", lambda a: a.context[:, :-1]), r"^context\b", r"^context\b"),
-    "float-context-dtype": ("float", set_field("context", lambda a: a.context.double()), r"^context\b", r"^context\b"),
-    "context-without-context-weight": ("float", set_sg("context_weight", None, lambda a: None), r"^context\b",
-                                       r"^context\b"),
-    "context-weight-without-context": ("float", set_field("context", None), r"^context\b", r"^context\b"),
-    "context-weight-shape": ("float", set_sg("context_weight", None, lambda a: torch.randn(8, a.context.shape[1])),
-                             r"^params\.context_weight\b", r"^context_weight\b"),
+    "labels-out-of-range": ("labels64", set_first_label(Case().classes), r"^context\b", None),
+    "labels-negative": ("labels32", set_first_label(-1), r"^context\b", None),
+    **CONTEXT_BAD_INPUTS,
     "sg-weight-noncontiguous": ("labels64", set_sg("weights", 0, lambda a: noncontiguous(a.sg.weights[0])),
                                 r"^sg params\[0\]", r"^sg_weights\b"),
     "sg-bias-noncontiguous": ("labels64", set_sg("biases", 0, lambda a: noncontiguous(a.sg.biases[0])),

@@ -20,6 +20,7 @@ import torch
 
 import fastdni.ops as ops
 from fastdni.ops import _extension
+from fastdni.ops.schema import SCHEMAS
 
 ARCHS = ("sm_80", "sm_90")
 PTX_ARCH = "sm_90"  # TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX": PTX for the newest target, for GPUs after it
@@ -54,8 +55,8 @@ requires_cuda_build = pytest.mark.skipif(not _nvcc_available(), reason="no nvcc 
 def test_the_extension_registers_cuda_kernels():
     assert ops.HAS_CPU_KERNELS, f"fastdni._C did not load: {_extension.LOAD_ERROR}"
     assert ops.HAS_CUDA_KERNELS, "fastdni._C was built without csrc/cuda although nvcc is available"
-    for name in ("dni_forward", "dni_update_", "sg_regression_"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdni::{name}", "CUDA")
+    for name in SCHEMAS:  # every op, sg_predict included
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdni::{name}", "CUDA"), name
 
 
 @pytest.fixture(scope="module")
