@@ -38,11 +38,12 @@ DEMO = dict(steps=4680, eval_every=234, lr_schedule="cosine")
 # Adam learning rates of the demo per mode, from sweeps (docs/mnist.md): at 5 epochs for the models with
 # BatchNorm, at 20 epochs for the fused fcn. DNI's blocks need a smaller rate: without the label its synthetic
 # gradients are noisy, and Adam turns noise into full steps. Without BatchNorm the SG models want a higher rate.
-# The classifier (head) learns from the true gradient in every mode: under DNI it keeps backprop's rate.
+# The classifier (head) learns from the true gradient in every mode: under DNI with BatchNorm it keeps backprop's
+# rate (20 epochs: 4.07% against 4.49%); without BatchNorm that was no better (8.86% against 8.75%).
 DEMO_LR_BN = {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3, head_lr=1e-3),
               "cdni": dict(lr=1e-3, sg_lr=1e-3)}
 DEMO_LR = {
-    "fcn": {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3, head_lr=1e-3),
+    "fcn": {"backprop": dict(lr=1e-3, sg_lr=1e-3), "dni": dict(lr=1e-4, sg_lr=1e-3),
             "cdni": dict(lr=1e-3, sg_lr=3e-3)},
     "fcn-bn": DEMO_LR_BN,
     "cnn": DEMO_LR_BN,

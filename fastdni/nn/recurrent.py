@@ -300,7 +300,8 @@ def alignment_of(synthetic: Tensor, dropped: Tensor, dims: Optional[Sequence[int
     """Cosine and norm ratio of two gradients, reduced over ``dims`` (default all); nan where undefined."""
     dims = tuple(range(synthetic.dim())) if dims is None else tuple(dims)
     dot = (synthetic * dropped).sum(dims)
-    s_norm, d_norm = synthetic.norm(dim=dims), dropped.norm(dim=dims)
+    # vector_norm: Tensor.norm with a tuple of more than two dims would take a matrix norm (and refuse).
+    s_norm, d_norm = torch.linalg.vector_norm(synthetic, dim=dims), torch.linalg.vector_norm(dropped, dim=dims)
     nan = torch.full_like(dot, float("nan"))
     cosine = torch.where((s_norm > 0) & (d_norm > 0), dot / (s_norm * d_norm), nan)
     ratio = torch.where(d_norm > 0, s_norm / d_norm, nan)

@@ -435,3 +435,15 @@ def test_sg_alignment_against_the_true_gradient(check_close):
     assert not model.training  # the mode is restored
     with pytest.raises(ValueError, match="^sg_alignment: the model has no synthetic gradients"):
         DecoupledSequential(mlp_blocks(), None, mode="backprop").sg_alignment(x, y, F.cross_entropy)
+
+
+def test_sg_alignment_on_feature_maps():
+    """Conv blocks: the alignment is reduced over every dim of a [B, C, H, W] map (a perfect SG gives 1)."""
+    blocks = [nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU()).double(),
+              nn.Sequential(nn.Flatten(), nn.Linear(3 * 5 * 5, CLASSES)).double()]
+    current = CurrentBatch()
+    x, y = torch.randn(4, 1, 5, 5, dtype=F64), torch.randint(0, CLASSES, (4,))
+    current.target = y
+    model = DecoupledSequential(blocks, [OracleSG(blocks[1:], F.cross_entropy, current, 4.0)], gradient_scale=4.0)
+    (alignment,) = model.sg_alignment(x, y, F.cross_entropy)
+    assert abs(alignment.cosine - 1) < 1e-12 and abs(alignment.norm_ratio - 1) < 1e-12
