@@ -73,10 +73,45 @@ def test_cnn_dni_runs_through_the_cli(tmp_path):
     assert len(json.loads((tmp_path / "results.json").read_text())) == 2
 
 
-def test_fcn_runs_on_the_fused_ops_and_bn_model_on_autograd():
-    config = mnist.RunConfig(mode="dni", steps=1, lr=1e-3, sg_lr=1e-3, lr_schedule="constant")
+def test_fcn_models_run_on_the_fused_ops_and_on_autograd_when_asked():
+    config = mnist.RunConfig(mode="dni", steps=1, lr=1e-3, sg_lr=1e-3, lr_schedule="constant", hidden_layers=2, width=16)
     assert isinstance(mnist.build_model(config), DecoupledMLP)
-    assert isinstance(mnist.build_model(dataclasses.replace(config, model="fcn-bn")), DecoupledSequential)
+    assert mnist.build_model(config).norms is None
+    fused = mnist.build_model(dataclasses.replace(config, model="fcn-bn"))
+    assert isinstance(fused, DecoupledMLP) and len(fused.norms) == 2
+    autograd = mnist.build_model(dataclasses.replace(config, model="fcn-bn", backend="autograd"))
+    assert isinstance(autograd, DecoupledSequential)
+    # The same initialisation either way: the Linears, BatchNorms and SG models, tensor for tensor.
+    fused_tensors = [*fused.layers[0].parameters(), *fused.norms[0].parameters(), *fused.norms[0].buffers(),
+                     *fused.layers[-1].parameters(), *fused.synthetic_gradients.parameters()]
+    autograd_tensors = [*autograd.blocks[0].parameters(), *autograd.blocks[0].buffers(), *autograd.blocks[-1].parameters(),
+                        *(p for i in autograd.interfaces for p in i.parameters())]
+    assert len(fused_tensors) == len(autograd_tensors)
+    for a, b in zip(fused_tensors, autograd_tensors):
+        assert torch.equal(a, b)
+    plain = mnist.build_model(dataclasses.replace(config, backend="autograd"))
+    assert isinstance(plain, DecoupledSequential) and not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.modules())
+    assert isinstance(mnist.build_model(dataclasses.replace(config, model="cnn", cnn_channels=(4,))), DecoupledSequential)
+
+
+@pytest.mark.parametrize("mode", ["dni", "cdni"])
+def test_fcn_bn_fused_and_autograd_give_the_same_learning_curve(tmp_path, mode):
+    """``--model fcn-bn`` on the fused ops (the default) and with ``--backend autograd``: fp32, real MNIST steps."""
+    curves = {}
+    for backend in ("auto", "autograd"):
+        out = tmp_path / backend
+        assert mnist.main(["--model", "fcn-bn", "--modes", mode, "--backend", backend, "--steps", "30", "--eval-every", "10",
+                           "--width", "64", "--dni-sg-hidden", "64", "--batch-size", "64", "--out", str(out), "--no-progress",
+                           "--checkpoint-every", "0"]) == 0
+        with open(out / f"{mode}.csv") as f:
+            curves[backend] = [(float(r["train_loss"]), float(r["sg_loss"]), float(r["test_error"])) for r in csv.DictReader(f)]
+    assert len(curves["auto"]) == 3
+    # fp32: besides summation order, the Linear's bias before each BatchNorm has a true gradient of 0, so each path
+    # steps it on its own rounding noise, which Adam scales up to steps of ~lr (tests/nn/test_nn_fused_bn.py: fp64
+    # matches to 1e-9). A wrong term would be off by O(1).
+    for (loss, sg_loss, error), (loss_ref, sg_loss_ref, error_ref) in zip(curves["auto"], curves["autograd"]):
+        assert loss == pytest.approx(loss_ref, rel=5e-3) and sg_loss == pytest.approx(sg_loss_ref, rel=5e-3)
+        assert abs(error - error_ref) <= 0.5  # near-tied test images may flip
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNELS, reason="no fastdni._C: only the reference backend")
