@@ -94,24 +94,41 @@ def test_fcn_models_run_on_the_fused_ops_and_on_autograd_when_asked():
     assert isinstance(mnist.build_model(dataclasses.replace(config, model="cnn", cnn_channels=(4,))), DecoupledSequential)
 
 
-@pytest.mark.parametrize("mode", ["dni", "cdni"])
-def test_fcn_bn_fused_and_autograd_give_the_same_learning_curve(tmp_path, mode):
-    """``--model fcn-bn`` on the fused ops (the default) and with ``--backend autograd``: fp32, real MNIST steps."""
-    curves = {}
+@pytest.mark.parametrize("mode", ["backprop", "dni", "cdni"])
+def test_fcn_bn_fused_and_autograd_models_train_alike(mode):
+    """``--model fcn-bn``'s two models (fused by default, ``--backend autograd``) as ``build_model`` makes them, fp64,
+    100 steps on MNIST-like inputs (sparse, in [0, 1]): the same losses at every step.
+
+    In fp32 the two drift apart by ~1e-2 within 30 steps (measured 2.5% for cdni): the Linear's bias before each
+    BatchNorm has a true gradient of 0, so each path steps it on its own rounding noise, which Adam (eps 1e-8) scales
+    up to steps of ~lr. With Adam's eps at 1e-3 the fp32 runs agree to 2e-7 (tests/nn/test_nn_fused_bn.py)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        config = mnist.RunConfig(mode=mode, steps=100, lr=1e-3, sg_lr=1e-3, lr_schedule="constant", model="fcn-bn",
+                                 width=32, batch_size=64, sg_hidden=() if mode != "dni" else (32,))
+        models = [mnist.build_model(config), mnist.build_model(dataclasses.replace(config, backend="autograd"))]
+        assert isinstance(models[0], DecoupledMLP) and isinstance(models[1], DecoupledSequential)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(config.steps):
+            x = (torch.rand(64, 784, generator=gen) > 0.8).double() * torch.rand(64, 784, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 10, (64,), generator=gen)
+            got, want = (m.train_step(x, y, torch.nn.functional.cross_entropy, y if mode == "cdni" else None) for m in models)
+            torch.testing.assert_close(torch.stack([got.loss, *got.sg_losses]), torch.stack([want.loss, *want.sg_losses]),
+                                       rtol=1e-9, atol=1e-10)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_fcn_bn_runs_through_the_cli_on_both_paths(tmp_path):
     for backend in ("auto", "autograd"):
         out = tmp_path / backend
-        assert mnist.main(["--model", "fcn-bn", "--modes", mode, "--backend", backend, "--steps", "30", "--eval-every", "10",
-                           "--width", "64", "--dni-sg-hidden", "64", "--batch-size", "64", "--out", str(out), "--no-progress",
-                           "--checkpoint-every", "0"]) == 0
-        with open(out / f"{mode}.csv") as f:
-            curves[backend] = [(float(r["train_loss"]), float(r["sg_loss"]), float(r["test_error"])) for r in csv.DictReader(f)]
-    assert len(curves["auto"]) == 3
-    # fp32: besides summation order, the Linear's bias before each BatchNorm has a true gradient of 0, so each path
-    # steps it on its own rounding noise, which Adam scales up to steps of ~lr (tests/nn/test_nn_fused_bn.py: fp64
-    # matches to 1e-9). A wrong term would be off by O(1).
-    for (loss, sg_loss, error), (loss_ref, sg_loss_ref, error_ref) in zip(curves["auto"], curves["autograd"]):
-        assert loss == pytest.approx(loss_ref, rel=5e-3) and sg_loss == pytest.approx(sg_loss_ref, rel=5e-3)
-        assert abs(error - error_ref) <= 0.5  # near-tied test images may flip
+        assert mnist.main(["--model", "fcn-bn", "--modes", "cdni", "--backend", backend, "--steps", "4", "--eval-every", "2",
+                           "--width", "16", "--hidden-layers", "2", "--batch-size", "32", "--out", str(out),
+                           "--no-progress"]) == 0
+        rows = json.loads((out / "results.json").read_text())
+        assert rows[0]["config"]["backend"] == backend and rows[0]["test_error"] < 100
+        assert (out / "cdni.pt").exists()
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNELS, reason="no fastdni._C: only the reference backend")
