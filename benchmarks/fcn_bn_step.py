@@ -176,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                 opts.width or (QUICK["width"] if opts.quick else WIDTHS),
                                                 opts.batch or (QUICK["batch"] if opts.quick else BATCHES)):
         rows.append(run_row(batch, width, mode, opts))
-        print(" | ".join(format_row(rows[-1])), flush=True)
+        print(" | ".join(format_row(rows[-1])), *rows[-1]["notes"], flush=True)
     if opts.markdown:
         title = f"# fcn-bn training step on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
         lines = [title, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
