@@ -94,12 +94,13 @@ def make_variants(batch: int, width: int, mode: str, skip: set[str], notes: list
     variants = {"fused": Variant("fused", fused, lambda: fused.train_step(x, y, F.cross_entropy, context)),
                 "eager": Variant("eager", eager, lambda: eager.train_step(x, y, F.cross_entropy, context))}
     if "compiled" not in skip:
+        torch._dynamo.reset()  # each row compiles new modules: without it the recompile limit drops later rows to eager
         compiled = make_models(batch, width, mode)[1]
         try:
             for i, block in enumerate(compiled.blocks):
                 compiled.blocks[i] = torch.compile(block, dynamic=False)
             for interface in compiled.interfaces:
-                interface.sg = torch.compile(interface.sg, dynamic=False)
+                interface.synthetic_gradient = torch.compile(interface.synthetic_gradient, dynamic=False)
             variants["compiled"] = Variant("compiled", compiled, lambda: compiled.train_step(x, y, F.cross_entropy, context))
         except Exception as error:  # noqa: BLE001  e.g. no C++ compiler for Inductor
             notes.append(f"compiled: {type(error).__name__}: {error}")

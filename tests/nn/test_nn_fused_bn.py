@@ -14,6 +14,7 @@ from torch import nn
 
 import fastdni.ops as ops
 from fastdni.nn import DecoupledMLP, DecoupledSequential
+from fastdni.reference import SGParams
 from helpers import randomise_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -153,3 +154,38 @@ def test_a_batch_of_one_row_is_rejected():
     fused, _ = twin_models("reference")
     with pytest.raises(ValueError, match=r"^pre: expected a batch of at least 2 rows"):
         fused.train_step(torch.randn(1, 20, dtype=torch.float64), torch.tensor([3]), F.cross_entropy)
+
+
+def _bn_layer_step(x, weight, bias, gamma, beta, mean, var, sg_weight, sg_bias, state, hyper):
+    """One fcn-bn layer step on the ops, as DecoupledMLP runs it (the SG's regression left out)."""
+    pre = ops.dni_forward(x, weight, bias, activation="identity").h
+    normed = ops.batch_norm_act(pre, gamma, beta, mean, var, activation="relu")
+    predicted = ops.sg_predict(normed.h, SGParams((sg_weight,), (sg_bias,), None))
+    grad_pre = ops.batch_norm_act_update_(gamma, beta, normed, predicted.prediction, "adam", hyper, state[4:])
+    dx = ops.dni_update_(x, weight, bias, ops.ForwardResult(grad_pre, grad_pre.new_empty(0), grad_pre, []), "adam", hyper,
+                         state[:4], activation="identity", need_input_grad=True)
+    return normed.h, normed.running_mean, normed.running_var, dx
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_torch_compile_fullgraph_of_a_bn_layer_step(backend):
+    """The five op calls trace into one graph (fake kernels, the mutations of the update ops functionalised)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 12, generator=gen)
+    params = [torch.randn(8, 12, generator=gen) / 4, torch.randn(8, generator=gen), 1 + torch.rand(8, generator=gen),
+              torch.randn(8, generator=gen) * 0.1, torch.randn(8, generator=gen), 1 + torch.rand(8, generator=gen),
+              torch.randn(8, 8, generator=gen) * 0.3, torch.randn(8, generator=gen) * 0.1]
+    hyper = [1e-2, 0.9, 0.999, 1e-8, 0.0, 0.0, 1.0]
+
+    def fresh():
+        ps = [p.clone() for p in params]
+        return ps, [torch.zeros_like(ps[i]) for i in (0, 0, 1, 1, 2, 2, 3, 3)]
+
+    eager_params, eager_state = fresh()
+    want = _bn_layer_step(x, *eager_params, eager_state, hyper)
+    got_params, got_state = fresh()
+    got = torch.compile(_bn_layer_step, fullgraph=True, backend=backend)(x, *got_params, got_state, hyper)
+    for a, b in zip([*got, *got_params, *got_state], [*want, *eager_params, *eager_state]):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(got_params[2], params[2])  # gamma stepped in place under compile too
