@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .interface import DNI, has_trainable_params
+from .recurrent import Alignment, alignment_of
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFunction = Callable[[Tensor, Tensor], Tensor]
@@ -156,6 +157,40 @@ class DecoupledSequential(DecoupledTrainer):
 
     def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
         return self._decoupled_pass(x, target, loss_fn, context, self._update)
+
+    def sg_alignment(self, x: Tensor, target: Tensor, loss_fn: LossFunction,
+                     context: Optional[Tensor] = None) -> list[Alignment]:
+        """Per interface, bottom first: how well its synthetic gradient ``M(h) / s`` agrees with the true
+        gradient ``dL/dh`` of the whole stack on this batch, by full backprop (training-mode forward).
+
+        A diagnostic for between steps: nothing is stepped or accumulated (no ``.grad`` is touched) and the
+        buffers (BatchNorm running statistics) are left as they were. Below the top interface the SG models
+        are regressed onto bootstrapped targets, so this, not their regression loss, says what the blocks
+        under them actually follow."""
+        if self.interfaces is None:
+            raise ValueError("sg_alignment: the model has no synthetic gradients")
+        buffers = [(b, b.detach().clone()) for b in self.buffers()]
+        was_training = self.training
+        self.train()
+        try:
+            with torch.enable_grad():
+                outputs, h = [], x
+                for block in self.blocks:
+                    h = block(h)
+                    outputs.append(h)
+                true = torch.autograd.grad(loss_fn(h, target), outputs[:-1], allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+            self.train(was_training)
+        result = []
+        with torch.no_grad():
+            for interface, out, grad in zip(self.interfaces, outputs, true):
+                args = (out.detach(),) if context is None else (out.detach(), context)
+                synthetic = interface.synthetic_gradient(*args) / interface.scale_for(out)
+                result.append(alignment_of(synthetic, torch.zeros_like(out) if grad is None else grad))
+        return result
 
     def _update(self, i: int, output: Tensor) -> None:
         """Called after block ``i``'s backward: step block ``i`` and SG ``i - 1`` (whose target that

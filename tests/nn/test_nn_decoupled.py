@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import functools
 
 import pytest
@@ -394,3 +395,43 @@ def test_decoupled_sequential_argument_errors():
     with pytest.raises(ValueError, match="^mode: expected one of"):
         model.mode = "DNI"
     assert model.mode == "dni"
+
+
+def test_sg_alignment_against_the_true_gradient(check_close):
+    """An oracle SG (the true gradient times the scale) aligns exactly; a fresh, zero-initialised SG predicts
+    nothing (nan cosine, ratio 0); a half-and-half SG sits in between. Nothing is accumulated or stepped and
+    BatchNorm's running statistics stay as they were."""
+    blocks = [nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU()).double(),
+              nn.Sequential(nn.Linear(10, 8), nn.ReLU()).double(), nn.Linear(8, CLASSES).double()]
+    current = CurrentBatch()
+    x, y = batches(1)[0]
+    current.target = y
+    model = DecoupledSequential(blocks, [OracleSG(blocks[1:], F.cross_entropy, current, 16.0),
+                                         SyntheticGradient(8).double()], gradient_scale=16.0)
+    buffers = [b.clone() for b in model.buffers()]
+    oracle, fresh = model.sg_alignment(x, y, F.cross_entropy)
+    assert abs(oracle.cosine - 1) < 1e-12 and abs(oracle.norm_ratio - 1) < 1e-12 and oracle.dropped_norm > 0
+    assert math.isnan(fresh.cosine) and fresh.norm_ratio == 0
+    assert all(p.grad is None for p in model.parameters())
+    assert_all_equal(list(model.buffers()), buffers)
+    assert model.training
+
+    # The top SG fitted to a mix: half the true gradient, half a fixed other direction of the same norm.
+    h = blocks[1](blocks[0](x)).detach().requires_grad_()
+    (true,) = torch.autograd.grad(F.cross_entropy(blocks[2](h), y), h)
+    other = torch.randn_like(true)
+    other = other - (other * true).sum() / true.square().sum() * true  # orthogonal to the true gradient
+    other = other * true.norm() / other.norm()
+
+    class Fixed(nn.Module):
+        def forward(self, h):
+            return 16.0 * (true + other) / 2
+
+    model.interfaces[1].synthetic_gradient = Fixed()
+    model.eval()
+    _, mixed = model.sg_alignment(x, y, F.cross_entropy)
+    check_close(torch.tensor(mixed.cosine, dtype=F64), torch.tensor(0.5 ** 0.5, dtype=F64))
+    check_close(torch.tensor(mixed.norm_ratio, dtype=F64), torch.tensor(0.5 ** 0.5, dtype=F64))
+    assert not model.training  # the mode is restored
+    with pytest.raises(ValueError, match="^sg_alignment: the model has no synthetic gradients"):
+        DecoupledSequential(mlp_blocks(), None, mode="backprop").sg_alignment(x, y, F.cross_entropy)
