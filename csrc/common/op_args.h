@@ -184,6 +184,17 @@ inline void check_predict_args(const at::Tensor& h, at::TensorList sg_weights, a
   check_sg_model(h, h.size(0), h.size(1), sg_weights, sg_biases, context_weight, context);
 }
 
+// What every update op that steps a (weight, bias) pair checks last: both updatable in place, a positive
+// grad_scale, the state; returns the state grouped per parameter (weight, bias).
+inline std::vector<std::vector<at::Tensor>> check_step_args(const at::Tensor& weight, const at::Tensor& bias, at::TensorList state,
+                                                            std::string_view optimizer, c10::ArrayRef<double> hyper,
+                                                            double grad_scale) {
+  check_updatable("weight", weight);
+  check_updatable("bias", bias);
+  TORCH_CHECK(grad_scale > 0, "grad_scale: expected a positive value, got ", grad_scale);
+  return split_state(state, {weight, bias}, optimizer, hyper);
+}
+
 // dni_update_'s arguments; returns the optimizer state grouped per parameter (weight, bias).
 inline std::vector<std::vector<at::Tensor>> check_update_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                                               const at::Tensor& h, const at::Tensor& pre, const at::Tensor& prediction,
@@ -194,10 +205,7 @@ inline std::vector<std::vector<at::Tensor>> check_update_args(const at::Tensor& 
   check_tensor("h", h, {rows, features}, x);
   check_tensor("prediction", prediction, {rows, features}, x);
   if (needs_pre(act)) check_tensor("pre", pre, {rows, features}, x);
-  check_updatable("weight", weight);
-  check_updatable("bias", bias);
-  TORCH_CHECK(grad_scale > 0, "grad_scale: expected a positive value, got ", grad_scale);
-  return split_state(state, {weight, bias}, optimizer, hyper);
+  return check_step_args(weight, bias, state, optimizer, hyper, grad_scale);
 }
 
 // What sg_regression_ works on once its arguments are checked: each SG layer's input (h, then the hidden
@@ -279,10 +287,7 @@ inline std::vector<std::vector<at::Tensor>> check_batch_norm_update_args(
   check_batch_norm_input("h", h, {&weight, &bias, &invstd}, {"weight", "bias", "invstd"});
   check_tensor("xhat", xhat, {h.size(0), h.size(1)}, h);
   check_tensor("prediction", prediction, {h.size(0), h.size(1)}, h);
-  check_updatable("weight", weight);
-  check_updatable("bias", bias);
-  TORCH_CHECK(grad_scale > 0, "grad_scale: expected a positive value, got ", grad_scale);
-  return split_state(state, {weight, bias}, optimizer, hyper);
+  return check_step_args(weight, bias, state, optimizer, hyper, grad_scale);
 }
 
 }  // namespace fastdni
