@@ -17,9 +17,13 @@
 namespace fastdni::cpu {
 namespace {
 
-// Columns per task: a [B, 64] strip of each operand stays in L2 across the passes; rows alone would not
-// parallelise the per-column sums without a reduction across threads.
+// Columns per task: at least 64 (a [B, 64] strip of each operand stays in L2 across the passes; rows alone would
+// not parallelise the per-column sums without a reduction across threads), and at least kTaskElements elements, below
+// which a thread's start and barrier cost more than its share of the passes (~10 us for 64 x 256).
 constexpr int64_t kColumnGrain = 64;
+constexpr int64_t kTaskElements = 32768;
+
+int64_t column_grain(int64_t rows) { return std::max(kColumnGrain, kTaskElements / rows); }
 
 }  // namespace
 
@@ -34,7 +38,7 @@ BatchNormActResult batch_norm_act(FASTDNI_BATCH_NORM_ACT_PARAMS) {
     const scalar_t* in = p.data_ptr<scalar_t>();
     scalar_t* xh = xhat.data_ptr<scalar_t>();
     scalar_t* out = h.data_ptr<scalar_t>();
-    at::parallel_for(0, cols, kColumnGrain, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, cols, column_grain(rows), [&](int64_t c0, int64_t c1) {
       batch_norm_loop(in + c0, xh + c0, out + c0, gamma.data_ptr<scalar_t>() + c0, beta.data_ptr<scalar_t>() + c0,
                       mean.data_ptr<scalar_t>() + c0, var.data_ptr<scalar_t>() + c0, invstd.data_ptr<scalar_t>() + c0, rows,
                       cols, c1 - c0, static_cast<scalar_t>(eps), act);
@@ -55,7 +59,7 @@ at::Tensor batch_norm_act_update_(FASTDNI_BATCH_NORM_ACT_UPDATE_PARAMS) {
   at::Tensor grad_pre = at::empty_like(h_c);
   at::Tensor grad_weight = at::empty_like(weight), grad_bias = at::empty_like(bias);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "fastdni_batch_norm_act_update", [&] {
-    at::parallel_for(0, cols, kColumnGrain, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, cols, column_grain(rows), [&](int64_t c0, int64_t c1) {
       batch_norm_backward_loop(h_c.data_ptr<scalar_t>() + c0, xhat_c.data_ptr<scalar_t>() + c0, pred_c.data_ptr<scalar_t>() + c0,
                                weight.data_ptr<scalar_t>() + c0, bias.data_ptr<scalar_t>() + c0, invstd_c.data_ptr<scalar_t>() + c0,
                                grad_pre.data_ptr<scalar_t>() + c0, grad_weight.data_ptr<scalar_t>() + c0,
