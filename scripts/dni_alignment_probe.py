@@ -45,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def build(args):
-    cli = ["--model", args.model, "--modes", args.mode]
+    # The probe swaps DecoupledSequential's interfaces: the autograd model (fcn-bn runs on the fused ops by default).
+    cli = ["--model", args.model, "--modes", args.mode, "--backend", "autograd"]
     if args.sg_hidden is not None:
         cli += [f"--{args.mode}-sg-hidden", ",".join(map(str, args.sg_hidden)) or "linear"]
     config = mnist.config_for(mnist.parse_args(cli), args.mode)

@@ -518,3 +518,37 @@ CONTEXT_BAD_INPUTS = {
     "context-weight-shape": ("float", set_sg("context_weight", None, lambda a: torch.randn(8, a.context.shape[1])),
                              r"^params\.context_weight\b", r"^context_weight\b"),
 }
+
+
+# --- batch_norm_act / batch_norm_act_update_ ----------------------------------------------------------------
+
+@dataclasses.dataclass
+class BatchNormInputs:
+    pre: Tensor  #: the layer's pre-activation ``[B, N]`` (non-zero mean, non-unit variance per feature)
+    weight: Tensor  #: gamma ``[N]``
+    bias: Tensor  #: beta ``[N]``
+    running_mean: Tensor
+    running_var: Tensor
+    prediction: Tensor  #: a synthetic gradient of ``h``, ``[B, N]``
+
+
+def make_bn_inputs(dtype: torch.dtype, batch: int = 3, features: int = 7, seed: int = 0, device="cpu") -> BatchNormInputs:
+    """Seeded BatchNorm inputs (odd sizes by default: B=3, N=7), every tensor away from its trivial value."""
+    gen = torch.Generator().manual_seed(seed)
+    pre = _randn(gen, batch, features, dtype=dtype) * (0.5 + torch.rand(features, generator=gen, dtype=dtype)) + 0.3
+    weight = 0.5 + torch.rand(features, generator=gen, dtype=dtype)
+    bias = _randn(gen, features, dtype=dtype, scale=0.3)
+    running_mean = _randn(gen, features, dtype=dtype, scale=0.2)
+    running_var = 0.5 + torch.rand(features, generator=gen, dtype=dtype)
+    prediction = _randn(gen, batch, features, dtype=dtype)
+    return BatchNormInputs(*(t.to(device) for t in (pre, weight, bias, running_mean, running_var, prediction)))
+
+
+def torch_batch_norm_act(inp: BatchNormInputs, activation: str, momentum: float = 0.1, eps: float = 1e-5):
+    """The oracle: ``nn.BatchNorm1d`` in training mode and the torch activation; returns (module, h)."""
+    norm = torch.nn.BatchNorm1d(inp.pre.shape[1], eps=eps, momentum=momentum).to(inp.pre.dtype)
+    with torch.no_grad():
+        for dst, src in ((norm.weight, inp.weight), (norm.bias, inp.bias), (norm.running_mean, inp.running_mean),
+                         (norm.running_var, inp.running_var)):
+            dst.copy_(src)
+    return norm, TORCH_ACTIVATIONS[activation](norm.train()(inp.pre))

@@ -184,6 +184,17 @@ inline void check_predict_args(const at::Tensor& h, at::TensorList sg_weights, a
   check_sg_model(h, h.size(0), h.size(1), sg_weights, sg_biases, context_weight, context);
 }
 
+// What every update op that steps a (weight, bias) pair checks last: both updatable in place, a positive
+// grad_scale, the state; returns the state grouped per parameter (weight, bias).
+inline std::vector<std::vector<at::Tensor>> check_step_args(const at::Tensor& weight, const at::Tensor& bias, at::TensorList state,
+                                                            std::string_view optimizer, c10::ArrayRef<double> hyper,
+                                                            double grad_scale) {
+  check_updatable("weight", weight);
+  check_updatable("bias", bias);
+  TORCH_CHECK(grad_scale > 0, "grad_scale: expected a positive value, got ", grad_scale);
+  return split_state(state, {weight, bias}, optimizer, hyper);
+}
+
 // dni_update_'s arguments; returns the optimizer state grouped per parameter (weight, bias).
 inline std::vector<std::vector<at::Tensor>> check_update_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                                               const at::Tensor& h, const at::Tensor& pre, const at::Tensor& prediction,
@@ -194,10 +205,7 @@ inline std::vector<std::vector<at::Tensor>> check_update_args(const at::Tensor& 
   check_tensor("h", h, {rows, features}, x);
   check_tensor("prediction", prediction, {rows, features}, x);
   if (needs_pre(act)) check_tensor("pre", pre, {rows, features}, x);
-  check_updatable("weight", weight);
-  check_updatable("bias", bias);
-  TORCH_CHECK(grad_scale > 0, "grad_scale: expected a positive value, got ", grad_scale);
-  return split_state(state, {weight, bias}, optimizer, hyper);
+  return check_step_args(weight, bias, state, optimizer, hyper, grad_scale);
 }
 
 // What sg_regression_ works on once its arguments are checked: each SG layer's input (h, then the hidden
@@ -252,6 +260,34 @@ inline RegressionArgs check_regression_args(const at::Tensor& h, at::TensorList 
   }
   args.state = split_state(state, params, optimizer, hyper);
   return args;
+}
+
+// A BatchNorm's input [B, N] (named `name`) and its per-feature tensors [N]: batch statistics need B >= 2, the
+// unbiased running variance dividing by B - 1 (fastdni/reference/batch_norm.py: the same messages).
+inline void check_batch_norm_input(const char* name, const at::Tensor& t, std::initializer_list<const at::Tensor*> per_feature,
+                                   std::initializer_list<const char*> names) {
+  TORCH_CHECK(t.dim() == 2, name, ": expected a 2-d tensor, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(0) >= 2, name, ": expected a batch of at least 2 rows (batch statistics), got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, ": expected a floating-point tensor, got ", t.scalar_type());
+  auto n = names.begin();
+  for (const at::Tensor* p : per_feature) check_tensor(*n++, *p, {t.size(1)}, t);
+}
+
+inline void check_batch_norm_args(const at::Tensor& pre, const at::Tensor& weight, const at::Tensor& bias,
+                                  const at::Tensor& running_mean, const at::Tensor& running_var, double momentum, double eps) {
+  check_batch_norm_input("pre", pre, {&weight, &bias, &running_mean, &running_var}, {"weight", "bias", "running_mean", "running_var"});
+  TORCH_CHECK_VALUE(momentum >= 0 && momentum <= 1, "momentum: expected a value in [0, 1], got ", momentum);
+  TORCH_CHECK_VALUE(eps > 0, "eps: expected a positive value, got ", eps);
+}
+
+// batch_norm_act_update_'s arguments; returns the optimizer state grouped per parameter (weight, bias).
+inline std::vector<std::vector<at::Tensor>> check_batch_norm_update_args(
+    const at::Tensor& h, const at::Tensor& xhat, const at::Tensor& invstd, const at::Tensor& prediction, const at::Tensor& weight,
+    const at::Tensor& bias, at::TensorList state, std::string_view optimizer, c10::ArrayRef<double> hyper, double grad_scale) {
+  check_batch_norm_input("h", h, {&weight, &bias, &invstd}, {"weight", "bias", "invstd"});
+  check_tensor("xhat", xhat, {h.size(0), h.size(1)}, h);
+  check_tensor("prediction", prediction, {h.size(0), h.size(1)}, h);
+  return check_step_args(weight, bias, state, optimizer, hyper, grad_scale);
 }
 
 }  // namespace fastdni

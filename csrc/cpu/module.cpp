@@ -18,4 +18,6 @@ TORCH_LIBRARY_IMPL(fastdni, CPU, m) {
   m.impl("sg_predict", &fastdni::cpu::sg_predict);
   m.impl("dni_update_", &fastdni::cpu::dni_update_);
   m.impl("sg_regression_", &fastdni::cpu::sg_regression_);
+  m.impl("batch_norm_act", &fastdni::cpu::batch_norm_act);
+  m.impl("batch_norm_act_update_", &fastdni::cpu::batch_norm_act_update_);
 }

@@ -9,5 +9,7 @@ DniForwardFn dni_forward;
 SgPredictFn sg_predict;
 DniUpdateFn dni_update_;
 SgRegressionFn sg_regression_;
+BatchNormActFn batch_norm_act;
+BatchNormActUpdateFn batch_norm_act_update_;
 
 }  // namespace fastdni::cpu

@@ -1,5 +1,7 @@
 #include "cpu/vector_loops.h"
 
+#include <cmath>
+
 namespace fastdni::cpu {
 namespace {
 
@@ -53,7 +55,131 @@ FASTDNI_INLINE double error_body(const T* __restrict prediction, const T* __rest
   return sum;
 }
 
+// The activation as a template argument, picked by a switch over always-inlined instances (as delta_body): the loops
+// vectorise.
+template <Activation kAct, typename T>
+FASTDNI_INLINE void normalise_for(const T* __restrict pre, T* __restrict xhat, T* __restrict h, const T* __restrict gamma,
+                                  const T* __restrict beta, const T* __restrict mean, const T* __restrict invstd, int64_t rows,
+                                  int64_t stride, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * stride;
+    for (int64_t j = 0; j < width; ++j) {
+      const T x = (pre[o + j] - mean[j]) * invstd[j];
+      xhat[o + j] = x;
+      h[o + j] = activate(kAct, gamma[j] * x + beta[j]);
+    }
+  }
+}
+
+template <Activation kAct, typename T>
+FASTDNI_INLINE void dy_sums_for(const T* __restrict h, const T* __restrict xhat, const T* __restrict prediction,
+                                const T* __restrict gamma, const T* __restrict beta, T* __restrict dy, T* __restrict sum_dyx,
+                                T* __restrict sum_dy, int64_t rows, int64_t stride, int64_t width, T scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * stride;
+    for (int64_t j = 0; j < width; ++j) {
+      const T x = xhat[o + j];
+      // gelu's act' needs y = gamma xhat + beta: formed again here rather than kept by the forward
+      const T y = kAct == Activation::kGelu ? gamma[j] * x + beta[j] : T(0);
+      const T d = delta_value(kAct, prediction[o + j], h[o + j], y, scale);
+      dy[o + j] = d;
+      sum_dy[j] += d;
+      sum_dyx[j] += d * x;
+    }
+  }
+}
+
+#define FASTDNI_ACTIVATION_SWITCH(act, fn, ...)                                 \
+  switch (act) {                                                                \
+    case Activation::kRelu: return fn<Activation::kRelu>(__VA_ARGS__);          \
+    case Activation::kTanh: return fn<Activation::kTanh>(__VA_ARGS__);          \
+    case Activation::kGelu: return fn<Activation::kGelu>(__VA_ARGS__);          \
+    case Activation::kLeakyRelu: return fn<Activation::kLeakyRelu>(__VA_ARGS__);\
+    default: return fn<Activation::kIdentity>(__VA_ARGS__);                     \
+  }
+
+// Rows outer, the strip's columns inner: every loop runs along a contiguous row, the per-column sums in registers
+// or L1. Two passes for the moments (the mean, then the centred squares: no cancellation as in E[x^2] - E[x]^2).
+template <typename T>
+FASTDNI_INLINE void batch_norm_body(const T* __restrict pre, T* __restrict xhat, T* __restrict h, const T* __restrict gamma,
+                                    const T* __restrict beta, T* __restrict mean, T* __restrict var, T* __restrict invstd,
+                                    int64_t rows, int64_t stride, int64_t width, T eps, Activation act) {
+  for (int64_t j = 0; j < width; ++j) mean[j] = var[j] = T(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = pre + r * stride;
+    for (int64_t j = 0; j < width; ++j) mean[j] += row[j];
+  }
+  for (int64_t j = 0; j < width; ++j) mean[j] /= T(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = pre + r * stride;
+    for (int64_t j = 0; j < width; ++j) {
+      const T d = row[j] - mean[j];
+      var[j] += d * d;
+    }
+  }
+  for (int64_t j = 0; j < width; ++j) {
+    var[j] /= T(rows);  // biased: what normalises; the caller forms the running statistics' unbiased one
+    invstd[j] = T(1) / std::sqrt(var[j] + eps);
+  }
+  FASTDNI_ACTIVATION_SWITCH(act, normalise_for, pre, xhat, h, gamma, beta, mean, invstd, rows, stride, width)
+}
+
+template <typename T>
+FASTDNI_INLINE void dy_sums(const T* h, const T* xhat, const T* prediction, const T* gamma, const T* beta, T* dy, T* sum_dyx,
+                            T* sum_dy, int64_t rows, int64_t stride, int64_t width, Activation act, T scale) {
+  FASTDNI_ACTIVATION_SWITCH(act, dy_sums_for, h, xhat, prediction, gamma, beta, dy, sum_dyx, sum_dy, rows, stride, width, scale)
+}
+
+template <typename T>
+FASTDNI_INLINE void normalise_grad(const T* __restrict xhat, const T* __restrict gamma, const T* __restrict invstd,
+                                   T* __restrict grad_pre, const T* __restrict grad_gamma, const T* __restrict grad_beta,
+                                   int64_t rows, int64_t stride, int64_t width) {
+  const T inv_rows = T(1) / T(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * stride;
+    for (int64_t j = 0; j < width; ++j) {
+      const T k = gamma[j] * invstd[j];  // the pre-update gamma: the optimizer steps it after this
+      grad_pre[o + j] = k * (grad_pre[o + j] - grad_beta[j] * inv_rows - xhat[o + j] * (grad_gamma[j] * inv_rows));
+    }
+  }
+}
+
+// dy = prediction / scale * act'(y) stored in grad_pre and summed (dbeta) and summed times xhat (dgamma) in one pass;
+// then dpre = gamma invstd (dy - dbeta / B - xhat dgamma / B) in place.
+template <typename T>
+FASTDNI_INLINE void batch_norm_backward_body(const T* __restrict h, const T* __restrict xhat, const T* __restrict prediction,
+                                             const T* __restrict gamma, const T* __restrict beta, const T* __restrict invstd,
+                                             T* __restrict grad_pre, T* __restrict grad_gamma, T* __restrict grad_beta,
+                                             int64_t rows, int64_t stride, int64_t width, Activation act, T scale) {
+  for (int64_t j = 0; j < width; ++j) grad_gamma[j] = grad_beta[j] = T(0);
+  dy_sums(h, xhat, prediction, gamma, beta, grad_pre, grad_gamma, grad_beta, rows, stride, width, act, scale);
+  normalise_grad(xhat, gamma, invstd, grad_pre, grad_gamma, grad_beta, rows, stride, width);
+}
+
 }  // namespace
+
+FASTDNI_VECTOR_CLONES void batch_norm_loop(const float* pre, float* xhat, float* h, const float* gamma, const float* beta, float* mean,
+                                           float* var, float* invstd, int64_t rows, int64_t stride, int64_t width, float eps,
+                                           Activation act) {
+  batch_norm_body(pre, xhat, h, gamma, beta, mean, var, invstd, rows, stride, width, eps, act);
+}
+FASTDNI_VECTOR_CLONES void batch_norm_loop(const double* pre, double* xhat, double* h, const double* gamma, const double* beta,
+                                           double* mean, double* var, double* invstd, int64_t rows, int64_t stride, int64_t width,
+                                           double eps, Activation act) {
+  batch_norm_body(pre, xhat, h, gamma, beta, mean, var, invstd, rows, stride, width, eps, act);
+}
+FASTDNI_VECTOR_CLONES void batch_norm_backward_loop(const float* h, const float* xhat, const float* prediction, const float* gamma,
+                                                    const float* beta, const float* invstd, float* grad_pre, float* grad_gamma,
+                                                    float* grad_beta, int64_t rows, int64_t stride, int64_t width, Activation act,
+                                                    float scale) {
+  batch_norm_backward_body(h, xhat, prediction, gamma, beta, invstd, grad_pre, grad_gamma, grad_beta, rows, stride, width, act, scale);
+}
+FASTDNI_VECTOR_CLONES void batch_norm_backward_loop(const double* h, const double* xhat, const double* prediction, const double* gamma,
+                                                    const double* beta, const double* invstd, double* grad_pre, double* grad_gamma,
+                                                    double* grad_beta, int64_t rows, int64_t stride, int64_t width, Activation act,
+                                                    double scale) {
+  batch_norm_backward_body(h, xhat, prediction, gamma, beta, invstd, grad_pre, grad_gamma, grad_beta, rows, stride, width, act, scale);
+}
 
 FASTDNI_VECTOR_CLONES void optimizer_loop(float* p, float* s0, float* s1, const float* g, int64_t n, const OptimizerStep<float>& o) {
   optimizer_body(p, s0, s1, g, n, o);

@@ -4,10 +4,13 @@
     python -m fastdni.experiments.mnist --paper          # the paper's schedule (Adam 3e-5, 500k steps)
     python -m fastdni.experiments.mnist --model cnn --modes dni --steps 2000
     python -m fastdni.experiments.mnist --backend reference    # the same run on the pure-PyTorch oracle
+    python -m fastdni.experiments.mnist --model fcn-bn --backend autograd   # fcn-bn on autograd, for comparison
 
-Models: ``fcn`` (default) is the paper's FCN without BatchNorm, hidden layers Linear -> ReLU, each
-layer step run by the fused ops (:class:`fastdni.nn.DecoupledMLP`, ``--backend``); ``fcn-bn`` is the
-paper's FCN with BatchNorm and ``cnn`` a small CNN, both on autograd (:class:`fastdni.nn.DecoupledSequential`).
+Models: ``fcn`` (default) is the paper's FCN without BatchNorm, hidden layers Linear -> ReLU, and ``fcn-bn`` the
+paper's FCN with BatchNorm, Linear -> BatchNorm -> ReLU; each layer step of both runs on the fused ops
+(:class:`fastdni.nn.DecoupledMLP`, ``--backend``), or on autograd with ``--backend autograd``
+(:class:`fastdni.nn.DecoupledSequential` over the same layers: the same training, tests/nn/test_nn_fused_bn.py).
+``cnn``, a small CNN, runs on autograd (the convolution's fused step is not written yet).
 
 Writes ``<out>/<mode>.csv`` (learning curve), ``<mode>.pt`` (checkpoint, see ``--resume``),
 ``results.json``, ``test_error.png``, and prints a results table.
@@ -25,7 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..nn import DecoupledMLP, DecoupledSequential
-from ..ops import BACKENDS
+from ..ops import BACKENDS as OP_BACKENDS
 from ..train import CheckpointError, train
 from .cli import mnist_main, require_positive
 from .models import NUM_CLASSES, cnn_blocks, fcn_blocks, parse_sizes, synthetic_gradients
@@ -61,7 +64,7 @@ class RunConfig:
     lr_schedule: str
     head_lr: Optional[float] = None  #: Adam learning rate of the classifier (None: ``lr``)
     model: str = "fcn"
-    backend: str = "auto"  #: fused-op backend of the fcn model
+    backend: str = "auto"  #: fused-op backend of the fcn models, or "autograd" (DecoupledSequential)
     hidden_layers: int = 3
     width: int = 256
     cnn_channels: tuple[int, ...] = (32, 64)
@@ -72,6 +75,8 @@ class RunConfig:
 
 
 MODELS = ("fcn", "fcn-bn", "cnn")
+#: ``--backend``: a fused-op backend (``fastdni.ops.BACKENDS``) or ``autograd`` (the blocks on DecoupledSequential).
+BACKENDS = (*OP_BACKENDS, "autograd")
 
 
 def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledSequential]:
@@ -82,12 +87,14 @@ def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledSequential]:
     # The loss is a batch mean: by default SG models predict per-example gradients.
     gradient_scale = config.gradient_scale or config.batch_size
     context = 10 if config.mode == "cdni" else 0
-    if config.model == "fcn":
+    batch_norm = config.model == "fcn-bn"
+    if config.model != "cnn" and config.backend != "autograd":
+        # The same initialisation as fcn_blocks + synthetic_gradients below (Linears in order, then the SG models).
         return DecoupledMLP(784, (config.width,) * config.hidden_layers, NUM_CLASSES, sg_hidden=config.sg_hidden,
                             context_features=context, mode=mode, gradient_scale=gradient_scale, backend=config.backend,
-                            **optimizers)
-    if config.model == "fcn-bn":
-        blocks, input_shape = fcn_blocks(config.hidden_layers, config.width), (784,)
+                            batch_norm=batch_norm, **optimizers)
+    if config.model != "cnn":
+        blocks, input_shape = fcn_blocks(config.hidden_layers, config.width, batch_norm=batch_norm), (784,)
     else:
         blocks, input_shape = cnn_blocks(config.cnn_channels), (1, 28, 28)
     sgs = None
@@ -142,9 +149,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", type=_mode, default=list(MODES), help="backprop (bp), dni, cdni")
     p.add_argument("--model", choices=MODELS, default="fcn",
-                   help="fcn: Linear+ReLU layers on the fused ops (default); fcn-bn: with BatchNorm; cnn (both on autograd)")
+                   help="fcn: Linear+ReLU layers (default); fcn-bn: with BatchNorm (both on the fused ops); cnn (on autograd)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="fused-op backend of the fcn model (auto: the compiled kernels where built, else reference)")
+                   help="fused-op backend of the fcn models (auto: the compiled kernels where built, else reference), "
+                        "or autograd: the same layers on DecoupledSequential")
     p.add_argument("--hidden-layers", type=int, default=3, help="FCN hidden layers (paper: 3-6)")
     p.add_argument("--width", type=int, default=256, help="FCN hidden units (paper: 256)")
     p.add_argument("--cnn-channels", type=parse_sizes, default=(32, 64), help="CNN conv block channels")

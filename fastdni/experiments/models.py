@@ -12,13 +12,15 @@ from ..nn import ConvSyntheticGradient, SyntheticGradient
 NUM_CLASSES = 10
 
 
-def fcn_blocks(hidden_layers: int = 3, width: int = 256, in_features: int = 784) -> list[nn.Module]:
-    """The paper's FCN: ``hidden_layers`` x (Linear -> BatchNorm -> ReLU), then a linear classifier."""
+def fcn_blocks(hidden_layers: int = 3, width: int = 256, in_features: int = 784, batch_norm: bool = True) -> list[nn.Module]:
+    """The paper's FCN: ``hidden_layers`` x (Linear -> BatchNorm -> ReLU), then a linear classifier (``batch_norm=False``:
+    Linear -> ReLU)."""
     if hidden_layers < 1 or width < 1:
         raise ValueError(f"hidden_layers/width: expected >= 1, got {hidden_layers}, {width}")
     sizes = [in_features] + [width] * hidden_layers
     blocks: list[nn.Module] = [
-        nn.Sequential(nn.Linear(i, o), nn.BatchNorm1d(o), nn.ReLU()) for i, o in zip(sizes[:-1], sizes[1:])
+        nn.Sequential(nn.Linear(i, o), *([nn.BatchNorm1d(o)] if batch_norm else []), nn.ReLU())
+        for i, o in zip(sizes[:-1], sizes[1:])
     ]
     return blocks + [nn.Linear(width, NUM_CLASSES)]
 

@@ -1,21 +1,21 @@
 """An MLP trained with a synthetic gradient after every hidden layer, each layer step run by the fused ops."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 from .._checks import check_int, check_positive
-from ..reference.activations import check_activation
+from ..reference.activations import activate, check_activation
 from .decoupled import (DecoupledTrainer, LossFunction, OptimizerFactory, StepResult, block_optimizers, default_optimizer,
                         step_optimizer)
 from .synthetic_gradient import SyntheticGradient
 
 
 class DecoupledMLP(DecoupledTrainer):
-    """``in -> [Linear -> act -> SG] x len(hidden) -> Linear -> out``, stepped by :mod:`fastdni.ops`.
+    """``in -> [Linear -> (BatchNorm ->) act -> SG] x len(hidden) -> Linear -> out``, stepped by :mod:`fastdni.ops`.
 
     The same training as :class:`DecoupledSequential` over ``Linear + act`` blocks, layer by layer in
     three fused ops: :func:`~fastdni.ops.dni_forward` (``h`` and the SG prediction),
@@ -25,6 +25,16 @@ class DecoupledMLP(DecoupledTrainer):
     top SG's target. Optimizers are ordinary ``torch.optim.Adam``, ``AdamW`` or ``SGD`` objects: the ops
     read their hyper-parameters and update their state in place, so ``optimizer_state_dict`` and
     checkpoints work as usual.
+
+    With ``batch_norm=True`` each hidden layer is ``Linear -> BatchNorm1d -> act`` (the paper's FCN; the same
+    training as :class:`DecoupledSequential` over ``nn.Sequential(Linear, BatchNorm1d, act)`` blocks): in training the
+    layer step is ``dni_forward`` (the GEMM, identity) -> :func:`~fastdni.ops.batch_norm_act` (batch statistics,
+    the running statistics copied into the ``BatchNorm1d``'s buffers) -> :func:`~fastdni.ops.sg_predict`, then
+    :func:`~fastdni.ops.batch_norm_act_update_` (gamma, beta stepped; ``dL/dpre``) -> ``dni_update_`` (``W``, ``b``
+    stepped; ``dx``) -> ``sg_regression_``. Each hidden layer's optimizer holds ``W, b, gamma, beta`` (one param
+    group, in ``nn.Sequential(Linear, BatchNorm1d).parameters()``'s order). In eval mode the normalisation uses the
+    running statistics (``F.batch_norm``, then the activation: no fused step). ``norms[i]`` holds layer ``i``'s
+    ``BatchNorm1d`` (gamma, beta, running statistics: in the ``state_dict``).
 
     Args:
         in_features, hidden, out_features: layer sizes.
@@ -37,6 +47,9 @@ class DecoupledMLP(DecoupledTrainer):
         mode: ``"dni"`` or ``"backprop"`` (the same layers by ordinary backprop, for comparison).
         sg_loss_weight, gradient_scale: as in :class:`DNI`.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (see :mod:`fastdni.ops`).
+        batch_norm: a ``BatchNorm1d`` between each hidden layer's GEMM and its activation.
+        bn_momentum, bn_eps: the ``BatchNorm1d``'s ``momentum`` (a number: the cumulative average, ``None``, is not
+            supported) and ``eps``.
     """
 
     def __init__(
@@ -55,6 +68,9 @@ class DecoupledMLP(DecoupledTrainer):
         sg_loss_weight: float = 1.0,
         gradient_scale: float = 1.0,
         backend: str = "auto",
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
     ):
         super().__init__()
         hidden = tuple(hidden)
@@ -65,6 +81,14 @@ class DecoupledMLP(DecoupledTrainer):
         check_activation(activation)
         sizes = (in_features, *hidden, out_features)
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        if batch_norm:
+            if not isinstance(bn_momentum, (int, float)) or not 0.0 <= bn_momentum <= 1.0:
+                raise ValueError(f"bn_momentum: expected a number in [0, 1], got {bn_momentum!r}")
+            check_positive("bn_eps", float(bn_eps))
+            self.norms: Optional[nn.ModuleList] = nn.ModuleList(
+                nn.BatchNorm1d(h, eps=float(bn_eps), momentum=float(bn_momentum)) for h in hidden)
+        else:
+            self.norms = None
         self.synthetic_gradients = nn.ModuleList(SyntheticGradient(h, sg_hidden, context_features) for h in hidden)
         self.activation = activation
         self.sg_loss_weight = check_positive("sg_loss_weight", float(sg_loss_weight))
@@ -73,15 +97,41 @@ class DecoupledMLP(DecoupledTrainer):
             raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
         self.backend = backend
         self.mode = mode
-        self.optimizers = block_optimizers(self.layers, optimizer, head_optimizer)
+        if self.norms is None:
+            self.optimizers = block_optimizers(self.layers, optimizer, head_optimizer)
+        else:  # one optimizer per hidden layer over W, b, gamma, beta (DecoupledSequential's per-block optimizer)
+            self.optimizers = [optimizer([*layer.parameters(), *norm.parameters()])
+                               for layer, norm in zip(self.layers, self.norms)]
+            self.optimizers.append((head_optimizer or optimizer)(self.layers[-1].parameters()))
         self.sg_optimizers = [(sg_optimizer or optimizer)(sg.parameters()) for sg in self.synthetic_gradients]
 
     def forward(self, x: Tensor) -> Tensor:
         """The network's output (differentiable: backprop mode trains through it)."""
         h = x
-        for layer in self.layers[:-1]:
-            h = ops.dni_forward(h, layer.weight, layer.bias, activation=self.activation, backend=self.backend).h
+        for i, layer in enumerate(self.layers[:-1]):
+            if self.norms is None:
+                h = ops.dni_forward(h, layer.weight, layer.bias, activation=self.activation, backend=self.backend).h
+            else:
+                pre = ops.dni_forward(h, layer.weight, layer.bias, activation="identity", backend=self.backend).h
+                h = self._normalise(i, pre).h
         return self.layers[-1](h)
+
+    def _normalise(self, i: int, pre: Tensor) -> ops.BatchNormResult:
+        """``act(BatchNorm(pre))`` of hidden layer ``i``: batch statistics in training (the running ones updated),
+        the running statistics in eval mode (a plain composition; only ``h`` is set then)."""
+        norm = self.norms[i]
+        if not norm.training:
+            y = torch.nn.functional.batch_norm(pre, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                               False, 0.0, norm.eps)
+            return ops.BatchNormResult(activate(y, self.activation), pre.new_empty(0), pre.new_empty(0),
+                                       norm.running_mean, norm.running_var)
+        out = ops.batch_norm_act(pre, norm.weight, norm.bias, norm.running_mean, norm.running_var, momentum=norm.momentum,
+                                 eps=norm.eps, activation=self.activation, backend=self.backend)
+        with torch.no_grad():  # the op is functional (differentiable): the buffers take its new statistics here
+            norm.running_mean.copy_(out.running_mean)
+            norm.running_var.copy_(out.running_var)
+            norm.num_batches_tracked.add_(1)
+        return out
 
     def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
         sg_losses: list[Optional[Tensor]] = [None] * len(self.synthetic_gradients)
@@ -89,6 +139,12 @@ class DecoupledMLP(DecoupledTrainer):
         h = x.detach()
         with torch.no_grad():
             for i, (layer, sg) in enumerate(zip(self.layers, self.synthetic_gradients)):
+                if self.norms is not None:
+                    dx, forward = self._bn_layer_step(i, h, context, need_input_grad=below is not None)
+                    if below is not None:
+                        sg_losses[below[0]] = self._regress(*below, dx, context)
+                    below, h = (i, forward), forward.h
+                    continue
                 forward = ops.dni_forward(h, layer.weight, layer.bias, sg.reference_params(), context,
                                           activation=self.activation, backend=self.backend)
                 dx = ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_,
@@ -106,11 +162,29 @@ class DecoupledMLP(DecoupledTrainer):
             sg_losses[below[0]] = self._regress(*below, h_top.grad, context)
         return StepResult(loss.detach(), output.detach(), tuple(sg_losses))
 
-    def _regress(self, index: int, forward: ops.ForwardResult, target: Tensor, context: Optional[Tensor]) -> Tensor:
+    def _bn_layer_step(self, i: int, x: Tensor, context: Optional[Tensor], *,
+                       need_input_grad: bool) -> tuple[Tensor, ops.Prediction]:
+        """Hidden layer ``i`` with BatchNorm: forward, SG prediction, the steps of gamma, beta (from the prediction)
+        and ``W``, ``b`` (from ``dL/dpre``); returns ``dx`` (empty without ``need_input_grad``) and the prediction."""
+        layer, norm = self.layers[i], self.norms[i]
+        pre = ops.dni_forward(x, layer.weight, layer.bias, activation="identity", backend=self.backend).h
+        normed = self._normalise(i, pre)
+        predicted = ops.sg_predict(normed.h, self.synthetic_gradients[i].reference_params(), context, backend=self.backend)
+        grad_pre = ops.fused_step(self.optimizers[i], [norm.weight, norm.bias], ops.batch_norm_act_update_,
+                                  norm.weight, norm.bias, normed, predicted.prediction, grad_scale=self.gradient_scale,
+                                  activation=self.activation, backend=self.backend)
+        # dL/dpre is the GEMM's delta: dni_update_ with identity and scale 1 takes it as its "prediction".
+        delta = ops.ForwardResult(grad_pre, grad_pre.new_empty(0), grad_pre, [])
+        dx = ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_, x, layer.weight, layer.bias,
+                            delta, activation="identity", need_input_grad=need_input_grad, backend=self.backend)
+        return dx, predicted
+
+    def _regress(self, index: int, forward: Union[ops.ForwardResult, ops.Prediction], target: Tensor, context: Optional[Tensor]) -> Tensor:
         sg = self.synthetic_gradients[index].reference_params()
         return ops.fused_step(self.sg_optimizers[index], ops.ordered_params(sg), ops.sg_regression_,
                               forward, target, sg, context=context, target_scale=self.gradient_scale,
                               loss_weight=self.sg_loss_weight, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, mode={self.mode!r}, backend={self.backend!r}"
+        norm = ", batch_norm=True" if self.norms is not None else ""
+        return f"activation={self.activation!r}, mode={self.mode!r}, backend={self.backend!r}{norm}"

@@ -23,5 +23,5 @@ else:
 HAS_CPU_KERNELS = _C is not None
 HAS_CUDA_KERNELS = HAS_CPU_KERNELS and all(
     torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdni::{name}", "CUDA")
-    for name in schema.SCHEMAS
+    for name in schema.GPU_OPS
 )

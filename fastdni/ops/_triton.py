@@ -15,7 +15,7 @@ import torch
 
 from . import registration
 from ._extension import HAS_CUDA_KERNELS
-from .schema import NAMESPACE, SCHEMAS
+from .schema import GPU_OPS, NAMESPACE
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("fastdni.kernels") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,7 +41,7 @@ def register(dispatch_key: str = "CUDA", library: "torch.library.Library | None"
     the registrations (they last as long as it lives). CUDA by default; the interpreted tests register them
     for CPU in a process of their own, to run ``torch.compile`` over them there."""
     library = library or torch.library.Library(NAMESPACE, "IMPL")
-    for name in SCHEMAS:
+    for name in GPU_OPS:  # the others (schema.REFERENCE_ON_GPU) keep the reference on CUDA
         library.impl(name, _lazy(name), dispatch_key)
     return library
 

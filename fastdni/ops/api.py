@@ -21,12 +21,14 @@ from torch import Tensor
 from .._checks import check_context_presence, check_positive, check_tensor
 from ..contract import NEEDS_PRE, check_activation
 from ..reference import SGParams
+from ..reference.batch_norm import check_batch_norm, check_momentum_eps
 from ..reference.layer import check_layer
 from ..reference.synthetic import check_sg
 from . import _triton, reference_backend, registration  # noqa: F401  (registration: fake, fallback, autograd)
 from ._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, LOAD_ERROR
 from .optim import check_optimizer_args
 from .reference_backend import ordered_params
+from .schema import REFERENCE_ON_GPU
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _OPS = torch.ops.fastdni
@@ -45,6 +47,16 @@ class Prediction(NamedTuple):
     h: Tensor  #: the SG's input, ``[B, N]`` (as given: the regression reads it again)
     prediction: Tensor  #: the synthetic gradient ``M(h, c)``, ``[B, N]``
     sg_hidden: list[Tensor]  #: the SG's hidden activations, kept for the regression
+
+
+class BatchNormResult(NamedTuple):
+    """What :func:`batch_norm_act` returns; :func:`batch_norm_act_update_` takes it whole."""
+
+    h: Tensor  #: ``act(gamma * xhat + beta)``, ``[B, N]``
+    xhat: Tensor  #: the normalised pre-activation, ``[B, N]``
+    invstd: Tensor  #: ``1 / sqrt(var + eps)`` of the batch, ``[N]``
+    running_mean: Tensor  #: the updated running mean (new tensor: copy it into the module's buffer)
+    running_var: Tensor  #: the updated running variance (unbiased batch variance)
 
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  #: also the CUDA C++ backend's
@@ -112,6 +124,8 @@ def fused_backend_blocker(backend: str, device: torch.device, dtype: torch.dtype
 def _implementation(run: str, op: str):
     if run == "reference":
         return getattr(reference_backend, op)
+    if run == "triton" and op in REFERENCE_ON_GPU:  # no Triton kernel: the reference, as on the CUDA key
+        return getattr(_OPS, op)
     if run == "triton":
         return _triton.DIFFERENTIABLE.get(op) or getattr(_triton.kernel_ops(), op)
     return getattr(_OPS, op)
@@ -241,3 +255,65 @@ def sg_regression_(
             context, list(state), optimizer, [float(v) for v in hyper], float(target_scale), float(loss_weight))
     with torch.no_grad():
         return _implementation(run, "sg_regression_")(*args)
+
+
+def batch_norm_act(
+    pre: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    *,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    backend: str = "auto",
+) -> BatchNormResult:
+    """``h = act(BatchNorm(pre))`` with the batch's statistics (``nn.BatchNorm1d`` in training mode, ``weight`` and
+    ``bias`` its gamma and beta), and the running statistics moved by ``momentum`` (returned as new tensors; the
+    inputs are not written). A batch needs 2 rows at least (the unbiased variance).
+
+    Differentiable w.r.t. ``pre``, ``weight``, ``bias`` (backprop mode). Eval mode is no op of its own:
+    ``torch.nn.functional.batch_norm`` with the running statistics, then the activation."""
+    check_batch_norm(pre, weight, bias, running_mean, running_var)
+    check_momentum_eps(float(momentum), float(eps))
+    check_activation(activation)
+    run = check_backend(backend, pre.device, pre.dtype, "pre")
+    out = _implementation(run, "batch_norm_act")(pre, weight, bias, running_mean, running_var, float(momentum), float(eps),
+                                                 activation)
+    return BatchNormResult(*out)
+
+
+def batch_norm_act_update_(
+    weight: Tensor,
+    bias: Tensor,
+    forward: BatchNormResult,
+    prediction: Tensor,
+    optimizer: str,
+    hyper: Sequence[float],
+    state: Sequence[Tensor],
+    *,
+    grad_scale: float = 1.0,
+    activation: str = "relu",
+    backend: str = "auto",
+) -> Tensor:
+    """Step gamma (``weight``) and beta (``bias``) in place on the synthetic gradient ``prediction / grad_scale``
+    of ``forward.h``, and return ``dL/dpre`` (from their pre-update values): the delta of the layer's GEMM, which
+    :func:`dni_update_` takes as its prediction (``activation="identity"``, ``grad_scale=1``)."""
+    h = forward.h
+    check_tensor("forward.h", h, ndim=2)
+    rows, features = h.shape
+    check_batch_norm(h, weight, bias, name="forward.h")
+    check_tensor("forward.xhat", forward.xhat, shape=(rows, features), like=h)
+    check_tensor("forward.invstd", forward.invstd, shape=(features,), like=h)
+    check_tensor("prediction", prediction, shape=(rows, features), like=h)
+    check_activation(activation)
+    check_positive("grad_scale", grad_scale)
+    check_optimizer_args(optimizer, hyper, state, [weight, bias])
+    _check_contiguous("params", [weight, bias])
+    _check_contiguous("state", state)
+    run = check_backend(backend, h.device, h.dtype, "h")
+    args = (h, forward.xhat, forward.invstd, prediction, weight, bias, list(state), optimizer, [float(v) for v in hyper],
+            float(grad_scale), activation)
+    with torch.no_grad():
+        return _implementation(run, "batch_norm_act_update_")(*args)

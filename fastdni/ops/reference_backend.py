@@ -13,6 +13,8 @@ from .._checks import check_context_presence
 from ..reference import (
     SGParams,
     activation_derivative_from_output,
+    batch_norm_act_backward,
+    batch_norm_act_forward,
     layer_forward,
     layer_grads_from_delta,
     sg_backward,
@@ -103,10 +105,44 @@ def sg_regression_(
     return loss
 
 
+def batch_norm_act(
+    pre: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(batch_norm_act_forward(pre, weight, bias, running_mean, running_var, momentum, eps, activation))
+
+
+def batch_norm_act_update_(
+    h: Tensor,
+    xhat: Tensor,
+    invstd: Tensor,
+    prediction: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    state: Sequence[Tensor],
+    optimizer: str,
+    hyper: Sequence[float],
+    grad_scale: float,
+    activation: str,
+) -> Tensor:
+    grads = batch_norm_act_backward(prediction / grad_scale, h, xhat, invstd, weight, bias, activation)
+    weight_state, bias_state = split_state(state, 2, state_per_param(optimizer, hyper))
+    optimizer_step_(optimizer, hyper, weight, grads.weight, weight_state)  # after the backward: it reads the old gamma
+    optimizer_step_(optimizer, hyper, bias, grads.bias, bias_state)
+    return grads.pre
+
+
 def ordered_params(params: SGParams) -> list[Tensor]:
     """The order of an SG's parameters in the ops' ``state``: ``W_1, b_1, ..., W_L, b_L`` then ``U``
     (:func:`fastdni.contract.join_sg_params`)."""
     return join_sg_params(params.weights, params.biases, params.context_weight)
 
 
-__all__ = ["dni_forward", "sg_predict", "dni_update_", "sg_regression_", "ordered_params"]
+__all__ = ["dni_forward", "sg_predict", "dni_update_", "sg_regression_", "batch_norm_act", "batch_norm_act_update_",
+           "ordered_params"]

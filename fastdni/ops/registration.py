@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..contract import NEEDS_PRE
-from ..reference import SGParams, activation_derivative_from_output, layer_grads_from_delta, sg_backward
+from ..reference import (SGParams, activation_derivative_from_output, batch_norm_act_backward, layer_grads_from_delta,
+                         sg_backward)
 from . import reference_backend
 from .schema import NAMESPACE, SCHEMAS
 
@@ -44,6 +45,18 @@ def _dni_update_fake(x, weight, bias, h, pre, prediction, state, optimizer, hype
 def _sg_regression_fake(h, sg_hidden, prediction, target, sg_weights, sg_biases, context_weight, context, state,
                         optimizer, hyper, target_scale, loss_weight):
     return h.new_empty(())
+
+
+@torch.library.register_fake(f"{NAMESPACE}::batch_norm_act")
+def _batch_norm_act_fake(pre, weight, bias, running_mean, running_var, momentum, eps, activation):
+    features = pre.shape[1]
+    return (pre.new_empty(pre.shape), pre.new_empty(pre.shape), pre.new_empty(features), pre.new_empty(features),
+            pre.new_empty(features))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::batch_norm_act_update_")
+def _batch_norm_act_update_fake(h, xhat, invstd, prediction, weight, bias, state, optimizer, hyper, grad_scale, activation):
+    return h.new_empty(h.shape)
 
 
 def _save_sg(ctx, h, sg_weights, hidden, context_weight, context, *leading):
@@ -106,5 +119,24 @@ def sg_predict_backward(ctx, grad_prediction, _grad_hidden):
     return grad_h, grad_w, grad_b, grad_u, None
 
 
+def setup_batch_norm_act(ctx, inputs, output):
+    _pre, weight, bias, _mean, _var, _momentum, _eps, activation = inputs
+    h, xhat, invstd, running_mean, running_var = output
+    ctx.activation = activation
+    ctx.save_for_backward(h, xhat, invstd, weight, bias)
+    ctx.mark_non_differentiable(xhat, invstd, running_mean, running_var)
+
+
+def batch_norm_act_backward_formula(ctx, grad_h, _grad_xhat, _grad_invstd, _grad_mean, _grad_var):
+    """``batch_norm_act``'s backward: the batch-statistics BatchNorm backward (``fastdni.reference.batch_norm``)."""
+    if grad_h is None:
+        return None, None, None, None, None, None, None, None
+    h, xhat, invstd, weight, bias = ctx.saved_tensors
+    grads = batch_norm_act_backward(grad_h, h, xhat, invstd, weight, bias, ctx.activation)
+    return grads.pre, grads.weight, grads.bias, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::batch_norm_act", batch_norm_act_backward_formula,
+                                setup_context=setup_batch_norm_act)
 torch.library.register_autograd(f"{NAMESPACE}::dni_forward", dni_forward_backward, setup_context=setup_forward)
 torch.library.register_autograd(f"{NAMESPACE}::sg_predict", sg_predict_backward, setup_context=setup_sg_predict)

@@ -21,6 +21,17 @@ side alone, for an SG on an activation the ops did not compute (``fastdni.nn.DNI
     ``e = prediction - target_scale * target``, returns ``loss = loss_weight * mean_b ||e_b||^2`` and
     steps every SG parameter on its gradient, in place.
 
+``batch_norm_act``
+    A BatchNorm layer's step between the GEMM (``dni_forward`` with identity and no SG) and the SG
+    (``sg_predict``): ``h = act(gamma * xhat + beta)`` with batch statistics; returns ``xhat`` and ``invstd``
+    (what the backward needs) and the *new* running statistics (functional, as ATen's
+    ``_native_batch_norm_legit_functional``: an op that mutates cannot have an autograd formula, and backprop
+    mode differentiates it). Differentiable w.r.t. ``pre``, ``weight``, ``bias``.
+``batch_norm_act_update_``
+    ``dy = prediction / grad_scale * act'(y)``, the batch-statistics BatchNorm backward to ``dpre`` (returned:
+    ``dni_update_`` then takes it as its prediction, with identity and ``grad_scale`` 1), and the optimizer
+    step on ``weight`` (gamma) and ``bias`` (beta), in place, from the gradients of their pre-update values.
+
 Optimizer arguments (``optimizer``, ``hyper``, ``state``): see :mod:`fastdni.ops.optim`.
 """
 import torch
@@ -47,7 +58,22 @@ SCHEMAS = {
         "Tensor(a!)[] sg_weights, Tensor(b!)[] sg_biases, Tensor(c!)? context_weight, Tensor? context, "
         "Tensor(d!)[] state, str optimizer, float[] hyper, float target_scale, float loss_weight) -> Tensor"
     ),
+    "batch_norm_act": (
+        "batch_norm_act(Tensor pre, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
+        "float momentum, float eps, str activation) "
+        "-> (Tensor h, Tensor xhat, Tensor invstd, Tensor running_mean_out, Tensor running_var_out)"
+    ),
+    "batch_norm_act_update_": (
+        "batch_norm_act_update_(Tensor h, Tensor xhat, Tensor invstd, Tensor prediction, Tensor(a!) weight, "
+        "Tensor(b!) bias, Tensor(c!)[] state, str optimizer, float[] hyper, float grad_scale, str activation) -> Tensor"
+    ),
 }
+
+#: Ops with no GPU kernel (Triton or CUDA C++): on CUDA tensors they run the reference (``CompositeExplicitAutograd``),
+#: on every ``backend``. Per-feature reductions over a ``[B, N]`` tile and elementwise passes, a small share of a
+#: layer step whose GEMMs run fused (docs/ops.md, "BatchNorm").
+REFERENCE_ON_GPU = ("batch_norm_act", "batch_norm_act_update_")
+GPU_OPS = tuple(name for name in SCHEMAS if name not in REFERENCE_ON_GPU)
 
 # Kept alive for the life of the process: dropping the Library object would deregister the schemas.
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")

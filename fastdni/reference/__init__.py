@@ -4,6 +4,7 @@ Everything here is functional (no module state, no in-place updates), works in f
 fp64, and states its formula in the docstring. Start with :func:`dni_layer_step`.
 """
 from .activations import ACTIVATIONS, NEEDS_PRE, activate, activation_derivative, activation_derivative_from_output
+from .batch_norm import BatchNormForward, BatchNormGrads, batch_norm_act_backward, batch_norm_act_forward
 from .layer import LayerGrads, layer_backward, layer_forward, layer_grads_from_delta
 from .optim import AdamState, SGDState, adam_update, sgd_momentum_update
 from .step import DNILayerStep, dni_layer_step
@@ -11,6 +12,7 @@ from .synthetic import SGParams, SGRegression, context_term, init_sg_params, sg_
 
 __all__ = [
     "ACTIVATIONS", "NEEDS_PRE", "activate", "activation_derivative", "activation_derivative_from_output",
+    "BatchNormForward", "BatchNormGrads", "batch_norm_act_forward", "batch_norm_act_backward",
     "LayerGrads", "layer_forward", "layer_backward", "layer_grads_from_delta",
     "SGParams", "SGRegression", "init_sg_params", "sg_forward", "sg_backward", "sg_predict", "sg_regression",
     "context_term",

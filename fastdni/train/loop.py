@@ -156,7 +156,11 @@ def _restore(model: DecoupledSequential, state: dict, run_config: Optional[dict]
             f"checkpoint: written for a different run ({state.get('config')}), not {run_config}; "
             "use another output folder or drop --resume"
         )
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # e.g. an fcn-bn checkpoint of DecoupledSequential, before fcn-bn ran on the fused ops
+        raise CheckpointError(f"checkpoint: its model state does not fit this {type(model).__name__} "
+                              f"({str(error).splitlines()[0]}); use another output folder or drop --resume") from None
     model.load_optimizer_state_dict(state["optimizers"])
     return state["step"], list(state["history"]), state["train_seconds"]
 

@@ -11,10 +11,10 @@ import torch
 import fastdni.ops as ops
 import fastdni.ops.api as api
 from fastdni.ops import _triton
-from fastdni.ops.schema import NAMESPACE, SCHEMAS
+from fastdni.ops.schema import GPU_OPS, NAMESPACE, REFERENCE_ON_GPU
 
 
-@pytest.mark.parametrize("name", tuple(SCHEMAS))
+@pytest.mark.parametrize("name", GPU_OPS)
 def test_the_cuda_key_has_one_owner(name):
     dump = torch._C._dispatch_dump(f"{NAMESPACE}::{name}")
     cuda_lines = [line for line in dump.splitlines() if line.startswith("CUDA")]
@@ -24,6 +24,14 @@ def test_the_cuda_key_has_one_owner(name):
     elif _triton.HAS_TRITON:
         assert _triton._CUDA_LIBRARY is not None
         assert len(cuda_lines) == 1 and "csrc/cuda" not in cuda_lines[0], dump
+
+
+@pytest.mark.parametrize("name", REFERENCE_ON_GPU)
+def test_ops_without_gpu_kernels_leave_the_cuda_key_to_the_reference(name):
+    """No Triton or CUDA C++ registration: CUDA tensors reach the CompositeExplicitAutograd reference."""
+    dump = torch._C._dispatch_dump(f"{NAMESPACE}::{name}")
+    assert not [line for line in dump.splitlines() if line.startswith("CUDA")], dump
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CompositeExplicitAutograd")
 
 
 def test_backend_cuda_is_listed():

@@ -12,7 +12,7 @@ import fastdni.ops.api as api
 from fastdni.ops.schema import NAMESPACE, SCHEMAS
 from op_cases import (
     ACTIVATIONS, ADAM, BACKEND_PARAMS, OP_DTYPES, SGD_MOMENTUM, Case, assert_all_close, case_id, clone_sg,
-    forward_op_args, indexed_names, make_inputs, make_state, reference_forward, regression_op_args, requires_cpu,
+    forward_op_args, indexed_names, make_bn_inputs, make_inputs, make_state, reference_forward, regression_op_args, requires_cpu,
     sg_names, update_op_args,
 )
 
@@ -135,8 +135,24 @@ def _state_like(params):
     return [s.to(params[0].device) for s in make_state(*ADAM, cpu)]
 
 
+def _bn_inputs(inp):
+    """BatchNorm inputs on ``inp``'s device and dtype, shaped by its layer: ``(pre, gamma, beta, mean, var, prediction)``."""
+    bn = make_bn_inputs(inp.x.dtype, inp.x.shape[0], inp.weight.shape[0])
+    return [t.to(inp.x.device) for t in (bn.pre, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.prediction)]
+
+
 def _call(name, inp, backend):
     """One wrapper call on copies; returns every tensor it produced or updated."""
+    if name == "batch_norm_act":
+        pre, weight, bias, mean, var, _ = _bn_inputs(inp)
+        return list(ops.batch_norm_act(pre, weight, bias, mean, var, activation=inp.activation, backend=backend))
+    if name == "batch_norm_act_update_":
+        pre, weight, bias, mean, var, prediction = _bn_inputs(inp)
+        forward = ops.BatchNormResult(pre, pre, mean, mean, var)  # any [B, N], [N] of the right kinds will do
+        state = _state_like([weight, bias])
+        grad_pre = ops.batch_norm_act_update_(weight, bias, forward, prediction, *ADAM, state, activation=inp.activation,
+                                              backend=backend)
+        return [grad_pre, weight, bias, *state]
     if name == "dni_forward":
         f = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend=backend)
         return [f.h, f.pre, f.prediction, *f.sg_hidden]
@@ -298,8 +314,9 @@ def _no_rows(inp):
     return inp, forward
 
 
+# The BatchNorm ops need 2 rows (batch statistics): tests/ops/test_batch_norm_act.py tests 0 and 1 on every backend.
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("name", [name for name in OP_NAMES if not name.startswith("batch_norm_act")])
 def test_a_batch_of_no_rows_is_rejected_by_every_backend(name, backend):
     """One behaviour everywhere: a clear error naming the batch (no ZeroDivisionError, no NaN loss), from the
     wrappers of every backend and from the raw op (C++ or the reference implementation)."""

@@ -69,6 +69,18 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
               checkpoint_path=tmp_path / "run.pt", resume=True, run_config={"name": "other"}, progress=False)
 
 
+def test_resume_refuses_a_checkpoint_of_another_model_kind(tmp_path):
+    """Same run config, another model (an fcn-bn checkpoint of DecoupledSequential, now that fcn-bn builds a
+    DecoupledMLP): a CheckpointError naming the model, not a raw load_state_dict error."""
+    from fastdni.nn import DecoupledMLP
+
+    _train(_model(), 5, tmp_path / "run.pt")
+    torch.manual_seed(0)
+    other = DecoupledMLP(12, (16,), 3, sg_hidden=(8,), context_features=3, gradient_scale=16, batch_norm=True)
+    with pytest.raises(CheckpointError, match=r"^checkpoint: its model state does not fit this DecoupledMLP"):
+        _train(other, 10, tmp_path / "run.pt", resume=True)
+
+
 def test_bad_checkpoint_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="no file"):
         load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,191 @@
+"""One training step of the paper's FCN with BatchNorm (``--model fcn-bn``): fused ops against autograd and torch.compile.
+
+Usage::
+
+    python benchmarks/fcn_bn_step.py --quick                 # B 256, width 256, dni (MLP SG), fp32
+    python benchmarks/fcn_bn_step.py --markdown out.md       # B 64/256 x width 256/1024 x dni/cdni
+
+The model is ``fastdni.experiments.mnist``'s: ``784 -> [Linear -> BatchNorm1d -> ReLU -> SG] x 3 -> Linear -> 10``,
+Adam (lr 1e-3) on every block and SG, ``gradient_scale = B``; dni with an MLP SG (one hidden layer as wide as the layer),
+cdni with a linear SG on the labels. One step is ``train_step`` on a random batch: every layer's forward, SG
+prediction and update, every SG's regression, the classifier's backprop step. As in ``benchmarks/common.py``, the
+SG models' zero output layers are ``0.01 * randn`` (a trained SG; a zero one predicts 0) and every Adam state starts
+mid-training (step 10, small random moments), identically for every variant.
+
+Variants (each a copy of the same model and Adam state, updated on every call):
+
+- ``fused``: ``DecoupledMLP(batch_norm=True, backend="auto")``: per hidden layer ``dni_forward`` (GEMM) ->
+  ``batch_norm_act`` -> ``sg_predict``, ``batch_norm_act_update_`` -> ``dni_update_`` -> ``sg_regression_``;
+- ``eager``: ``DecoupledSequential`` over ``nn.Sequential(Linear, BatchNorm1d, ReLU)`` blocks (autograd, ``DNI``
+  interfaces, ``Adam.step()``): what ``--backend autograd`` runs;
+- ``compiled``: the same, each block and SG model under ``torch.compile`` (the step itself, with its
+  ``backward`` calls inside the interfaces, is not one graph).
+
+Each row is checked first (one step of each variant from the same state): the loss and every parameter update
+against ``fused``'s, relative to the largest update (``CHECK_TOL``). (From a fresh Adam state the check would be
+moot: the Linears' biases before a BatchNorm have a true gradient of 0, and Adam's first step turns each variant's
+rounding noise into a step of ~lr; docs/performance.md.)
+Times: the median over interleaved repetitions (``benchmarks/dni_step.py``'s ``time_interleaved``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dni_step  # noqa: E402
+from fastdni.experiments import mnist  # noqa: E402
+
+BATCHES = (64, 256)
+WIDTHS = (256, 1024)
+MODES = ("dni", "cdni")
+QUICK = dict(batch=(256,), width=(256,), mode=("dni",))
+CHECK_TOL = 1e-3  #: fp32, one step
+COLUMNS = ("fused", "eager", "compiled")
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    model: torch.nn.Module
+    step: Callable[[], object]
+
+
+def make_models(batch: int, width: int, mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The fused and the autograd fcn-bn, same initialisation (``build_model`` with the same seed), mid-training."""
+    config = mnist.RunConfig(mode=mode, steps=1, lr=1e-3, sg_lr=1e-3, lr_schedule="constant", model="fcn-bn", width=width,
+                             batch_size=batch, sg_hidden=(width,) if mode == "dni" else ())
+    models = mnist.build_model(config), mnist.build_model(dataclasses.replace(config, backend="autograd"))
+    for model in models:
+        _mid_training(model)
+    return models
+
+
+def _mid_training(model: torch.nn.Module) -> None:
+    """Zero SG layers to ``0.01 * randn`` and Adam at step 10 with small random moments, seeded per parameter index."""
+    optimizers = [o for o in (*model.optimizers, *model.sg_optimizers) if o is not None]
+    sg_params = set(id(p) for p in _all_params(model)[-len(_sg_params(model)):])
+    for i, p in enumerate(_all_params(model)):
+        gen = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            if id(p) in sg_params and not p.any():
+                p.copy_(0.01 * torch.randn(p.shape, generator=gen))
+        opt = next(o for o in optimizers if any(q is p for g in o.param_groups for q in g["params"]))
+        opt.state[p] = {"step": torch.tensor(10.0), "exp_avg": 1e-3 * torch.randn(p.shape, generator=gen),
+                        "exp_avg_sq": 1e-6 * torch.rand(p.shape, generator=gen)}
+
+
+def make_variants(batch: int, width: int, mode: str, skip: set[str], notes: list[str]) -> tuple[dict[str, Variant], tuple]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 784, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    context = y if mode == "cdni" else None
+    fused, eager = make_models(batch, width, mode)
+    variants = {"fused": Variant("fused", fused, lambda: fused.train_step(x, y, F.cross_entropy, context)),
+                "eager": Variant("eager", eager, lambda: eager.train_step(x, y, F.cross_entropy, context))}
+    if "compiled" not in skip:
+        torch._dynamo.reset()  # each row compiles new modules: without it the recompile limit drops later rows to eager
+        compiled = make_models(batch, width, mode)[1]
+        try:
+            for i, block in enumerate(compiled.blocks):
+                compiled.blocks[i] = torch.compile(block, dynamic=False)
+            for interface in compiled.interfaces:
+                interface.synthetic_gradient = torch.compile(interface.synthetic_gradient, dynamic=False)
+            variants["compiled"] = Variant("compiled", compiled, lambda: compiled.train_step(x, y, F.cross_entropy, context))
+        except Exception as error:  # noqa: BLE001  e.g. no C++ compiler for Inductor
+            notes.append(f"compiled: {type(error).__name__}: {error}")
+    return variants, (x, y)
+
+
+def _sg_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    if hasattr(model, "norms"):
+        return list(model.synthetic_gradients.parameters())
+    return [p for interface in model.interfaces for p in interface.parameters()]
+
+
+def _all_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter (W, b, gamma, beta per hidden layer, the classifier's, the SGs'), one order for both kinds."""
+    if hasattr(model, "norms"):
+        hidden = [[*layer.parameters(), *norm.parameters()] for layer, norm in zip(model.layers, model.norms)]
+        head = list(model.layers[-1].parameters())
+    else:
+        hidden = [list(block.parameters()) for block in model.blocks[:-1]]
+        head = list(model.blocks[-1].parameters())
+    return [p for group in hidden for p in group] + head + _sg_params(model)
+
+
+def check_equal_step(variants: dict[str, Variant]) -> dict:
+    starts = {name: [p.detach().clone() for p in _all_params(v.model)] for name, v in variants.items()}
+    losses = {name: float(v.step().loss) for name, v in variants.items()}
+    updates = {name: [p.detach() - p0 for p, p0 in zip(_all_params(v.model), starts[name])] for name, v in variants.items()}
+    out = {}
+    for name in variants:
+        err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(updates[name], updates["fused"]))
+        loss_err = abs(losses[name] - losses["fused"]) / abs(losses["fused"])
+        out[name] = dict(update=err, loss=loss_err, ok=err <= CHECK_TOL and loss_err <= CHECK_TOL)
+    return out
+
+
+def run_row(batch: int, width: int, mode: str, opts: argparse.Namespace) -> dict:
+    row = dict(batch=batch, width=width, mode=mode, notes=[])
+    variants, _ = make_variants(batch, width, mode, set(opts.skip), row["notes"])
+    row["check"] = check_equal_step(variants)
+    samples = dni_step.time_interleaved({name: v.step for name, v in variants.items()}, opts.reps, 0.05, 20.0)
+    row["ms"] = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    row["ratios"] = {f"{name}/fused": t / row["ms"]["fused"] for name, t in row["ms"].items() if name != "fused"}
+    return row
+
+
+HEADER = ["B", "width", "mode", *(f"{c} ms" for c in COLUMNS), "eager/fused", "compiled/fused", "check"]
+
+
+def format_row(row: dict) -> list[str]:
+    ms, ratios = row["ms"], row["ratios"]
+    cells = [str(row["batch"]), str(row["width"]), row["mode"]]
+    cells += [f"{ms[c]:.2f}" if c in ms else "-" for c in COLUMNS]
+    cells += [f"{ratios[f'{c}/fused']:.2f}x" if f"{c}/fused" in ratios else "-" for c in ("eager", "compiled")]
+    cells.append("ok" if all(c["ok"] for c in row["check"].values()) else "MISMATCH " + str(row["check"]))
+    return cells
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="B 256, width 256, dni only (smoke test)")
+    parser.add_argument("--batch", type=int, action="append")
+    parser.add_argument("--width", type=int, action="append")
+    parser.add_argument("--mode", choices=MODES, action="append")
+    parser.add_argument("--skip", choices=("compiled",), action="append", default=[])
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per variant (default 7)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    parser.add_argument("--markdown", metavar="PATH")
+    opts = parser.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    rows = []
+    print(" | ".join(HEADER))
+    for mode, width, batch in itertools.product(opts.mode or (QUICK["mode"] if opts.quick else MODES),
+                                                opts.width or (QUICK["width"] if opts.quick else WIDTHS),
+                                                opts.batch or (QUICK["batch"] if opts.quick else BATCHES)):
+        rows.append(run_row(batch, width, mode, opts))
+        print(" | ".join(format_row(rows[-1])), *rows[-1]["notes"], flush=True)
+    if opts.markdown:
+        title = f"# fcn-bn training step on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+        lines = [title, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(format_row(r)) + " |" for r in rows]
+        notes = sorted({n for r in rows for n in r["notes"]})
+        Path(opts.markdown).write_text("\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n")
+    return 0 if all(all(c["ok"] for c in r["check"].values()) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
