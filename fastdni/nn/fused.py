@@ -141,15 +141,13 @@ class DecoupledMLP(DecoupledTrainer):
             for i, (layer, sg) in enumerate(zip(self.layers, self.synthetic_gradients)):
                 if self.norms is not None:
                     dx, forward = self._bn_layer_step(i, h, context, need_input_grad=below is not None)
-                    if below is not None:
-                        sg_losses[below[0]] = self._regress(*below, dx, context)
-                    below, h = (i, forward), forward.h
-                    continue
-                forward = ops.dni_forward(h, layer.weight, layer.bias, sg.reference_params(), context,
-                                          activation=self.activation, backend=self.backend)
-                dx = ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_,
-                                    h, layer.weight, layer.bias, forward, grad_scale=self.gradient_scale,
-                                    activation=self.activation, need_input_grad=below is not None, backend=self.backend)
+                else:
+                    forward = ops.dni_forward(h, layer.weight, layer.bias, sg.reference_params(), context,
+                                              activation=self.activation, backend=self.backend)
+                    dx = ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_,
+                                        h, layer.weight, layer.bias, forward, grad_scale=self.gradient_scale,
+                                        activation=self.activation, need_input_grad=below is not None,
+                                        backend=self.backend)
                 if below is not None:  # dx: the bootstrapped target of the SG below
                     sg_losses[below[0]] = self._regress(*below, dx, context)
                 below, h = (i, forward), forward.h

@@ -138,6 +138,14 @@ def _check_contiguous(name: str, tensors: Sequence[Optional[Tensor]]) -> None:
             raise ValueError(f"{name}[{i}]: expected a contiguous tensor (it is updated in place), got strides {t.stride()}")
 
 
+def _check_step_args(optimizer: str, hyper: Sequence[float], state: Sequence[Tensor], params: Sequence[Tensor],
+                     params_name: str = "params") -> None:
+    """What every op that steps parameters in place needs of them and of the optimizer's state."""
+    check_optimizer_args(optimizer, hyper, state, params)
+    _check_contiguous(params_name, params)
+    _check_contiguous("state", state)
+
+
 def dni_forward(
     x: Tensor,
     weight: Tensor,
@@ -208,9 +216,7 @@ def dni_update_(
     if activation in NEEDS_PRE:
         check_tensor("forward.pre", forward.pre, shape=tuple(forward.h.shape), like=x)
     check_positive("grad_scale", grad_scale)
-    check_optimizer_args(optimizer, hyper, state, [weight, bias])
-    _check_contiguous("params", [weight, bias])
-    _check_contiguous("state", state)
+    _check_step_args(optimizer, hyper, state, [weight, bias])
     run = check_backend(backend, x.device, x.dtype)
     args = (x, weight, bias, forward.h, forward.pre, forward.prediction, list(state), optimizer, [float(v) for v in hyper],
             float(grad_scale), activation, bool(need_input_grad))
@@ -247,9 +253,7 @@ def sg_regression_(
     check_positive("target_scale", target_scale, allow_zero=True)
     check_positive("loss_weight", loss_weight)
     params = ordered_params(sg)
-    check_optimizer_args(optimizer, hyper, state, params)
-    _check_contiguous("sg params", params)
-    _check_contiguous("state", state)
+    _check_step_args(optimizer, hyper, state, params, "sg params")
     run = check_backend(backend, h.device, h.dtype, "h")
     args = (h, list(forward.sg_hidden), forward.prediction, target, list(sg.weights), list(sg.biases), sg.context_weight,
             context, list(state), optimizer, [float(v) for v in hyper], float(target_scale), float(loss_weight))
@@ -309,9 +313,7 @@ def batch_norm_act_update_(
     check_tensor("prediction", prediction, shape=(rows, features), like=h)
     check_activation(activation)
     check_positive("grad_scale", grad_scale)
-    check_optimizer_args(optimizer, hyper, state, [weight, bias])
-    _check_contiguous("params", [weight, bias])
-    _check_contiguous("state", state)
+    _check_step_args(optimizer, hyper, state, [weight, bias])
     run = check_backend(backend, h.device, h.dtype, "h")
     args = (h, forward.xhat, forward.invstd, prediction, weight, bias, list(state), optimizer, [float(v) for v in hyper],
             float(grad_scale), activation)
