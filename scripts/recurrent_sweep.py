@@ -1,5 +1,5 @@
 """Variants of the copy tasks' recurrent DNI side by side in one process (one stacked group of runs): how the
-settings of docs/recurrent.md were chosen. Each ``--runs`` entry is ``method[:sg_scale[:bootstrap[:seed]]]``;
+settings of docs/recurrent.md were chosen. Each ``--runs`` entry is ``method[:sg_scale[:bootstrap[:seed[:forget_bias]]]]``;
 ``oracle`` as the method is DNI handed the true dropped gradient (looked ahead by full BPTT) instead of M: the
 ceiling of a perfect SG. Prints, per run, the curriculum length, its error, the SG loss and the SG alignment.
 
@@ -27,6 +27,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sg-lr", type=float, default=1e-2)
     p.add_argument("--aux-weight", type=float, default=0.1)
+    p.add_argument("--forget-bias", type=float, default=0.0,
+                   help="added to every run's initial forget-gate bias (a run's 5th --runs field overrides it)")
+    p.add_argument("--rls-decay", type=float, default=0.999, help="method suffix +rls: the SG's least-squares forgetting")
+    p.add_argument("--rls-ridge", type=float, default=1e-3, help="method suffix +rls: ridge, relative to the mean diagonal")
     p.add_argument("--max-repeats", type=int, default=0, help="0: copy; R >= 1: repeat copy")
     p.add_argument("--error-unit", choices=("bit", "step"), default="bit")
     p.add_argument("--stream", action="store_true", help="continuous stream (default: episodes reset the state)")
@@ -37,12 +41,15 @@ def main() -> None:
     torch.set_num_threads(1)
     if a.ptb:
         return sweep_ptb(a)
-    methods, sg_scale, bootstrap, seeds = _specs(a)
+    methods, sg_scale, bootstrap, seeds, forget = _specs(a)
+    solvers = ["rls" if m.endswith("+rls") else "adam" for m in methods]
+    methods = [m.removesuffix("+rls") for m in methods]
     oracle = torch.tensor([m == "oracle" for m in methods])
     methods = ["dni" if m == "oracle" else m for m in methods]
     streams = CopyStreams(len(methods), a.batch_size, max_repeats=a.max_repeats, seed=100)
     group = RunGroup(methods, seeds, streams.input_channels, a.hidden, streams.output_channels, sg_scale=sg_scale,
-                     aux_weight=a.aux_weight, bootstrap=bootstrap)
+                     aux_weight=a.aux_weight, bootstrap=bootstrap, forget_bias=forget, sg_solver=solvers, rls_decay=a.rls_decay,
+                     rls_ridge=a.rls_ridge)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=a.lr), torch.optim.Adam(group.sg_parameters(), lr=a.sg_lr)]
     curriculum = StreamCurriculum(len(methods), a.batch_size, streams.output_channels, per=a.error_unit)
     state, sg_loss, cosines, began = group.initial_state(a.batch_size), torch.zeros(len(methods)), [], time.time()
@@ -97,7 +104,8 @@ def main() -> None:
 def _specs(a):
     specs = [r.split(":") for r in a.runs]
     return ([s[0] for s in specs], [float(s[1]) if len(s) > 1 else 1.0 for s in specs],
-            [float(s[2]) if len(s) > 2 else 1.0 for s in specs], [int(s[3]) if len(s) > 3 else 0 for s in specs])
+            [float(s[2]) if len(s) > 2 else 1.0 for s in specs], [int(s[3]) if len(s) > 3 else 0 for s in specs],
+            [float(s[4]) if len(s) > 4 else a.forget_bias for s in specs])
 
 
 def sweep_ptb(a) -> None:
@@ -106,9 +114,9 @@ def sweep_ptb(a) -> None:
 
     data = load_ptb_chars(None)
     vocab = len(data.vocab)
-    methods, sg_scale, bootstrap, seeds = _specs(a)
+    methods, sg_scale, bootstrap, seeds, forget = _specs(a)
     group = RunGroup(methods, seeds, vocab, a.hidden, vocab, sg_scale=sg_scale, aux_weight=a.aux_weight,
-                     bootstrap=bootstrap)
+                     bootstrap=bootstrap, forget_bias=forget)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=a.lr), torch.optim.Adam(group.sg_parameters(), lr=a.sg_lr)]
     text = batchify(data.train, a.batch_size)
     state, position, began, sg_loss = group.initial_state(a.batch_size), 0, time.time(), torch.zeros(len(methods))

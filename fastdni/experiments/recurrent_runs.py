@@ -61,7 +61,8 @@ class RunGroup(nn.Module):
 
     def __init__(self, methods: Sequence[str], seeds: Sequence[int], in_features: int, hidden: int,
                  out_features: int, *, sg_scale: PerRun = 0.1, aux_weight: PerRun = 0.1, bootstrap: PerRun = 1.0,
-                 sg_hidden: int = 0):
+                 sg_hidden: int = 0, forget_bias: PerRun = 0.0, sg_solver: Union[str, Sequence[str]] = "adam",
+                 rls_decay: float = 0.999, rls_ridge: float = 1e-3, rls_every: int = 10):
         super().__init__()
         if len(methods) != len(seeds) or not methods:
             raise ValueError(f"methods/seeds: expected equal, non-zero lengths, got {len(methods)} and {len(seeds)}")
@@ -78,6 +79,8 @@ class RunGroup(nn.Module):
         self.w_ih = _stack([m.weight_ih_l0.t() for m in lstms])
         self.w_hh = _stack([m.weight_hh_l0.t() for m in lstms])
         self.b_ih = _stack([m.bias_ih_l0[None] for m in lstms])
+        with torch.no_grad():  # gates i, f, g, o: a forget bias > 0 makes the initial cell keep its memory longer
+            self.b_ih[:, 0, hidden : 2 * hidden] += torch.tensor(_per_run("forget_bias", forget_bias, len(seeds)))[:, None]
         self.b_hh = _stack([m.bias_hh_l0[None] for m in lstms])
         self.w_out = _stack([m.weight.t() for m in readouts])
         self.b_out = _stack([m.bias[None] for m in readouts])
@@ -98,6 +101,16 @@ class RunGroup(nn.Module):
         self.sg_scales = [0.0 if m == "bptt" else s for m, s in zip(methods, sg_scale)]
         self.aux_weights = [w if m == "dni-aux" else 0.0 for m, w in zip(methods, aux_weight)]
         self.bootstraps = _per_run("bootstrap", bootstrap, runs)
+        solvers = [sg_solver] * runs if isinstance(sg_solver, str) else list(sg_solver)
+        if len(solvers) != runs or not set(solvers) <= {"adam", "rls"} or (sg_hidden and "rls" in solvers):
+            raise ValueError(f"sg_solver: expected 'adam' or 'rls' (linear SG only), or one per run, got {sg_solver!r}")
+        # "rls": the linear SG is the ridge solution over exponentially weighted (state, target) statistics,
+        # re-solved every rls_every windows, instead of Adam steps on each window's noisy target.
+        self.register_buffer("rls_runs", torch.tensor([x == "rls" for x in solvers]))
+        if bool(self.rls_runs.any()):
+            self.register_buffer("rls_a", torch.zeros(runs, state + 1, state + 1, dtype=torch.float64))
+            self.register_buffer("rls_c", torch.zeros(runs, state + 1, state, dtype=torch.float64))
+            self.rls_decay, self.rls_ridge, self.rls_every, self.rls_count = rls_decay, rls_ridge, rls_every, 0
 
     @property
     def runs(self) -> int:
@@ -197,10 +210,28 @@ class RunGroup(nn.Module):
             return error.pow(2).sum((1, 2)) / batch
         with torch.no_grad():
             error = self.predict(start) - target
+            if hasattr(self, "rls_a"):
+                self._rls_update(start, target)
             for p, g in ((self.sg_w, torch.bmm(start.transpose(1, 2), error) * (2.0 / batch)),
                          (self.sg_b, error.sum(1, keepdim=True) * (2.0 / batch))):
+                if hasattr(self, "rls_a"):
+                    g = g * (~self.rls_runs).to(g.dtype)[:, None, None]
                 p.grad = g if p.grad is None else p.grad + g
             return error.pow(2).sum((1, 2)) / batch
+
+    def _rls_update(self, start: Tensor, target: Tensor) -> None:
+        z = torch.cat([start, torch.ones_like(start[..., :1])], -1).double()
+        self.rls_a.mul_(self.rls_decay).add_(torch.bmm(z.transpose(1, 2), z))
+        self.rls_c.mul_(self.rls_decay).add_(torch.bmm(z.transpose(1, 2), target.double()))
+        self.rls_count += 1
+        if self.rls_count % self.rls_every:
+            return
+        dim = self.rls_a.shape[-1]
+        ridge = self.rls_ridge * self.rls_a.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
+        solution = torch.linalg.solve(self.rls_a + ridge[:, None, None] * torch.eye(dim, dtype=torch.float64), self.rls_c)
+        rls = self.rls_runs[:, None, None]
+        self.sg_w.copy_(torch.where(rls, solution[:, :-1].to(self.sg_w.dtype), self.sg_w))
+        self.sg_b.copy_(torch.where(rls, solution[:, -1:].to(self.sg_b.dtype), self.sg_b))
 
     def alignment(self, state: tuple[Tensor, Tensor], future_loss) -> tuple[Tensor, Tensor]:
         """Per run: cosine and norm ratio between ``M(s) / B`` and :func:`dropped_gradient`, the gradient

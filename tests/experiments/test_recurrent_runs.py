@@ -182,3 +182,30 @@ def test_recurrent_runs_benchmark_prints_its_ratio_table(capsys, monkeypatch):
                       capsys, monkeypatch)
     assert "| sg_scale | bootstrap | separate TruncationDNI loops | stacked RunGroup | speed-up |" in out
     assert out.count("x |") == 2
+
+
+def test_forget_bias_shifts_only_the_forget_gate_of_its_run():
+    plain = RunGroup(["bptt", "dni"], [0, 1], IN, HIDDEN, OUT)
+    shifted = RunGroup(["bptt", "dni"], [0, 1], IN, HIDDEN, OUT, forget_bias=[0.0, 1.0])
+    delta = shifted.b_ih.detach() - plain.b_ih.detach()  # [R, 1, 4H], gates i, f, g, o
+    assert delta[0].abs().max() == 0
+    torch.testing.assert_close(delta[1, 0, HIDDEN : 2 * HIDDEN], torch.ones(HIDDEN))
+    assert delta[1, 0, :HIDDEN].abs().max() == 0 and delta[1, 0, 2 * HIDDEN :].abs().max() == 0
+
+
+def test_rls_solver_fits_a_linear_target_and_leaves_adam_runs_alone():
+    group = RunGroup(["dni", "dni"], [0, 0], IN, HIDDEN, OUT, sg_solver=["adam", "rls"], rls_decay=1.0,
+                     rls_ridge=1e-9, rls_every=4).double()
+    gen = torch.Generator().manual_seed(0)
+    true_w = torch.randn(2 * HIDDEN, 2 * HIDDEN, generator=gen, dtype=F64)
+    true_b = torch.randn(1, 2 * HIDDEN, generator=gen, dtype=F64)
+    for _ in range(8):
+        start = torch.randn(1, 40, 2 * HIDDEN, generator=gen, dtype=F64).expand(2, -1, -1)
+        loss = group._regress(start, start @ true_w + true_b)
+    torch.testing.assert_close(group.sg_w[1].detach(), true_w)
+    torch.testing.assert_close(group.sg_b[1].detach(), true_b)
+    assert loss[1] < 1e-12 < loss[0]
+    # The adam run got its usual regression gradient; the rls run none (its Adam step is zero).
+    assert group.sg_w.grad[0].abs().max() > 0 and group.sg_w.grad[1].abs().max() == 0
+    with pytest.raises(ValueError, match="sg_solver"):
+        RunGroup(["dni"], [0], IN, HIDDEN, OUT, sg_solver="sgd")
