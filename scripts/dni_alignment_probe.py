@@ -12,6 +12,7 @@ docs/mnist.md.
     python scripts/dni_alignment_probe.py --bottom-linear                  # a linear SG after block 1
     python scripts/dni_alignment_probe.py --block-lrs 1e-3 1e-3 1e-3 --trust 0.9   # lr times the SGs' cosines
     python scripts/dni_alignment_probe.py --model cnn --mode cdni --steps 702 --eval-every 117
+    python scripts/dni_alignment_probe.py --true-targets                   # every SG regressed on the true dL/dh
 """
 import argparse
 import dataclasses
@@ -41,7 +42,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", type=float, default=0.0,
                    help="> 0: each block's rate times the product of the running cosines (this decay) of the SGs "
                         "at and above it with their targets")
+    p.add_argument("--true-targets", action="store_true",
+                   help="regress every SG onto the true gradient at its interface (a full backprop per step, "
+                        "nothing stepped by it) instead of the bootstrapped target")
     return p
+
+
+def true_gradients(model, x, y, loss_fn) -> list:
+    """dL/dh at every interface by full backprop through the current blocks (BatchNorm buffers kept)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    with torch.enable_grad():
+        outputs, h = [], x
+        for block in model.blocks:
+            h = block(h)
+            outputs.append(h)
+        grads = torch.autograd.grad(loss_fn(h, y), outputs[:-1])
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    return [g.detach() for g in grads]
 
 
 def build(args):
@@ -74,6 +93,9 @@ def instrument(model, args, true_alignment: list) -> None:
         if calls[0] % args.every == 0:
             true_alignment.append([a.cosine for a in model.sg_alignment(x, y, loss_fn, context)])
         calls[0] += 1
+        if args.true_targets:
+            for interface, grad in zip(model.interfaces, true_gradients(model, x, y, loss_fn)):
+                interface.true_target = grad
         if args.trust:  # the loop has just set every rate from its schedule; scale the blocks' ones
             product = 1.0
             for i in reversed(range(len(model.interfaces))):

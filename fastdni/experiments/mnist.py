@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..nn import DecoupledMLP, DecoupledSequential
+from ..nn.decoupled import SG_TARGETS
 from ..ops import BACKENDS as OP_BACKENDS
 from ..train import CheckpointError, train
 from .cli import mnist_main, require_positive
@@ -74,6 +75,7 @@ class RunConfig:
     batch_size: int = 256
     gradient_scale: Optional[float] = None  #: SG models predict this times dL/dh; None: the batch size
     seed: int = 0
+    sg_targets: str = "bootstrap"  #: what the SG models are regressed onto (DecoupledSequential's ``sg_targets``)
 
 
 MODELS = ("fcn", "fcn-bn", "cnn")
@@ -91,6 +93,8 @@ def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledSequential]:
     context = 10 if config.mode == "cdni" else 0
     batch_norm = config.model == "fcn-bn"
     if config.model != "cnn" and config.backend != "autograd":
+        if config.sg_targets != "bootstrap":
+            raise ValueError(f"sg_targets={config.sg_targets!r}: runs on DecoupledSequential (--backend autograd) only")
         # The same initialisation as fcn_blocks + synthetic_gradients below (Linears in order, then the SG models).
         return DecoupledMLP(784, (config.width,) * config.hidden_layers, NUM_CLASSES, sg_hidden=config.sg_hidden,
                             context_features=context, mode=mode, gradient_scale=gradient_scale, backend=config.backend,
@@ -102,7 +106,8 @@ def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledSequential]:
     sgs = None
     if config.mode != "backprop":
         sgs = synthetic_gradients(blocks, input_shape, config.sg_hidden, context_features=context)
-    return DecoupledSequential(blocks, sgs, mode=mode, gradient_scale=gradient_scale, **optimizers)
+    return DecoupledSequential(blocks, sgs, mode=mode, gradient_scale=gradient_scale, sg_targets=config.sg_targets,
+                               **optimizers)
 
 
 def run(config: RunConfig, data, out: Path, *, eval_every: int, checkpoint_every: int, resume: bool, progress: bool) -> dict:
@@ -172,6 +177,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="learning-rate schedule of every optimizer (default cosine decay to 0; --paper: constant)")
     p.add_argument("--gradient-scale", type=float, default=None,
                    help="SG models predict this times dL/dh (default: the batch size, i.e. per-example gradients)")
+    p.add_argument("--sg-targets", choices=SG_TARGETS, default="bootstrap",
+                   help="what each SG model is regressed onto: bootstrap (the SG above pushed back through the block, "
+                        "the paper's) or true (the true dL/dh at its interface); true: --backend autograd only")
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default 234 = 1 epoch)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's schedule: Adam lr 3e-5 for blocks and SGs, 500k steps (explicit flags still win)")
@@ -204,7 +212,7 @@ def config_for(args: argparse.Namespace, mode: str) -> RunConfig:
         steps=args.steps, batch_size=args.batch_size,
         lr=args.lr or DEMO_LR[args.model][mode]["lr"], sg_lr=args.sg_lr or DEMO_LR[args.model][mode]["sg_lr"],
         head_lr=args.head_lr or (None if args.lr else DEMO_LR[args.model][mode].get("head_lr")),
-        lr_schedule=args.lr_schedule, gradient_scale=args.gradient_scale, seed=args.seed,
+        lr_schedule=args.lr_schedule, gradient_scale=args.gradient_scale, seed=args.seed, sg_targets=args.sg_targets,
     )
 
 

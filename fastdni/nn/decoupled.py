@@ -12,6 +12,9 @@ from .recurrent import Alignment, alignment_of
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 MODES = ("dni", "backprop")
+#: What each SG model is regressed onto: the gradient pushed back through the block above it with that block's
+#: synthetic gradient ("bootstrap", the paper's every-layer DNI), or the true gradient of the loss ("true").
+SG_TARGETS = ("bootstrap", "true")
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -107,6 +110,16 @@ class DecoupledSequential(DecoupledTrainer):
         sg_loss_weight: weight of the SG regression loss.
         gradient_scale: the SG models predict ``gradient_scale * dL/dh`` (see :class:`DNI`);
             the batch size suits a loss averaged over the batch.
+        sg_targets: ``"bootstrap"`` (default): below the top, each SG model is regressed onto the synthetic
+            gradient of the SG above pushed back through the block between them, as in the paper's every-layer
+            DNI. ``"true"``: every SG model is regressed onto the true gradient ``dL/dh`` at its interface (what
+            the paper's SG learns "when the true gradient arrives"): the loss's gradient is pushed down through
+            every block (its input gradient only), while each block's parameters still learn from its own SG's
+            prediction alone. Bootstrapping compounds each SG's error with the errors of those above it, and the
+            bottom SGs of a deep stack learn little from it (docs/mnist.md); the true targets cost one more
+            input-gradient product per block and need the whole forward before the first SG regression. All
+            optimizers step at the end of the step (the same updates: no block's forward depends on another
+            block's update within a step).
     """
 
     def __init__(
@@ -120,8 +133,12 @@ class DecoupledSequential(DecoupledTrainer):
         mode: str = "dni",
         sg_loss_weight: float = 1.0,
         gradient_scale: float = 1.0,
+        sg_targets: str = "bootstrap",
     ):
         super().__init__()
+        if sg_targets not in SG_TARGETS:
+            raise ValueError(f"sg_targets: expected one of {SG_TARGETS}, got {sg_targets!r}")
+        self.sg_targets = sg_targets
         blocks = list(blocks)
         if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
             raise ValueError("blocks: expected a non-empty sequence of nn.Module")
@@ -156,7 +173,42 @@ class DecoupledSequential(DecoupledTrainer):
         return x
 
     def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
+        if self.sg_targets == "true":
+            return self._true_target_pass(x, target, loss_fn, context)
         return self._decoupled_pass(x, target, loss_fn, context, self._update)
+
+    def _true_target_pass(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
+        """``sg_targets="true"``: every block runs on a detached copy of its input (its own graph), the loss's
+        gradient is carried down block by block as an input gradient only, and at each interface, top first, the
+        interface sends its prediction into its block's parameters and is regressed onto the carried gradient."""
+        for interface in self.interfaces:
+            interface.last_sg_loss = None
+        inputs, outputs, h = [], [], x
+        for i, block in enumerate(self.blocks):
+            h = h.detach().requires_grad_(i > 0)
+            inputs.append(h)
+            h = block(h)
+            outputs.append(h)
+        loss = loss_fn(outputs[-1], target)
+        head = [p for p in self.blocks[-1].parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [inputs[-1]] + head)
+        for p, g in zip(head, grads[1:]):
+            p.grad = g if p.grad is None else p.grad + g
+        true = grads[0]  # dL/dh at the top interface
+        for i in reversed(range(len(self.interfaces))):
+            below = None
+            if i > 0:  # carried on before the interface's own backward frees block i's graph
+                below = torch.autograd.grad(outputs[i], inputs[i], true, retain_graph=True)[0]
+            wired = self.interfaces[i](outputs[i], context)  # block i's parameters get M / s
+            if wired.requires_grad:
+                wired.backward(true)  # the SG's regression onto the true gradient
+            true = below
+        for i in range(len(self.blocks)):
+            step_optimizer(self.optimizers[i])
+            if i < len(self.interfaces):
+                step_optimizer(self.sg_optimizers[i])
+        sg_losses = tuple(i.last_sg_loss for i in self.interfaces)
+        return StepResult(loss.detach(), outputs[-1].detach(), sg_losses)
 
     def sg_alignment(self, x: Tensor, target: Tensor, loss_fn: LossFunction,
                      context: Optional[Tensor] = None) -> list[Alignment]:

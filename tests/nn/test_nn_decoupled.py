@@ -165,8 +165,19 @@ def test_each_block_is_updated_before_the_next_one_runs():
     assert all(p.grad is None for p in model.parameters())  # every optimizer stepped and zeroed
 
 
-def manual_dni_step(blocks, sgs, x, y, context, lr, sg_loss_weight, scale):
-    """One DNI step of DecoupledSequential, by hand with autograd, for plain SGD."""
+def true_interface_gradients(blocks, x, y):
+    """dL/dh at the output of every block but the last, by plain backprop."""
+    outputs, h = [], x
+    for block in blocks:
+        h = block(h)
+        outputs.append(h)
+    return list(torch.autograd.grad(F.cross_entropy(h, y), outputs[:-1]))
+
+
+def manual_dni_step(blocks, sgs, x, y, context, lr, sg_loss_weight, scale, true_targets=False):
+    """One DNI step of DecoupledSequential, by hand with autograd, for plain SGD (``true_targets``: every SG
+    regressed onto the true gradient, ``sg_targets="true"``)."""
+    true = true_interface_gradients(blocks, x, y) if true_targets else None
 
     def sg_of(i, h):
         return sgs[i](h) if context is None else sgs[i](h, context)
@@ -189,6 +200,8 @@ def manual_dni_step(blocks, sgs, x, y, context, lr, sg_loss_weight, scale):
         if i > 0:
             targets.append(grads[0])  # the gradient sent back to SG i-1: bootstrapped or true
         inputs.append(out.detach())
+    if true is not None:
+        targets = true
     sg_results = [sg_grads(i, inputs[i + 1], scale * targets[i]) for i in range(len(sgs))]
     with torch.no_grad():
         expected_blocks = [p - lr * g for block, gs in zip(blocks, block_grads) for p, g in zip(block.parameters(), gs)]
@@ -234,6 +247,39 @@ def test_one_dni_step_against_manual_computation(context, gradient_scale, check_
     if context:  # the label context weights were trained too (their expected values are above)
         for sg, before in zip(sgs, context_before):
             assert not torch.equal(sg.context_weight.detach(), before)
+
+
+@pytest.mark.parametrize("context", [False, True], ids=["dni", "cdni"])
+def test_true_sg_targets_regress_every_sg_onto_the_true_gradient(context, check_close):
+    lr, weight, scale = 0.1, 0.5, 16.0
+    blocks = [nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.Tanh()).double(), *mlp_blocks()[1:]]
+    classes = CLASSES if context else 0
+    sgs = [
+        randomise_(SyntheticGradient(10, (7,), context_features=classes).double()),
+        randomise_(SyntheticGradient(8, context_features=classes).double()),
+    ]
+    x, y = batches(1)[0]
+    c = y if context else None
+    loss, expected_blocks, expected_sgs, sg_losses, _ = manual_dni_step(
+        copy.deepcopy(blocks), copy.deepcopy(sgs), x, y, c, lr, weight, scale, true_targets=True)
+    _, bootstrap_blocks, bootstrap_sgs, _, _ = manual_dni_step(
+        copy.deepcopy(blocks), copy.deepcopy(sgs), x, y, c, lr, weight, scale)
+    model = DecoupledSequential(blocks, sgs, optimizer=functools.partial(torch.optim.SGD, lr=lr), sg_loss_weight=weight,
+                                gradient_scale=scale, sg_targets="true")
+    expected_running = 0.9 * blocks[0][1].running_mean + 0.1 * blocks[0][0](x).mean(0).detach()
+    result = model.train_step(x, y, F.cross_entropy, context=c)
+    check_close(result.loss, loss)
+    check_close(params_of(model.blocks), expected_blocks)  # the blocks learn from their SGs, as with bootstrapping
+    check_close(params_of(model.blocks), bootstrap_blocks)
+    check_close(params_of(sgs), expected_sgs)
+    check_close(list(result.sg_losses), sg_losses)
+    # the bottom SG's true target differs from its bootstrapped one; the top one's is the same
+    assert not torch.allclose(params_of([sgs[0]])[0], bootstrap_sgs[0])
+    # one forward per step: the BatchNorm's running statistics moved once
+    check_close(blocks[0][1].running_mean, expected_running)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="sg_targets"):
+        DecoupledSequential(mlp_blocks(), None, sg_targets="oracle")
 
 
 def test_cdni_trains_with_label_context():
