@@ -93,12 +93,10 @@ def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledSequential]:
     context = 10 if config.mode == "cdni" else 0
     batch_norm = config.model == "fcn-bn"
     if config.model != "cnn" and config.backend != "autograd":
-        if config.sg_targets != "bootstrap":
-            raise ValueError(f"sg_targets={config.sg_targets!r}: runs on DecoupledSequential (--backend autograd) only")
         # The same initialisation as fcn_blocks + synthetic_gradients below (Linears in order, then the SG models).
         return DecoupledMLP(784, (config.width,) * config.hidden_layers, NUM_CLASSES, sg_hidden=config.sg_hidden,
                             context_features=context, mode=mode, gradient_scale=gradient_scale, backend=config.backend,
-                            batch_norm=batch_norm, **optimizers)
+                            batch_norm=batch_norm, sg_targets=config.sg_targets, **optimizers)
     if config.model != "cnn":
         blocks, input_shape = fcn_blocks(config.hidden_layers, config.width, batch_norm=batch_norm), (784,)
     else:
@@ -179,7 +177,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="SG models predict this times dL/dh (default: the batch size, i.e. per-example gradients)")
     p.add_argument("--sg-targets", choices=SG_TARGETS, default="bootstrap",
                    help="what each SG model is regressed onto: bootstrap (the SG above pushed back through the block, "
-                        "the paper's) or true (the true dL/dh at its interface); true: --backend autograd only")
+                        "the paper's) or true (the true dL/dh at its interface)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default 234 = 1 epoch)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's schedule: Adam lr 3e-5 for blocks and SGs, 500k steps (explicit flags still win)")

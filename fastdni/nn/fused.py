@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from .. import ops
 from .._checks import check_int, check_positive
 from ..reference.activations import activate, check_activation
-from .decoupled import (DecoupledTrainer, LossFunction, OptimizerFactory, StepResult, block_optimizers, default_optimizer,
-                        step_optimizer)
+from .decoupled import (SG_TARGETS, DecoupledTrainer, LossFunction, OptimizerFactory, StepResult, block_optimizers,
+                        default_optimizer, step_optimizer)
 from .synthetic_gradient import SyntheticGradient
 
 
@@ -50,6 +50,10 @@ class DecoupledMLP(DecoupledTrainer):
         batch_norm: a ``BatchNorm1d`` between each hidden layer's GEMM and its activation.
         bn_momentum, bn_eps: the ``BatchNorm1d``'s ``momentum`` (a number: the cumulative average, ``None``, is not
             supported) and ``eps``.
+        sg_targets: ``"bootstrap"`` or ``"true"``, as in :class:`DecoupledSequential`. With ``"true"`` every layer's
+            forward keeps its autograd graph (the ops are differentiable) so that the loss's gradient is carried down
+            as input gradients before any weight moves; each SG is regressed onto it, then every layer steps from
+            its SG's prediction (``dni_update_`` without ``dx``).
     """
 
     def __init__(
@@ -71,8 +75,12 @@ class DecoupledMLP(DecoupledTrainer):
         batch_norm: bool = False,
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
+        sg_targets: str = "bootstrap",
     ):
         super().__init__()
+        if sg_targets not in SG_TARGETS:
+            raise ValueError(f"sg_targets: expected one of {SG_TARGETS}, got {sg_targets!r}")
+        self.sg_targets = sg_targets
         hidden = tuple(hidden)
         for name, value in (("in_features", in_features), ("out_features", out_features), *(("hidden", h) for h in hidden)):
             check_int(name, value, 1)
@@ -134,6 +142,8 @@ class DecoupledMLP(DecoupledTrainer):
         return out
 
     def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
+        if self.sg_targets == "true":
+            return self._true_target_step(x, target, loss_fn, context)
         sg_losses: list[Optional[Tensor]] = [None] * len(self.synthetic_gradients)
         below = None  # (SG index, the forward whose prediction awaits a target; its h is the SG's input)
         h = x.detach()
@@ -160,22 +170,70 @@ class DecoupledMLP(DecoupledTrainer):
             sg_losses[below[0]] = self._regress(*below, h_top.grad, context)
         return StepResult(loss.detach(), output.detach(), tuple(sg_losses))
 
+    def _true_target_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
+        """``sg_targets="true"``: differentiable forwards (each layer from a detached input), the true gradient carried
+        down and regressed onto at every SG, then the layers' fused steps from their SGs' predictions."""
+        inputs, outputs, forwards = [], [], []
+        h = x.detach()
+        for i, (layer, sg) in enumerate(zip(self.layers, self.synthetic_gradients)):
+            h = h.detach().requires_grad_(i > 0)
+            inputs.append(h)
+            if self.norms is None:
+                forward = ops.dni_forward(h, layer.weight, layer.bias, sg.reference_params(), context,
+                                          activation=self.activation, backend=self.backend)
+                out = forward.h
+            else:
+                pre = ops.dni_forward(h, layer.weight, layer.bias, activation="identity", backend=self.backend).h
+                normed = self._normalise(i, pre)
+                out = normed.h
+                with torch.no_grad():
+                    forward = (normed, ops.sg_predict(out.detach(), sg.reference_params(), context, backend=self.backend))
+            outputs.append(out)
+            forwards.append(_detached(forward))
+            h = out
+        h_top = h.detach().requires_grad_()
+        output = self.layers[-1](h_top)
+        loss = loss_fn(output, target)
+        loss.backward()  # the true gradient: the output layer's, and the top SG's target
+        true, sg_losses = h_top.grad, [None] * len(forwards)
+        for i in reversed(range(len(forwards))):
+            below = torch.autograd.grad(outputs[i], inputs[i], true)[0] if i > 0 else None
+            with torch.no_grad():
+                sg_losses[i] = self._regress(i, forwards[i] if self.norms is None else forwards[i][1], true, context)
+            true = below
+        with torch.no_grad():
+            for i, (layer, forward) in enumerate(zip(self.layers, forwards)):
+                x_i = inputs[i].detach()
+                if self.norms is None:
+                    ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_, x_i, layer.weight,
+                                   layer.bias, forward, grad_scale=self.gradient_scale, activation=self.activation,
+                                   need_input_grad=False, backend=self.backend)
+                else:
+                    self._bn_layer_update(i, x_i, *forward, need_input_grad=False)
+        step_optimizer(self.optimizers[-1])
+        return StepResult(loss.detach(), output.detach(), tuple(sg_losses))
+
     def _bn_layer_step(self, i: int, x: Tensor, context: Optional[Tensor], *,
                        need_input_grad: bool) -> tuple[Tensor, ops.Prediction]:
         """Hidden layer ``i`` with BatchNorm: forward, SG prediction, the steps of gamma, beta (from the prediction)
         and ``W``, ``b`` (from ``dL/dpre``); returns ``dx`` (empty without ``need_input_grad``) and the prediction."""
-        layer, norm = self.layers[i], self.norms[i]
+        layer = self.layers[i]
         pre = ops.dni_forward(x, layer.weight, layer.bias, activation="identity", backend=self.backend).h
         normed = self._normalise(i, pre)
         predicted = ops.sg_predict(normed.h, self.synthetic_gradients[i].reference_params(), context, backend=self.backend)
+        return self._bn_layer_update(i, x, normed, predicted, need_input_grad=need_input_grad), predicted
+
+    def _bn_layer_update(self, i: int, x: Tensor, normed: ops.BatchNormResult, predicted: ops.Prediction, *,
+                         need_input_grad: bool) -> Tensor:
+        """The steps of gamma, beta (from the SG's prediction) and ``W``, ``b`` (from ``dL/dpre``); ``dx`` or empty."""
+        layer, norm = self.layers[i], self.norms[i]
         grad_pre = ops.fused_step(self.optimizers[i], [norm.weight, norm.bias], ops.batch_norm_act_update_,
                                   norm.weight, norm.bias, normed, predicted.prediction, grad_scale=self.gradient_scale,
                                   activation=self.activation, backend=self.backend)
         # dL/dpre is the GEMM's delta: dni_update_ with identity and scale 1 takes it as its "prediction".
         delta = ops.ForwardResult(grad_pre, grad_pre.new_empty(0), grad_pre, [])
-        dx = ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_, x, layer.weight, layer.bias,
-                            delta, activation="identity", need_input_grad=need_input_grad, backend=self.backend)
-        return dx, predicted
+        return ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_, x, layer.weight, layer.bias,
+                              delta, activation="identity", need_input_grad=need_input_grad, backend=self.backend)
 
     def _regress(self, index: int, forward: Union[ops.ForwardResult, ops.Prediction], target: Tensor, context: Optional[Tensor]) -> Tensor:
         sg = self.synthetic_gradients[index].reference_params()
@@ -186,3 +244,14 @@ class DecoupledMLP(DecoupledTrainer):
     def extra_repr(self) -> str:
         norm = ", batch_norm=True" if self.norms is not None else ""
         return f"activation={self.activation!r}, mode={self.mode!r}, backend={self.backend!r}{norm}"
+
+
+def _detached(result):
+    """A forward's NamedTuple (or a tuple of them) with every tensor detached: what the in-place update ops take."""
+    if isinstance(result, Tensor):
+        return result.detach()
+    if isinstance(result, list):
+        return [_detached(r) for r in result]
+    if hasattr(result, "_fields"):
+        return type(result)(*(_detached(r) for r in result))
+    return tuple(_detached(r) for r in result)

@@ -28,12 +28,13 @@ OPTIMIZERS = {
 STEP_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
-def twin_models(dtype, backend, *, activation="relu", sg_hidden=(8,), context_features=0, optimizer="adam"):
+def twin_models(dtype, backend, *, activation="relu", sg_hidden=(8,), context_features=0, optimizer="adam",
+                sg_targets="bootstrap"):
     """A DecoupledMLP and the DecoupledSequential over copies of its layers and SG models."""
     opt = OPTIMIZERS[optimizer]
     torch.manual_seed(0)
     fused = DecoupledMLP(20, (16, 12), 10, activation=activation, sg_hidden=sg_hidden, context_features=context_features,
-                         optimizer=opt, gradient_scale=32, backend=backend).to(dtype)
+                         optimizer=opt, gradient_scale=32, backend=backend, sg_targets=sg_targets).to(dtype)
     for sg in fused.synthetic_gradients:  # move the zero-initialised output layers off zero
         randomise_(sg, 0.1)
     # .to(dtype) replaced the parameters the optimizers were built on: rebuild them.
@@ -41,7 +42,7 @@ def twin_models(dtype, backend, *, activation="relu", sg_hidden=(8,), context_fe
     fused.sg_optimizers = [opt(sg.parameters()) for sg in fused.synthetic_gradients]
     blocks = [nn.Sequential(copy.deepcopy(layer), ACT_MODULES[activation]()) for layer in fused.layers[:-1]]
     reference = DecoupledSequential(blocks + [copy.deepcopy(fused.layers[-1])], copy.deepcopy(list(fused.synthetic_gradients)),
-                                    optimizer=opt, gradient_scale=32)
+                                    optimizer=opt, gradient_scale=32, sg_targets=sg_targets)
     return fused, reference
 
 
@@ -64,6 +65,21 @@ def test_matches_decoupled_sequential(dtype, backend, optimizer, sg_hidden, cont
         torch.testing.assert_close(torch.stack(got.sg_losses), torch.stack(want.sg_losses), **STEP_TOLERANCES[dtype])
     for p, q in zip(fused.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, **STEP_TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("context", [False, True])
+def test_true_sg_targets_match_decoupled_sequential(backend, activation, context):
+    fused, reference = twin_models(torch.float64, backend, activation=activation, sg_targets="true",
+                                   context_features=10 if context else 0)
+    for got, want in run_steps((fused, reference), torch.float64, steps=5, context=context):
+        torch.testing.assert_close(got.loss, want.loss, **STEP_TOLERANCES[torch.float64])
+        torch.testing.assert_close(torch.stack(got.sg_losses), torch.stack(want.sg_losses), **STEP_TOLERANCES[torch.float64])
+    for p, q in zip(fused.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, **STEP_TOLERANCES[torch.float64])
+    with pytest.raises(ValueError, match="sg_targets"):
+        DecoupledMLP(4, (3,), 2, sg_targets="oracle")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -36,14 +36,14 @@ BIAS_TOLERANCE = dict(rtol=0.0, atol=1e-8)
 MODES = {"dni": ((8,), 0), "cdni": ((), 10), "backprop": ((8,), 0)}  # sg_hidden, context_features
 
 
-def twin_models(backend, *, mode="dni", activation="relu", optimizer="adam", dtype=torch.float64):
+def twin_models(backend, *, mode="dni", activation="relu", optimizer="adam", dtype=torch.float64, sg_targets="bootstrap"):
     """A DecoupledMLP(batch_norm=True) and the DecoupledSequential over copies of its layers, norms and SG models."""
     opt = OPTIMIZERS[optimizer]
     sg_hidden, context_features = MODES[mode]
     torch.manual_seed(0)
     fused = DecoupledMLP(20, (16, 12), 10, activation=activation, sg_hidden=sg_hidden, context_features=context_features,
                          optimizer=opt, gradient_scale=32, backend=backend, batch_norm=True,
-                         mode="backprop" if mode == "backprop" else "dni").to(dtype)
+                         mode="backprop" if mode == "backprop" else "dni", sg_targets=sg_targets).to(dtype)
     for sg in fused.synthetic_gradients:  # move the zero-initialised output layers off zero
         randomise_(sg, 0.1)
     for norm in fused.norms:  # gamma, beta and the running statistics off their initial 1 and 0
@@ -58,7 +58,7 @@ def twin_models(backend, *, mode="dni", activation="relu", optimizer="adam", dty
               for layer, norm in zip(fused.layers[:-1], fused.norms)]
     sgs = copy.deepcopy(list(fused.synthetic_gradients)) if mode != "backprop" else None
     reference = DecoupledSequential(blocks + [copy.deepcopy(fused.layers[-1])], sgs, optimizer=opt, gradient_scale=32,
-                                    mode="backprop" if mode == "backprop" else "dni")
+                                    mode="backprop" if mode == "backprop" else "dni", sg_targets=sg_targets)
     return fused, reference
 
 
@@ -108,6 +108,19 @@ def test_learning_curve_matches_decoupled_sequential(backend, mode):
     torch.testing.assert_close(got, want, **CURVE_TOLERANCE)
     assert got[-10:, 0].mean() < 0.85 * got[:10, 0].mean()  # it learned: the comparison is of a moving curve
     assert_same_state(fused, reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["dni", "cdni"])
+def test_true_sg_targets_match_decoupled_sequential(backend, mode):
+    """sg_targets="true": every SG regressed onto the true gradient, on the fused ops as on autograd."""
+    fused, reference = twin_models(backend, mode=mode, sg_targets="true")
+    got, want = train_curves((fused, reference), 60, context=mode == "cdni")
+    torch.testing.assert_close(got, want, **CURVE_TOLERANCE)
+    assert_same_state(fused, reference)
+    bootstrap, _ = twin_models(backend, mode=mode)
+    other = train_curves((bootstrap,), 60, context=mode == "cdni")[0]
+    assert not torch.allclose(other[:, 1], got[:, 1])  # the bottom SG's loss: another target
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
