@@ -58,7 +58,7 @@ class ProbeDNI(DNI):
         super().__init__(*args, **kwargs)
         self.trace: list[tuple[float, float, float]] = []
 
-    def forward(self, h: Tensor, context=None) -> Tensor:
+    def forward(self, h: Tensor, context=None, *, retain_graph: bool = False) -> Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return h
         self.calls = getattr(self, "calls", 0) + 1
@@ -72,7 +72,7 @@ class ProbeDNI(DNI):
         if self.residual_noise and residual is not None and residual.shape == sent.shape:
             sent = sent + residual[torch.randperm(sent.shape[0])]
         if self.calls > self.warm:
-            h.backward(sent / scale)
+            h.backward(sent / scale, retain_graph=retain_graph)
         return _KeepResidual.apply(h.detach(), prediction, self, scale)
 
 

@@ -75,7 +75,7 @@ class RunConfig:
     batch_size: int = 256
     gradient_scale: Optional[float] = None  #: SG models predict this times dL/dh; None: the batch size
     seed: int = 0
-    sg_targets: str = "bootstrap"  #: what the SG models are regressed onto (DecoupledSequential's ``sg_targets``)
+    sg_targets: str = "true"  #: what the SG models are regressed onto (DecoupledSequential's ``sg_targets``)
 
 
 MODELS = ("fcn", "fcn-bn", "cnn")
@@ -175,7 +175,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="learning-rate schedule of every optimizer (default cosine decay to 0; --paper: constant)")
     p.add_argument("--gradient-scale", type=float, default=None,
                    help="SG models predict this times dL/dh (default: the batch size, i.e. per-example gradients)")
-    p.add_argument("--sg-targets", choices=SG_TARGETS, default="bootstrap",
+    p.add_argument("--sg-targets", choices=SG_TARGETS, default="true",
                    help="what each SG model is regressed onto: bootstrap (the SG above pushed back through the block, "
                         "the paper's) or true (the true dL/dh at its interface)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default 234 = 1 epoch)")

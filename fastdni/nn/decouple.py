@@ -20,7 +20,7 @@ SG's optimizer, so a :class:`~fastdni.nn.SyntheticGradient` is predicted, regres
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,15 @@ from .interface import DNI
 from .synthetic_gradient import ConvSyntheticGradient, SyntheticGradient
 
 SGOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SG_TARGETS = ("true", "bootstrap")
+
+
+class _Level(NamedTuple):
+    """One interface of the forward in flight (``sg_targets="true"``)."""
+    interface: DNI
+    h: Tensor  #: the chosen submodule's output, its graph below kept
+    z: Tensor  #: the leaf handed on to the rest of the model in its place
+    wired: Tensor  #: the interface's output: a backward of ``t`` through it regresses the SG onto ``t``
 
 
 def default_sg_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -57,8 +66,13 @@ class Decoupled(nn.Module):
 
     def __init__(self, model: nn.Module, names: Sequence[str], *, context_features: int,
                  sg_optimizer: SGOptimizerFactory, sg_factory: Callable[[Tensor, int], nn.Module],
-                 interface: Callable[[nn.Module], DNI]):
+                 interface: Callable[[nn.Module], DNI], sg_targets: str = "true"):
         super().__init__()
+        if sg_targets not in SG_TARGETS:
+            raise ValueError(f"sg_targets: expected one of {SG_TARGETS}, got {sg_targets!r}")
+        self.sg_targets = sg_targets
+        self._chain: list[_Level] = []  # the interfaces of the forward in flight, bottom first
+        self._busy = False  # a synthetic push or the true chain is running: leaf hooks ignore what they see
         self.context_features = check_int("context_features", context_features, 0)
         self.sg_optimizer, self.sg_factory, self.interface = sg_optimizer, sg_factory, interface
         self.interfaces = nn.ModuleDict()
@@ -89,8 +103,50 @@ class Decoupled(nn.Module):
             if self.context_features and self.context is None:
                 raise ValueError(f"context: the SG models are conditioned ({self.context_features} features): "
                                  f"set .context (e.g. the labels) before the forward")
-            return self.interfaces[key](output, self.context if self.context_features else None)
+            context = self.context if self.context_features else None
+            if self.sg_targets == "bootstrap":
+                return self.interfaces[key](output, context)
+            return self._carry_true_gradient(self.interfaces[key], output, context)
         return hook
+
+    def _carry_true_gradient(self, interface: DNI, output: Tensor, context: Optional[Tensor]) -> Tensor:
+        """``sg_targets="true"``: the interface sends ``M / s`` into the part below and keeps its graph; the rest of
+        the model gets a leaf whose gradient, the true one when it arrives, is regressed onto and carried down."""
+        if any(level.interface is interface for level in self._chain):
+            self._chain = []  # a new forward before the last one's backward: start over
+        self._busy = True
+        try:
+            wired = interface(output, context, retain_graph=True)
+        finally:
+            self._busy = False
+        below = self._chain[-1].z if self._chain else None
+        if below is not None:
+            below.grad = None  # what the synthetic push left on the leaf below: not a gradient anyone uses
+        z = output.detach().requires_grad_()
+        level = len(self._chain)
+        z.register_hook(lambda grad: self._regress_down(level, grad))
+        self._chain.append(_Level(interface, output, z, wired))
+        return z
+
+    def _regress_down(self, level: int, grad: Tensor) -> None:
+        """The true gradient reached the leaf of ``level``: regress that SG onto it, push it through the part below
+        (input gradient only: no parameter is touched) to the next leaf, and so on to the bottom."""
+        if self._busy or level >= len(self._chain):
+            return
+        self._busy = True
+        try:
+            for i in reversed(range(level + 1)):
+                current = self._chain[i]
+                below = None
+                if i > 0 and current.h.requires_grad:
+                    (below,) = torch.autograd.grad(current.h, self._chain[i - 1].z, grad, allow_unused=True)
+                if current.wired.requires_grad:
+                    torch.autograd.backward(current.wired, grad)
+                if below is None:
+                    break
+                grad = below
+        finally:
+            self._chain, self._busy = [], False
 
     def step(self) -> None:
         """Step every SG model's optimizer on the regression gradients of the last backward; zero them. An
@@ -114,15 +170,24 @@ class Decoupled(nn.Module):
 def decouple(model: nn.Module, at: Sequence[str], *, context_features: int = 0,
              sg_optimizer: SGOptimizerFactory = default_sg_optimizer,
              sg_factory: Callable[[Tensor, int], nn.Module] = synthetic_gradient_for,
-             interface: Callable[[nn.Module], DNI] = DNI) -> Decoupled:
+             interface: Callable[[nn.Module], DNI] = DNI, sg_targets: str = "true") -> Decoupled:
     """Put a :class:`DNI` after each submodule of ``model`` named in ``at`` (names as in
     ``model.named_modules()``). ``context_features > 0``: cDNI, the SG models see ``Decoupled.context``
     (integer labels ``[B]`` or float features ``[B, context_features]``). ``sg_factory(h, context_features)``
     builds an SG model for an activation like ``h`` (default :func:`synthetic_gradient_for`);
     ``sg_optimizer(params)`` its optimizer (default Adam 1e-3), handed to the interface (which steps the SG in the
     fused op where it can) unless the interface has one already; ``interface(sg)`` the interface around it
-    (default :class:`DNI`; e.g. ``functools.partial(DNI, loss_weight=0.5)``)."""
+    (default :class:`DNI`; e.g. ``functools.partial(DNI, loss_weight=0.5)``).
+
+    ``sg_targets``: what each SG is regressed onto. ``"true"`` (default): the true gradient at its interface. When
+    ``loss.backward()`` reaches the top interface, its gradient is regressed onto and carried down through each part
+    between two interfaces as an input gradient only (no parameter gets it: each part still learns from its own SG
+    alone), so every SG learns the gradient a full backprop would give; the parts' graphs are kept until then, as
+    backprop keeps them. It needs the chosen submodules in a chain: each one's output reaches the loss only through
+    the next chosen one. ``"bootstrap"``: each SG is regressed onto what arrives at its interface (the paper's
+    every-layer DNI: below the top, the next SG's prediction pushed back through the part between), and every graph
+    below an interface is freed at once. docs/mnist.md compares them."""
     if isinstance(at, str):
         at = [at]
     return Decoupled(model, list(at), context_features=context_features, sg_optimizer=sg_optimizer,
-                     sg_factory=sg_factory, interface=interface)
+                     sg_factory=sg_factory, interface=interface, sg_targets=sg_targets)

@@ -133,7 +133,7 @@ class DecoupledSequential(DecoupledTrainer):
         mode: str = "dni",
         sg_loss_weight: float = 1.0,
         gradient_scale: float = 1.0,
-        sg_targets: str = "bootstrap",
+        sg_targets: str = "true",
     ):
         super().__init__()
         if sg_targets not in SG_TARGETS:
@@ -203,10 +203,8 @@ class DecoupledSequential(DecoupledTrainer):
             if wired.requires_grad:
                 wired.backward(true)  # the SG's regression onto the true gradient
             true = below
-        for i in range(len(self.blocks)):
-            step_optimizer(self.optimizers[i])
-            if i < len(self.interfaces):
-                step_optimizer(self.sg_optimizers[i])
+        for i, out in enumerate(outputs):  # block i and SG i - 1, as in the bootstrapped pass (variants override it)
+            self._update(i, out.detach())
         sg_losses = tuple(i.last_sg_loss for i in self.interfaces)
         return StepResult(loss.detach(), outputs[-1].detach(), sg_losses)
 

@@ -75,7 +75,7 @@ class DecoupledMLP(DecoupledTrainer):
         batch_norm: bool = False,
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
-        sg_targets: str = "bootstrap",
+        sg_targets: str = "true",
     ):
         super().__init__()
         if sg_targets not in SG_TARGETS:

@@ -245,7 +245,9 @@ class DNI(FusedSG, nn.Module):
         """The gradient scale of a call on ``h``: the batch size, or the fixed number given."""
         return float(h.shape[0]) if self.gradient_scale == "batch" else self.gradient_scale
 
-    def forward(self, h: Tensor, context: Optional[Tensor] = None) -> Tensor:
+    def forward(self, h: Tensor, context: Optional[Tensor] = None, *, retain_graph: bool = False) -> Tensor:
+        """``retain_graph``: keep the graph below ``h`` after sending ``M / s`` into it, for a caller that pushes
+        another gradient through it later (``decouple(..., sg_targets="true")`` carries the true one)."""
         if not (self.training and torch.is_grad_enabled()):
             return h
         if not isinstance(h, Tensor):
@@ -254,7 +256,7 @@ class DNI(FusedSG, nn.Module):
             return h
         self.fused = self.fusion_blocker(h, context) is None
         if self.fused:
-            return self._fused_forward(h, context)
+            return self._fused_forward(h, context, retain_graph)
         # An SG model without context may be any module taking h alone (e.g. an oracle in tests).
         args = (h.detach(),) if context is None else (h.detach(), context)
         prediction = self.synthetic_gradient(*args)
@@ -264,18 +266,18 @@ class DNI(FusedSG, nn.Module):
             )
         scale = self.scale_for(h)
         if h.requires_grad:
-            h.backward(prediction.detach() / scale)
+            h.backward(prediction.detach() / scale, retain_graph=retain_graph)
         if not prediction.requires_grad:  # an SG without trainable parameters (e.g. an oracle)
             return h.detach().requires_grad_()
         return _RegressOnArrivingGradient.apply(h.detach(), prediction, self, scale)
 
-    def _fused_forward(self, h: Tensor, context: Optional[Tensor]) -> Tensor:
+    def _fused_forward(self, h: Tensor, context: Optional[Tensor], retain_graph: bool = False) -> Tensor:
         """The training call on the fused ops (see the class docstring): predict, send ``M / s`` down, and return
         ``h`` cut from the graph below, wired to regress and step the SG when its gradient arrives."""
         predicted = self._predict_fused(h.detach().reshape(h.shape[0], -1), context)  # a view where h is contiguous
         scale = self.scale_for(h)
         if h.requires_grad:
-            h.backward(predicted.prediction.view(h.shape) / scale)
+            h.backward(predicted.prediction.view(h.shape) / scale, retain_graph=retain_graph)
         return _RegressFusedOnArrivingGradient.apply(h.detach().requires_grad_(), self, predicted, context, scale)
 
     def extra_repr(self) -> str:

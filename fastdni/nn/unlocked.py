@@ -67,6 +67,10 @@ class ForwardUnlockedSequential(DecoupledSequential):
 
     def __init__(self, blocks: Sequence[nn.Module], synthetic_gradients: Sequence[nn.Module],
                  synthetic_inputs: Sequence[nn.Module], *, input_optimizer=None, **kwargs):
+        # Its SG models learn from the real forward's pushed-back gradients (step 2): bootstrapped targets.
+        if kwargs.setdefault("sg_targets", "bootstrap") != "bootstrap":
+            raise ValueError(f"sg_targets: ForwardUnlockedSequential regresses onto bootstrapped targets only, "
+                             f"got {kwargs['sg_targets']!r}")
         super().__init__(blocks, synthetic_gradients, **kwargs)
         synthetic_inputs = list(synthetic_inputs)
         if len(synthetic_inputs) != len(self.blocks) - 1:

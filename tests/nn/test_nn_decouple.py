@@ -8,7 +8,7 @@ from torch import nn
 
 from fastdni.nn import DNI, ConvSyntheticGradient, SyntheticGradient, decouple, synthetic_gradient_for
 from fastdni.nn.decouple import default_sg_optimizer
-from helpers import SmallNet
+from helpers import SmallNet, randomise_
 
 F64 = torch.float64
 
@@ -36,7 +36,7 @@ def test_decouple_equals_dnis_placed_by_hand(context_features):
     model = SmallNet().double()
     by_hand = copy.deepcopy(model)
     x, y = data()
-    sgs = decouple(model, at=["conv", "fc"], context_features=context_features)
+    sgs = decouple(model, at=["conv", "fc"], context_features=context_features, sg_targets="bootstrap")
     sgs.context = y if context_features else None
     out = model(x)
     # The SG models as built, before the backward (a fused interface steps its SG as the gradient arrives).
@@ -73,6 +73,66 @@ def test_decouple_equals_dnis_placed_by_hand(context_features):
     assert any(not torch.equal(p, built["fc"][name]) for name, p in sgs.interfaces["fc"].synthetic_gradient.state_dict().items())
     for a, b in zip(sgs.parameters(), [*dni_conv.parameters(), *dni_fc.parameters()]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def random_sgs(h, context_features):
+    return randomise_(synthetic_gradient_for(h, context_features))
+
+
+@pytest.mark.parametrize("context_features", [0, 4])
+def test_true_targets_regress_every_sg_onto_the_true_gradient(context_features):
+    """sg_targets="true" (the default): the model's parameters get what they get with bootstrapped targets (each
+    part its own SG's prediction, the head the true gradient); every SG is regressed onto the true dL/dh."""
+    torch.manual_seed(0)
+    model = SmallNet().double()
+    boot_model, plain = copy.deepcopy(model), copy.deepcopy(model)
+    x, y = data()
+    c = y if context_features else None
+    losses = {}
+    for net, targets in ((model, "true"), (boot_model, "bootstrap")):
+        torch.manual_seed(1)  # the same random SG models on both
+        sgs = decouple(net, at=["conv", "fc"], context_features=context_features, sg_factory=random_sgs,
+                       sg_targets=targets)
+        sgs.context = c
+        out = net(x)
+        built = {k: copy.deepcopy(d.synthetic_gradient) for k, d in sgs.interfaces.items()}
+        F.cross_entropy(out, y).backward()
+        losses[targets] = {k: float(d.last_sg_loss) for k, d in sgs.interfaces.items()}
+    for a, b in zip(model.parameters(), boot_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    # The true gradients at both interfaces, by plain backprop; each SG's loss is w * mean_b ||M(h) - B t||^2.
+    h_conv = plain.conv(x)
+    h_fc = plain.fc(h_conv)
+    t_conv, t_fc = torch.autograd.grad(F.cross_entropy(plain.head(h_fc), y), (h_conv, h_fc))
+    batch = x.shape[0]
+    for key, h, t in (("conv", h_conv, t_conv), ("fc", h_fc, t_fc)):
+        with torch.no_grad():
+            m = built[key](h, c) if context_features else built[key](h)
+            expected = float((m - batch * t).pow(2).sum() / batch)
+        assert losses["true"][key] == pytest.approx(expected, rel=1e-10), key
+    assert losses["bootstrap"]["fc"] == pytest.approx(losses["true"]["fc"], rel=1e-10)  # the top: the same target
+    assert losses["bootstrap"]["conv"] != pytest.approx(losses["true"]["conv"], rel=1e-3)
+    with pytest.raises(ValueError, match="sg_targets"):
+        decouple(SmallNet(), at=["fc"], sg_targets="oracle")
+
+
+def test_true_targets_over_steps_and_a_forward_without_backward():
+    """Several steps, and a forward whose backward never came (the chain starts over): no error, SGs learn."""
+    torch.manual_seed(0)
+    model = SmallNet().double()
+    sgs = decouple(model, at=["conv", "fc"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(16)
+    model(x)  # never backpropagated
+    first = None
+    for _ in range(30):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sgs.step()
+        first = first if first is not None else float(loss.detach())
+    assert float(loss.detach()) < first and all(v is not None for v in sgs.sg_losses().values())
 
 
 def test_eval_is_the_plain_model_and_remove_detaches():

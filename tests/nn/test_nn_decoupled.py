@@ -140,7 +140,7 @@ def test_backprop_mode_without_sgs():
 def test_each_block_is_updated_before_the_next_one_runs():
     blocks = mlp_blocks()
     sgs = [randomise_(SyntheticGradient(10, (6,)).double()), randomise_(SyntheticGradient(8).double())]
-    model = DecoupledSequential(blocks, sgs, optimizer=OPTIMIZERS["sgd_nesterov"])
+    model = DecoupledSequential(blocks, sgs, optimizer=OPTIMIZERS["sgd_nesterov"], sg_targets="bootstrap")
     before = [params_of([b]) for b in blocks]
     sg_before = [params_of([s]) for s in sgs]
     seen = []
@@ -235,7 +235,8 @@ def test_one_dni_step_against_manual_computation(context, gradient_scale, check_
     assert targets[0].shape == (16, 10) and targets[0].abs().max() > 0
 
     sgd = functools.partial(torch.optim.SGD, lr=lr)
-    model = DecoupledSequential(blocks, sgs, optimizer=sgd, sg_loss_weight=weight, gradient_scale=gradient_scale)
+    model = DecoupledSequential(blocks, sgs, optimizer=sgd, sg_loss_weight=weight, gradient_scale=gradient_scale,
+                                sg_targets="bootstrap")
     assert [(i.loss_weight, i.gradient_scale) for i in model.interfaces] == [(weight, gradient_scale)] * 2
     result = model.train_step(x, y, F.cross_entropy, context=c)
     assert isinstance(result, StepResult)
