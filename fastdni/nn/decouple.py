@@ -41,9 +41,21 @@ class _Level(NamedTuple):
     wired: Tensor  #: the interface's output: a backward of ``t`` through it regresses the SG onto ``t``
 
 
+#: decouple's SG learning rate for SG models of up to this many inputs; above, it shrinks as 1 / sqrt(fan-in).
+SG_LR, SG_LR_FAN_IN = 1e-3, 128
+
+
 def default_sg_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """Adam at 1e-3: the best SG rate of our MNIST sweeps with the per-example scale (docs/mnist.md)."""
-    return torch.optim.Adam(params, lr=1e-3)
+    """Adam at ``1e-3 * min(1, sqrt(128 / fan_in))``, ``fan_in`` the inputs of one unit of the SG's first layer
+    (features of a linear SG, ``channels * k * k`` of a conv SG). Adam moves every weight by about its rate per
+    step whatever the gradient's size, so an output summing ``fan_in`` of them moves by about ``rate * sqrt(fan_in)``
+    (signs at random): 1e-3 was the best SG rate of our MNIST sweeps at 128-256 inputs, and at 1024 inputs it
+    overshot (``|M|`` up to 6.8x its target's) where 3e-4 trained the mixer's DNI within 1.6 pp of backprop
+    (docs/mnist.md)."""
+    params = list(params)
+    weights = [p for p in params if p.dim() >= 2]
+    fan_in = weights[0][0].numel() if weights else 1
+    return torch.optim.Adam(params, lr=SG_LR * min(1.0, (SG_LR_FAN_IN / fan_in) ** 0.5))
 
 
 def synthetic_gradient_for(h: Tensor, context_features: int = 0) -> nn.Module:

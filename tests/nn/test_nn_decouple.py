@@ -75,6 +75,16 @@ def test_decouple_equals_dnis_placed_by_hand(context_features):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_default_sg_rate_shrinks_with_the_fan_in():
+    def rate(sg):
+        return default_sg_optimizer(sg.parameters()).param_groups[0]["lr"]
+    assert rate(SyntheticGradient(64)) == pytest.approx(1e-3)
+    assert rate(SyntheticGradient(128, (32,), context_features=10)) == pytest.approx(1e-3)
+    assert rate(SyntheticGradient(1024)) == pytest.approx(1e-3 * (128 / 1024) ** 0.5)
+    assert rate(ConvSyntheticGradient(32, (), kernel_size=3)) == pytest.approx(1e-3 * (128 / 288) ** 0.5)  # 32 * 3 * 3
+    assert rate(nn.Linear(1, 1).requires_grad_(False)) == pytest.approx(1e-3)
+
+
 def random_sgs(h, context_features):
     return randomise_(synthetic_gradient_for(h, context_features))
 
