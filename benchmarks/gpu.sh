@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: set up .venv, run the Triton and CUDA C++ suites on the GPU, then the
 # step benchmark (Triton and, where fastdni._C has its CUDA kernels, the CUDA backend beside it), then the SG step of
-# fastdni.nn.DNI on a user's activation (sg_predict + sg_regression_ against autograd DNI and torch.compile).
+# fastdni.nn.DNI on a user's activation (sg_predict + sg_regression_ against autograd DNI and torch.compile), then the
+# copy-task LSTM's whole training step with TruncationDNI (benchmarks/bench_copy_lstm_step.py).
 #
-#   benchmarks/gpu.sh                       # full grids -> docs/benchmarks/gpu_step.{json,md}, dni_sg_step_gpu.{json,md}
+#   benchmarks/gpu.sh                       # full grids -> docs/benchmarks/gpu_step.{json,md}, dni_sg_step_gpu.{json,md},
+#                                           #   copy_lstm_step_gpu.{json,md}
 #   benchmarks/gpu.sh --dtype bf16 --sg mlp # extra arguments go to benchmarks/gpu_step.py
 #   SKIP_TESTS=1 benchmarks/gpu.sh --quick  # benchmark only (SKIP_BENCH=1: tests only; SKIP_BUILD=1: use the install as is)
 #   SKIP_DNI=1 benchmarks/gpu.sh            # without the DNI SG-step grid (DNI_ARGS: its own arguments, e.g. "--quick")
+#   SKIP_LSTM=1 benchmarks/gpu.sh           # without the copy-task LSTM step (LSTM_ARGS: its own arguments, e.g. "--quick")
 #
 # Tests: tests/interpreted with FASTDNI_TEST_DEVICE=cuda (the Triton kernels' suite, which CI runs under the
 # interpreter, here on the compiled kernels; see tests/interpreted/conftest.py) and tests/gpu (the CUDA C++ backend
@@ -74,6 +77,13 @@ if [ "${SKIP_DNI:-0}" != 1 ]; then
   echo "== benchmark: benchmarks/dni_sg_step.py --device cuda ${DNI_ARGS:-}"
   "$PY" benchmarks/dni_sg_step.py --device cuda ${DNI_ARGS:-} \
     --json docs/benchmarks/dni_sg_step_gpu.json --markdown docs/benchmarks/dni_sg_step_gpu.md || bench_failed=1
+fi
+if [ "${SKIP_LSTM:-0}" != 1 ]; then
+  # The copy-task LSTM + TruncationDNI training step: TruncationDNI on the fused SG ops against autograd and
+  # torch.compile of the same step; a row failing its equal-work check -> non-zero exit.
+  echo "== benchmark: benchmarks/bench_copy_lstm_step.py --device cuda ${LSTM_ARGS:-}"
+  "$PY" benchmarks/bench_copy_lstm_step.py --device cuda ${LSTM_ARGS:-} \
+    --json docs/benchmarks/copy_lstm_step_gpu.json --markdown docs/benchmarks/copy_lstm_step_gpu.md || bench_failed=1
 fi
 [ "$bench_failed" = 0 ] || exit 1
 exit "$tests_failed"

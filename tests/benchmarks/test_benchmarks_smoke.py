@@ -98,3 +98,44 @@ def test_dni_sg_step_row_checks_equal_work():
                                          dni_sg_step.CHECK_TOL["fp64"])
     assert not check["eager"]["ok"]
 
+
+
+def test_copy_lstm_step_row_checks_equal_work(capsys):
+    """One tiny row of ``bench_copy_lstm_step.py`` (the copy-task LSTM + TruncationDNI step), no torch.compile: fused
+    and eager agree in fp64 and fp32 after a few windows, and the table prints. The hand-counted SG GEMM FLOPs are
+    what FlopCounterMode sees the eager step do beyond the same step without the SG (the LSTM's own kernel it does
+    not see, in either)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import bench_copy_lstm_step as bench
+
+    args = ["--hidden", "8", "-T", "2", "--batch-size", "4", "--skip", "compiled", "--reps", "1", "--budget", "0",
+            "--min-block", "0", "--windows", "4", "--check-steps", "3"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| 8 | 2 | 4 |" in out and "ok: eager fp64" in out
+    windows, channels = bench.make_windows(8, 2, 4, 1, torch.float32, torch.device("cpu"))
+    flops = {}
+    for kind in ("eager", "bptt"):
+        step = bench.make_step(bench.Model(kind, 8, 4, channels, torch.float32, torch.device("cpu")))
+        with FlopCounterMode(display=False) as counter:
+            step(*windows[0])
+        flops[kind] = counter.get_total_flops()
+    assert flops["eager"] - flops["bptt"] == bench.gemm_flops(8, 2, 4, channels)["sg"]
+
+
+def test_copy_lstm_step_check_catches_other_work():
+    """The fp64 check of the benchmark is not vacuous: an eager SG with twice the learning rate is caught."""
+    import bench_copy_lstm_step as bench
+
+    device = torch.device("cpu")
+    windows, channels = bench.make_windows(8, 2, 4, 3, torch.float64, device)
+    fused, eager = (bench.Model(k, 8, 4, channels, torch.float64, device) for k in ("fused", "eager"))
+    for group in eager.sg_opt.param_groups:
+        group["lr"] *= 2
+    start = [p.detach().clone() for p in fused.parameters()]
+    for m in (fused, eager):
+        step = bench.make_step(m)
+        for w in windows:
+            step(*w)
+    assert bench.max_rel_diff(eager, fused, start) > bench.CHECK_TOL
