@@ -83,7 +83,7 @@ class CopyStreams:
         rows = start.nonzero(as_tuple=True)
         if rows[0].numel():
             shape = (rows[0].numel(), self.max_length, self.bits)
-            self.pattern[rows] = torch.randint(0, 2, shape, generator=self.generator).float()
+            self.pattern[rows] = torch.randint(0, 2, shape, generator=self.generator).to(self.pattern.dtype)
         self.position = torch.where(start & (self.position >= 0), torch.zeros_like(self.position), self.position)
 
     def window(self, steps: int) -> StreamWindow:

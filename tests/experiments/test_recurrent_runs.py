@@ -209,3 +209,13 @@ def test_rls_solver_fits_a_linear_target_and_leaves_adam_runs_alone():
     assert group.sg_w.grad[0].abs().max() > 0 and group.sg_w.grad[1].abs().max() == 0
     with pytest.raises(ValueError, match="sg_solver"):
         RunGroup(["dni"], [0], IN, HIDDEN, OUT, sg_solver="sgd")
+
+
+def test_copy_streams_follow_the_default_dtype():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        window = CopyStreams(2, 3, seed=0).window(6)
+    finally:
+        torch.set_default_dtype(old)
+    assert window.inputs.dtype == window.targets.dtype == torch.float64 and window.inputs.abs().sum() > 0
