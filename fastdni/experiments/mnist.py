@@ -155,8 +155,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastdni.experiments.mnist", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", type=_mode, default=list(MODES), help="backprop (bp), dni, cdni")
-    p.add_argument("--model", choices=MODELS, default="fcn",
-                   help="fcn: Linear+ReLU layers (default); fcn-bn: with BatchNorm (both on the fused ops); cnn (on autograd)")
+    p.add_argument("--model", choices=MODELS, default="fcn-bn",
+                   help="fcn-bn: the paper's FCN, Linear+BatchNorm+ReLU layers (default); fcn: without BatchNorm (both on "
+                        "the fused ops); cnn")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="fused-op backend of the fcn models (auto: the compiled kernels where built, else reference), "
                         "or autograd: the same layers on DecoupledSequential")

@@ -137,7 +137,7 @@ def test_fused_and_reference_backends_give_the_same_learning_curve(tmp_path, mod
     curves = {}
     for backend in ("cpu", "reference"):
         out = tmp_path / backend
-        assert mnist.main(["--modes", mode, "--backend", backend, "--steps", "40", "--eval-every", "10",
+        assert mnist.main(["--model", "fcn", "--modes", mode, "--backend", backend, "--steps", "40", "--eval-every", "10",
                            "--dni-sg-hidden", "128", "--out", str(out), "--no-progress", "--checkpoint-every", "0"]) == 0
         with open(out / f"{mode}.csv") as f:
             curves[backend] = [(float(r["train_loss"]), float(r["sg_loss"]), float(r["test_error"])) for r in csv.DictReader(f)]
