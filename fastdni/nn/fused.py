@@ -117,21 +117,7 @@ class DecoupledMLP(DecoupledTrainer):
         return self.layers[-1](h)
 
     def _normalise(self, i: int, pre: Tensor) -> ops.BatchNormResult:
-        """``act(BatchNorm(pre))`` of hidden layer ``i``: batch statistics in training (the running ones updated),
-        the running statistics in eval mode (a plain composition; only ``h`` is set then)."""
-        norm = self.norms[i]
-        if not norm.training:
-            y = torch.nn.functional.batch_norm(pre, norm.running_mean, norm.running_var, norm.weight, norm.bias,
-                                               False, 0.0, norm.eps)
-            return ops.BatchNormResult(activate(y, self.activation), pre.new_empty(0), pre.new_empty(0),
-                                       norm.running_mean, norm.running_var)
-        out = ops.batch_norm_act(pre, norm.weight, norm.bias, norm.running_mean, norm.running_var, momentum=norm.momentum,
-                                 eps=norm.eps, activation=self.activation, backend=self.backend)
-        with torch.no_grad():  # the op is functional (differentiable): the buffers take its new statistics here
-            norm.running_mean.copy_(out.running_mean)
-            norm.running_var.copy_(out.running_var)
-            norm.num_batches_tracked.add_(1)
-        return out
+        return normalise(self.norms[i], pre, self.activation, self.backend)
 
     def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
         sg_losses: list[Optional[Tensor]] = [None] * len(self.synthetic_gradients)
@@ -168,13 +154,10 @@ class DecoupledMLP(DecoupledTrainer):
         pre = ops.dni_forward(x, layer.weight, layer.bias, activation="identity", backend=self.backend).h
         normed = self._normalise(i, pre)
         predicted = ops.sg_predict(normed.h, self.synthetic_gradients[i].reference_params(), context, backend=self.backend)
-        grad_pre = ops.fused_step(self.optimizers[i], [norm.weight, norm.bias], ops.batch_norm_act_update_,
-                                  norm.weight, norm.bias, normed, predicted.prediction, grad_scale=self.gradient_scale,
-                                  activation=self.activation, backend=self.backend)
-        # dL/dpre is the GEMM's delta: dni_update_ with identity and scale 1 takes it as its "prediction".
-        delta = ops.ForwardResult(grad_pre, grad_pre.new_empty(0), grad_pre, [])
-        dx = ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_, x, layer.weight, layer.bias,
-                            delta, activation="identity", need_input_grad=need_input_grad, backend=self.backend)
+        grad_pre = step_batch_norm(self.optimizers[i], norm, normed, predicted.prediction, grad_scale=self.gradient_scale,
+                                   activation=self.activation, backend=self.backend)
+        dx = step_on_delta(self.optimizers[i], [layer.weight, layer.bias], x, grad_pre, need_input_grad=need_input_grad,
+                           backend=self.backend)
         return dx, predicted
 
     def _regress(self, index: int, forward: Union[ops.ForwardResult, ops.Prediction], target: Tensor, context: Optional[Tensor]) -> Tensor:
@@ -186,3 +169,57 @@ class DecoupledMLP(DecoupledTrainer):
     def extra_repr(self) -> str:
         norm = ", batch_norm=True" if self.norms is not None else ""
         return f"activation={self.activation!r}, mode={self.mode!r}, backend={self.backend!r}{norm}"
+
+
+def normalise(norm: nn.Module, pre: Tensor, activation: str, backend: str) -> ops.BatchNormResult:
+    """``act(BatchNorm(pre))`` over the rows of ``pre`` ``[rows, N]`` with ``norm``'s gamma, beta and statistics: the batch
+    statistics in training (the running ones updated in ``norm``'s buffers), the running statistics in eval mode (a
+    plain composition; only ``h`` is set then). A ``BatchNorm2d`` over channels-last rows ``[B*H*W, C]`` is the same
+    math as over its map (statistics over batch and positions)."""
+    if not norm.training:
+        y = torch.nn.functional.batch_norm(pre, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                           False, 0.0, norm.eps)
+        return ops.BatchNormResult(activate(y, activation), pre.new_empty(0), pre.new_empty(0),
+                                   norm.running_mean, norm.running_var)
+    out = ops.batch_norm_act(pre, norm.weight, norm.bias, norm.running_mean, norm.running_var, momentum=norm.momentum,
+                             eps=norm.eps, activation=activation, backend=backend)
+    with torch.no_grad():  # the op is functional (differentiable): the buffers take its new statistics here
+        norm.running_mean.copy_(out.running_mean)
+        norm.running_var.copy_(out.running_var)
+        norm.num_batches_tracked.add_(1)
+    return out
+
+
+def step_batch_norm(optimizer: torch.optim.Optimizer, norm: nn.Module, normed: ops.BatchNormResult, prediction: Tensor, *,
+                    grad_scale: float, activation: str, backend: str) -> Tensor:
+    """Step ``norm``'s gamma and beta on the synthetic gradient ``prediction / grad_scale`` of ``normed.h``; returns
+    ``dL/dpre`` (from their pre-update values), the delta of the GEMM under the norm."""
+    return ops.fused_step(optimizer, [norm.weight, norm.bias], ops.batch_norm_act_update_, norm.weight, norm.bias, normed,
+                          prediction, grad_scale=grad_scale, activation=activation, backend=backend)
+
+
+def step_on_delta(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], x: Tensor, delta: Tensor, *,
+                  need_input_grad: bool, backend: str) -> Tensor:
+    """Step a GEMM's ``params = [weight, bias]`` on its delta ``dL/dpre`` ``[rows, N]`` for the input ``x`` ``[rows, K]``
+    (``dW = delta^T x``, ``db = sum_rows delta``, the optimizer in the op's epilogue); returns ``dx`` (empty without
+    ``need_input_grad``). ``weight`` may have any shape of ``N * K`` elements (a conv's ``[N, C, k, k]`` over unfolded
+    input): the op takes it, and the optimizer's state, viewed as ``[N, K]``."""
+    weight, bias = params
+    # dni_update_ with identity and scale 1 takes the delta as its "prediction".
+    forward = ops.ForwardResult(delta, delta.new_empty(0), delta, [])
+    return fused_step_on_views(optimizer, params, [weight.view(weight.shape[0], -1), bias], ops.dni_update_, x,
+                               weight.view(weight.shape[0], -1), bias, forward, activation="identity",
+                               need_input_grad=need_input_grad, backend=backend)
+
+
+def fused_step_on_views(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], views: Sequence[Tensor], op, *args,
+                        **kwargs):
+    """:func:`fastdni.ops.fused_step` for an op that takes ``params`` reshaped (``views[i]`` a view of ``params[i]``):
+    the optimizer's state, kept in the parameters' shapes (its ``state_dict`` unchanged), is passed viewed alike, so
+    the op's in-place steps land in the parameters and their state."""
+    name, hyper, state = ops.fused_optimizer_args(optimizer, params)
+    per = len(state) // len(params)
+    state = [s.view(views[j // per].shape) for j, s in enumerate(state)]
+    result = op(*args, name, hyper, state, **kwargs)
+    ops.advance(optimizer, params)
+    return result
