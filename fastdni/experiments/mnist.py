@@ -10,7 +10,10 @@ Models: ``fcn`` (default) is the paper's FCN without BatchNorm, hidden layers Li
 paper's FCN with BatchNorm, Linear -> BatchNorm -> ReLU; each layer step of both runs on the fused ops
 (:class:`fastdni.nn.DecoupledMLP`, ``--backend``), or on autograd with ``--backend autograd``
 (:class:`fastdni.nn.DecoupledSequential` over the same layers: the same training, tests/nn/test_nn_fused_bn.py).
-``cnn``, a small CNN, runs on autograd (the convolution's fused step is not written yet).
+``cnn``, a small CNN, runs each conv block's step on the fused ops (:class:`fastdni.nn.DecoupledCNN`: the convolution
+as the layer GEMM over the unfolded input, BatchNorm2d over its channels-last rows), or on autograd with
+``--backend autograd`` (:class:`fastdni.nn.DecoupledSequential` over ``cnn_blocks``: the same training,
+tests/nn/test_fused_cnn.py).
 
 Writes ``<out>/<mode>.csv`` (learning curve), ``<mode>.pt`` (checkpoint, see ``--resume``),
 ``results.json``, ``test_error.png``, and prints a results table.
@@ -27,7 +30,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..nn import DecoupledMLP, DecoupledSequential
+from ..nn import DecoupledCNN, DecoupledMLP, DecoupledSequential
 from ..ops import BACKENDS as OP_BACKENDS
 from ..train import CheckpointError, train
 from .cli import mnist_main, require_positive
@@ -66,7 +69,7 @@ class RunConfig:
     lr_schedule: str
     head_lr: Optional[float] = None  #: Adam learning rate of the classifier (None: ``lr``)
     model: str = "fcn"
-    backend: str = "auto"  #: fused-op backend of the fcn models, or "autograd" (DecoupledSequential)
+    backend: str = "auto"  #: fused-op backend of the models, or "autograd" (DecoupledSequential)
     hidden_layers: int = 3
     width: int = 256
     cnn_channels: tuple[int, ...] = (32, 64)
@@ -81,7 +84,7 @@ MODELS = ("fcn", "fcn-bn", "cnn")
 BACKENDS = (*OP_BACKENDS, "autograd")
 
 
-def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledSequential]:
+def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledCNN, DecoupledSequential]:
     torch.manual_seed(config.seed)
     optimizers = dict(optimizer=partial(torch.optim.Adam, lr=config.lr), sg_optimizer=partial(torch.optim.Adam, lr=config.sg_lr),
                       head_optimizer=partial(torch.optim.Adam, lr=config.head_lr or config.lr))
@@ -95,6 +98,10 @@ def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledSequential]:
         return DecoupledMLP(784, (config.width,) * config.hidden_layers, NUM_CLASSES, sg_hidden=config.sg_hidden,
                             context_features=context, mode=mode, gradient_scale=gradient_scale, backend=config.backend,
                             batch_norm=batch_norm, **optimizers)
+    if config.backend != "autograd":
+        # The same initialisation as cnn_blocks + synthetic_gradients below (conv blocks, classifier, SG models).
+        return DecoupledCNN(1, config.cnn_channels, 28, NUM_CLASSES, sg_hidden=config.sg_hidden, context_features=context,
+                            mode=mode, gradient_scale=gradient_scale, backend=config.backend, **optimizers)
     if config.model != "cnn":
         blocks, input_shape = fcn_blocks(config.hidden_layers, config.width, batch_norm=batch_norm), (784,)
     else:
@@ -151,9 +158,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", type=_mode, default=list(MODES), help="backprop (bp), dni, cdni")
     p.add_argument("--model", choices=MODELS, default="fcn",
-                   help="fcn: Linear+ReLU layers (default); fcn-bn: with BatchNorm (both on the fused ops); cnn (on autograd)")
+                   help="fcn: Linear+ReLU layers (default); fcn-bn: with BatchNorm; cnn: two conv blocks (all on the fused ops)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="fused-op backend of the fcn models (auto: the compiled kernels where built, else reference), "
+                   help="fused-op backend of the models (auto: the compiled kernels where built, else reference), "
                         "or autograd: the same layers on DecoupledSequential")
     p.add_argument("--hidden-layers", type=int, default=3, help="FCN hidden layers (paper: 3-6)")
     p.add_argument("--width", type=int, default=256, help="FCN hidden units (paper: 256)")
