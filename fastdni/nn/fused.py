@@ -1,7 +1,7 @@
 """An MLP trained with a synthetic gradient after every hidden layer, each layer step run by the fused ops."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -199,27 +199,27 @@ def step_batch_norm(optimizer: torch.optim.Optimizer, norm: nn.Module, normed: o
 
 
 def step_on_delta(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], x: Tensor, delta: Tensor, *,
-                  need_input_grad: bool, backend: str) -> Tensor:
+                  need_input_grad: bool, backend: str, weight_operand: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Step a GEMM's ``params = [weight, bias]`` on its delta ``dL/dpre`` ``[rows, N]`` for the input ``x`` ``[rows, K]``
     (``dW = delta^T x``, ``db = sum_rows delta``, the optimizer in the op's epilogue); returns ``dx`` (empty without
-    ``need_input_grad``). ``weight`` may have any shape of ``N * K`` elements (a conv's ``[N, C, k, k]`` over unfolded
-    input): the op takes it, and the optimizer's state, viewed as ``[N, K]``."""
+    ``need_input_grad``). ``weight_operand`` views a weight of another shape (a conv's ``[N, C, k, k]`` over unfolded
+    input) as the op's ``[N, K]``, the optimizer's state alike (:func:`fused_step_on_views`)."""
     weight, bias = params
     # dni_update_ with identity and scale 1 takes the delta as its "prediction".
     forward = ops.ForwardResult(delta, delta.new_empty(0), delta, [])
-    return fused_step_on_views(optimizer, params, [weight.view(weight.shape[0], -1), bias], ops.dni_update_, x,
-                               weight.view(weight.shape[0], -1), bias, forward, activation="identity",
-                               need_input_grad=need_input_grad, backend=backend)
+    operand = weight_operand(weight) if weight_operand else weight
+    return fused_step_on_views(optimizer, params, [weight_operand, None], ops.dni_update_, x, operand, bias, forward,
+                               activation="identity", need_input_grad=need_input_grad, backend=backend)
 
 
-def fused_step_on_views(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], views: Sequence[Tensor], op, *args,
-                        **kwargs):
-    """:func:`fastdni.ops.fused_step` for an op that takes ``params`` reshaped (``views[i]`` a view of ``params[i]``):
-    the optimizer's state, kept in the parameters' shapes (its ``state_dict`` unchanged), is passed viewed alike, so
-    the op's in-place steps land in the parameters and their state."""
+def fused_step_on_views(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
+                        operands: Sequence[Optional[Callable[[Tensor], Tensor]]], op, *args, **kwargs):
+    """:func:`fastdni.ops.fused_step` for an op that takes ``params[i]`` as ``operands[i](params[i])`` (a view: a conv
+    weight as a GEMM's ``[N, K]``; None: as it is): the optimizer's state, kept in the parameters' shapes (its
+    ``state_dict`` unchanged), is passed through the same views, so the op's in-place steps land in both."""
     name, hyper, state = ops.fused_optimizer_args(optimizer, params)
-    per = len(state) // len(params)
-    state = [s.view(views[j // per].shape) for j, s in enumerate(state)]
+    per = max(1, len(state) // len(params))
+    state = [s if operands[j // per] is None else operands[j // per](s) for j, s in enumerate(state)]
     result = op(*args, name, hyper, state, **kwargs)
     ops.advance(optimizer, params)
     return result

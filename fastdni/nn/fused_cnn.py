@@ -1,10 +1,15 @@
 """A CNN trained with a synthetic gradient after every conv block, each block's step run by the fused ops.
 
-The conv layer step is the linear one fed a different operand: with the block's input unfolded (im2col, rows
-``B*H*W``, columns ``C_in*k*k``) and its maps as channels-last rows ``[B*H*W, C]``, the convolution is
-:func:`~fastdni.ops.dni_forward`'s GEMM, its weight gradient is :func:`~fastdni.ops.dni_update_`'s (the optimizer
-in its epilogue) and ``BatchNorm2d`` is :func:`~fastdni.ops.batch_norm_act` over those rows. ATen does what the ops
-do not: the unfold, ``dx`` (``convolution_backward``, no unfolded ``dx`` in memory) and the max pooling.
+The conv layer's weight step is the linear one fed a different operand: with the block's input unfolded (im2col,
+rows ``B*H*W``, columns ``k*k*C_in``) and its maps as channels-last rows ``[B*H*W, C]``, the weight gradient is
+:func:`~fastdni.ops.dni_update_`'s GEMM (the optimizer in its epilogue) and ``BatchNorm2d`` is
+:func:`~fastdni.ops.batch_norm_act` / :func:`~fastdni.ops.batch_norm_act_update_` over those rows. ATen does what
+it does faster than a GEMM over an unfolded copy: the convolution's forward and ``dx`` (oneDNN's direct
+convolutions; ``convolution_backward``) and the max pooling.
+
+The conv weights are kept channels-last (``memory_format=torch.channels_last``: ``[C_out, k, k, C_in]`` in memory),
+so that the weight, and its optimizer state, viewed ``[C_out, k*k*C_in]`` is the GEMM's operand in place, and the
+unfold copies runs of ``C_in`` contiguous values (:func:`unfold_rows`).
 """
 from __future__ import annotations
 
@@ -22,18 +27,35 @@ from .decoupled import DecoupledTrainer, LossFunction, OptimizerFactory, StepRes
 from .fused import normalise, step_batch_norm, step_on_delta
 from .synthetic_gradient import ConvSyntheticGradient
 
-#: Why an MLP conv SG (hidden convolutions) runs on autograd: see :func:`conv_sg_fusion_blocker`.
-MLP_CONV_SG = ("an MLP conv SG: the ops run an MLP SG as dense layers over one set of rows, but a conv SG's second "
-               "convolution reads its hidden map at neighbouring positions (an unfold between the layers), and "
-               "sg_regression_ backpropagates through the whole MLP inside one op, with no point to put the fold in")
-
-
 def unfold_rows(x: Tensor, kernel_size: int) -> Tensor:
-    """``x`` ``[B, C, H, W]`` unfolded for a "same" convolution: ``[B*H*W, C*k*k]``, one row per output position
-    (``(b, y, x)`` order, as :func:`map_rows`), columns in a conv weight's ``(C, ky, kx)`` order."""
-    batch, _, height, width = x.shape
-    columns = F.unfold(x, kernel_size, padding=kernel_size // 2)  # [B, C*k*k, H*W]
-    return columns.transpose(1, 2).reshape(batch * height * width, -1)
+    """``x`` ``[B, C, H, W]`` unfolded for a "same" convolution: ``[B*H*W, k*k*C]``, one row per output position
+    (``(b, y, x)`` order, as :func:`map_rows`), columns in ``(ky, kx, c)`` order (:func:`weight_rows`'), copied from a
+    channels-last zero-padded map (runs of ``C`` contiguous values; ``F.unfold``'s ``(c, ky, kx)`` order, transposed to
+    rows, costs twice as much)."""
+    batch, channels, height, width = x.shape
+    pad = kernel_size // 2
+    padded = F.pad(x, (pad, pad, pad, pad)).contiguous(memory_format=torch.channels_last)
+    s_b, s_c, s_h, s_w = padded.stride()
+    windows = padded.as_strided((batch, height, width, kernel_size, kernel_size, channels), (s_b, s_h, s_w, s_h, s_w, s_c))
+    return windows.reshape(batch * height * width, -1)
+
+
+def weight_rows(weight: Tensor) -> Tensor:
+    """A channels-last conv weight ``[C_out, C_in, k, k]`` (or its optimizer state) as the GEMM's ``[C_out, k*k*C_in]``:
+    a view, so that the ops' in-place steps land in it (:func:`channels_last_`)."""
+    return weight.permute(0, 2, 3, 1).view(weight.shape[0], -1)
+
+
+def channels_last_(weight: Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """``weight`` and its optimizer state in channels-last layout, in place (values unchanged; a no-op once they are:
+    a state loaded from a checkpoint, or a weight assigned anew, may come contiguous)."""
+    if not weight.is_contiguous(memory_format=torch.channels_last):
+        weight.data = weight.data.contiguous(memory_format=torch.channels_last)
+    state = optimizer.state.get(weight, {})
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.shape == weight.shape and \
+                not value.is_contiguous(memory_format=torch.channels_last):
+            state[key] = value.contiguous(memory_format=torch.channels_last)
 
 
 def map_rows(x: Tensor) -> Tensor:
@@ -47,15 +69,16 @@ def rows_map(rows: Tensor, batch: int, height: int, width: int) -> Tensor:
 
 
 def conv_sg_fusion_blocker(sg: ConvSyntheticGradient) -> Optional[str]:
-    """Why the ops cannot run ``sg``'s prediction and regression (it then runs on autograd), or None.
+    """Why the ops cannot step ``sg`` (it then runs on autograd and its optimizer's ``step()``), or None.
 
-    A linear conv SG (one convolution) is a linear layer over the unfolded map (``[B*H*W, C*k*k]`` rows to ``C``
-    columns): its prediction is :func:`~fastdni.ops.dni_forward`'s GEMM with bias, its regression
-    :func:`~fastdni.ops.dni_update_` fed the error (the optimizer in the GEMM's epilogue). Not
-    ``sg_predict``/``sg_regression_``: their SG maps its input's features to as many (the gradient of its own input),
-    where this one reads ``C*k*k`` columns per row to predict ``C``."""
-    if len(sg.convs) != 1:
-        return MLP_CONV_SG
+    Each convolution of a conv SG is a linear layer over its unfolded input (``[B*H*W, k*k*C]`` rows to ``C_out``
+    columns): its prediction is ATen's convolutions (ReLU between, the label term, a gather, added to the first's
+    output); its regression steps each conv as a block's (:func:`~fastdni.ops.dni_update_` on the unfolded input, fed
+    the error pushed back through the convs above by ``convolution_backward``; ``W`` and ``b`` stepped in the GEMM's
+    epilogue), and the label weight ``U`` by the optimizer's own ``step()`` on its gradient (an ``index_add``). Not
+    ``sg_predict``/``sg_regression_``: their SG maps its input's features to as many through dense layers over one
+    set of rows (the prediction shaped like the input, in their checks and kernels), where a conv SG reads ``k*k*C``
+    columns per row, and its second convolution the hidden map at neighbouring positions."""
     if not all(p.requires_grad for p in sg.parameters()):
         return "some SG parameters are frozen (requires_grad=False)"
     return None
@@ -64,10 +87,9 @@ def conv_sg_fusion_blocker(sg: ConvSyntheticGradient) -> Optional[str]:
 class _Block(NamedTuple):
     """What a conv block's training forward keeps for its update."""
 
-    columns: Tensor  #: the unfolded input, ``[B*H*W, C_in*k*k]``
-    layer: ops.ForwardResult  #: the GEMM (with the activation where there is no BatchNorm): ``h`` rows ``[B*H*W, C]``
-    normed: Optional[ops.BatchNormResult]  #: ``act(BatchNorm(pre))`` rows, with BatchNorm
-    activated: Tensor  #: the activation as a map ``[B, C, H, W]`` (channels-last strides)
+    pre: Tensor  #: the convolution's output, ``[B, C, H, W]`` (channels-last)
+    normed: Optional[ops.BatchNormResult]  #: ``act(BatchNorm(pre))`` over channels-last rows ``[B*H*W, C]``
+    activated: Tensor  #: the activation, ``[B, C, H, W]`` (channels-last)
     pooled: Tensor  #: the block's output, ``[B, C, H/p, W/p]``
     indices: Tensor  #: the max pooling's argmax
 
@@ -76,8 +98,9 @@ class _Pending(NamedTuple):
     """An SG prediction awaiting its target (the gradient of the map it predicted for)."""
 
     index: int
-    map: Tensor  #: the prediction ``M(h, c)`` as a map, like the block's output
-    columns: Optional[Tensor]  #: the unfolded SG input of the fused regression, or None where the SG runs on autograd
+    inputs: list[Tensor]  #: the input of each SG conv: the block's pooled map, then the hidden maps
+    map: Tensor  #: the prediction ``M(h, c)``, like the pooled map
+    fused: bool  #: whether the ops regress it (else autograd: ``map`` holds the SG's graph)
     context: Optional[Tensor]
 
 
@@ -89,30 +112,25 @@ class DecoupledCNN(DecoupledTrainer):
     blocks (``fastdni.experiments.models.cnn_blocks``) with a :class:`ConvSyntheticGradient` after each, built in the
     same order (the same seed gives the same initial parameters). Per block, in ``mode="dni"``:
 
-    1. forward: the input unfolded (``F.unfold``) to rows ``[B*H*W, C_in*k*k]``; :func:`~fastdni.ops.dni_forward`
-       (the convolution as a GEMM with bias; with BatchNorm, identity then :func:`~fastdni.ops.batch_norm_act`
-       over the channels-last rows, the running statistics updated); the max pooling (ATen, with its argmax);
+    1. forward: ATen's convolution; with BatchNorm, :func:`~fastdni.ops.batch_norm_act` over the map's channels-last
+       rows (batch statistics, the running statistics updated); ATen's max pooling (with its argmax);
     2. the SG predicts the synthetic gradient of the pooled map; ``max_pool2d_with_indices_backward`` takes it to
        the activation;
     3. :func:`~fastdni.ops.batch_norm_act_update_` steps gamma and beta and gives ``dL/dpre``; ``dx`` (the target
        of the SG below) comes from ATen's ``convolution_backward`` on the pre-update weight; then
-       :func:`~fastdni.ops.dni_update_` on the unfolded input steps the conv's weight (viewed ``[C_out, C_in*k*k]``)
-       and bias, the optimizer in the weight-gradient GEMM's epilogue;
+       :func:`~fastdni.ops.dni_update_` on the unfolded input (:func:`unfold_rows`) steps the conv's weight (viewed
+       ``[C_out, k*k*C_in]``, :func:`weight_rows`) and bias, the optimizer in the weight-gradient GEMM's epilogue;
     4. the SG below regresses onto ``dx``.
 
-    The classifier learns from the true gradient of the loss, which is also the top SG's target. A linear conv SG
-    (``sg_hidden=()``, cDNI's) runs on the ops: :func:`~fastdni.ops.sg_predict` and
-    :func:`~fastdni.ops.sg_regression_` over the unfolded pooled map, its label map a context term
-    (:func:`conv_sg_fusion_blocker`). An MLP conv SG (DNI's, ``sg_hidden=(64,)`` in the experiment) runs its
-    prediction and regression on autograd and its optimizer's ``step()``: the ops fuse an MLP SG as dense layers over
-    one set of rows, which a second convolution is not (``MLP_CONV_SG``). :attr:`sg_fusion_blockers` says, per SG,
-    why it is not fused (None: fused).
+    The classifier learns from the true gradient of the loss, which is also the top SG's target. The conv SGs (linear,
+    cDNI's, or with hidden convs, DNI's ``sg_hidden=(64,)`` in the experiment) predict with ATen's convolutions and
+    step each conv on the ops the same way (:func:`conv_sg_fusion_blocker`; :attr:`sg_fusion_blockers` says, per
+    SG, why it ran on autograd instead, None where it did not).
 
     Optimizers are ordinary ``torch.optim.Adam``, ``AdamW`` or ``SGD`` objects whose hyper-parameters and state the
     ops use in place (``optimizer_state_dict`` and checkpoints work); block ``i``'s holds the conv's weight and bias
     then gamma and beta (``DecoupledSequential``'s per-block optimizer). ``mode="backprop"`` trains through the same
-    forward by autograd. In eval mode the forward is ATen's: ``F.conv2d``, ``F.batch_norm`` with the running
-    statistics, the activation, the pooling.
+    forward by autograd. In eval mode BatchNorm uses the running statistics.
 
     Args:
         in_channels, channels, image_size, out_features: input channels, each block's output channels, the input's
@@ -188,6 +206,8 @@ class DecoupledCNN(DecoupledTrainer):
         self.synthetic_gradients = nn.ModuleList(
             ConvSyntheticGradient(c, sg_hidden, kernel_size=sg_kernel_size, context_features=context_features,
                                   context_map=(h, w) if context_map else None) for c, h, w in shapes)
+        for conv in (*self.convs, *(conv for sg in self.synthetic_gradients for conv in sg.convs)):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)  # see the module docstring
         self.kernel_size, self.pool, self.activation = kernel_size, pool, activation
         self.sg_loss_weight = check_positive("sg_loss_weight", float(sg_loss_weight))
         self.gradient_scale = check_positive("gradient_scale", float(gradient_scale))
@@ -205,12 +225,12 @@ class DecoupledCNN(DecoupledTrainer):
     # -- forward ------------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        """The network's output: in training the ops' forward (differentiable: backprop mode trains through it),
-        in eval mode ATen's convolution and BatchNorm with the running statistics."""
+        """The network's output (differentiable: backprop mode trains through it). In eval mode BatchNorm uses the
+        running statistics."""
         self._check_input(x)
         h = x
         for i in range(len(self.convs)):
-            h = self._block_forward(i, h).pooled if self.training else self._block_eval(i, h)
+            h = self._block_forward(i, h).pooled
         return self.head(h.flatten(1))
 
     def _check_input(self, x: Tensor) -> None:
@@ -221,25 +241,18 @@ class DecoupledCNN(DecoupledTrainer):
                              f"got shape {tuple(x.shape)}")
 
     def _block_forward(self, i: int, x: Tensor) -> _Block:
-        """Block ``i`` in training on the ops (differentiable where grad is enabled)."""
+        """Block ``i``: ATen's convolution, BatchNorm and the activation on the ops over channels-last rows (training
+        statistics in training, running ones in eval mode), ATen's max pooling. Differentiable where grad is enabled."""
         conv = self.convs[i]
-        batch, _, height, width = x.shape
-        columns = unfold_rows(x, self.kernel_size)
-        weight = conv.weight.view(conv.weight.shape[0], -1)
-        activation = "identity" if self.norms is not None else self.activation
-        layer = ops.dni_forward(columns, weight, conv.bias, activation=activation, backend=self.backend)
-        normed = normalise(self.norms[i], layer.h, self.activation, self.backend) if self.norms is not None else None
-        activated = rows_map(layer.h if normed is None else normed.h, batch, height, width)
-        pooled, indices = F.max_pool2d(activated, self.pool, return_indices=True)
-        return _Block(columns, layer, normed, activated, pooled, indices)
-
-    def _block_eval(self, i: int, x: Tensor) -> Tensor:
-        conv = self.convs[i]
-        y = F.conv2d(x, conv.weight, conv.bias, padding=self.kernel_size // 2)
+        pre = F.conv2d(x, conv.weight, conv.bias, padding=self.kernel_size // 2)  # channels-last: as is the weight
+        normed = None
         if self.norms is not None:
-            norm = self.norms[i]
-            y = F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-        return F.max_pool2d(activate(y, self.activation), self.pool)
+            normed = normalise(self.norms[i], map_rows(pre), self.activation, self.backend)
+            activated = rows_map(normed.h, pre.shape[0], *pre.shape[2:])
+        else:
+            activated = activate(pre, self.activation)
+        pooled, indices = F.max_pool2d(activated, self.pool, return_indices=True)
+        return _Block(pre, normed, activated, pooled, indices)
 
     # -- the decoupled step -------------------------------------------------------------------------------------
 
@@ -271,21 +284,26 @@ class DecoupledCNN(DecoupledTrainer):
         conv, optimizer = self.convs[i], self.optimizers[i]
         grad_act = torch.ops.aten.max_pool2d_with_indices_backward(
             prediction, block.activated, [self.pool] * 2, [self.pool] * 2, [0, 0], [1, 1], False, block.indices)
-        grad_rows = map_rows(grad_act)
         if self.norms is not None:
-            delta = step_batch_norm(optimizer, self.norms[i], block.normed, grad_rows, grad_scale=self.gradient_scale,
-                                    activation=self.activation, backend=self.backend)
-        else:  # dx needs the delta itself; dni_update_ would form it only inside its GEMMs
-            layer = block.layer
-            delta = grad_rows * activation_derivative_from_output(layer.h, layer.pre, self.activation) / self.gradient_scale
+            delta = step_batch_norm(optimizer, self.norms[i], block.normed, map_rows(grad_act),
+                                    grad_scale=self.gradient_scale, activation=self.activation, backend=self.backend)
+        else:  # ATen's dx needs the delta itself (dni_update_ forms it only inside its GEMMs)
+            act_grad = activation_derivative_from_output(block.activated, block.pre, self.activation)
+            delta = map_rows(grad_act * act_grad / self.gradient_scale)
         dx = x.new_empty(0)
-        if need_input_grad:  # ATen's data gradient on the pre-update weight: no unfolded dx in memory
-            padding = [self.kernel_size // 2] * 2
+        if need_input_grad:  # ATen's data gradient, on the pre-update weight
             dx = torch.ops.aten.convolution_backward(
-                rows_map(delta, *block.activated.shape[:1], *block.activated.shape[2:]), x, conv.weight, None,
-                [1, 1], padding, [1, 1], False, [0, 0], 1, [True, False, False])[0]
-        step_on_delta(optimizer, [conv.weight, conv.bias], block.columns, delta, need_input_grad=False, backend=self.backend)
+                rows_map(delta, x.shape[0], *x.shape[2:]), x, conv.weight, None, [1, 1], [self.kernel_size // 2] * 2,
+                [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        self._step_conv(optimizer, conv, x, delta)
         return dx
+
+    def _step_conv(self, optimizer: torch.optim.Optimizer, conv: nn.Conv2d, x: Tensor, delta: Tensor) -> None:
+        """Step ``conv``'s weight and bias on ``delta = dL/dpre`` (channels-last rows) for its input ``x``: the GEMM
+        ``delta^T unfold(x)`` of :func:`~fastdni.ops.dni_update_`, the optimizer in its epilogue."""
+        channels_last_(conv.weight, optimizer)
+        step_on_delta(optimizer, [conv.weight, conv.bias], unfold_rows(x, conv.kernel_size[0]), delta,
+                      need_input_grad=False, backend=self.backend, weight_operand=weight_rows)
 
     # -- the conv SGs -------------------------------------------------------------------------------------------
 
@@ -298,17 +316,18 @@ class DecoupledCNN(DecoupledTrainer):
         self.sg_fusion_blockers[i] = conv_sg_fusion_blocker(sg)
         if self.sg_fusion_blockers[i] is not None:
             with torch.enable_grad():
-                return _Pending(i, sg(h, context), None, context)
-        conv = sg.convs[0]
-        batch, _, height, width = h.shape
-        columns = unfold_rows(h, conv.kernel_size[0])
-        rows = ops.dni_forward(columns, conv.weight.view(conv.weight.shape[0], -1), conv.bias, activation="identity",
-                               backend=self.backend).h
-        prediction = rows_map(rows, batch, height, width)
-        if context is not None:  # the label term, a gather of U (ConvSyntheticGradient's, per position or channel)
-            term = context_term(context, sg.context_weight)
-            prediction = prediction + (term.view(prediction.shape) if sg.context_map else term[:, :, None, None])
-        return _Pending(i, prediction, columns, context)
+                return _Pending(i, [h], sg(h, context), False, context)
+        inputs, z = [h], h
+        for layer, conv in enumerate(sg.convs):  # ConvSyntheticGradient.forward, keeping each conv's input
+            if layer:
+                inputs.append(z)
+            z = F.conv2d(z, conv.weight, conv.bias, padding=conv.padding)
+            if layer == 0 and context is not None:  # the label term, a gather of U (per position or per channel)
+                term = context_term(context, sg.context_weight)
+                z = z + (term.view(z.shape) if sg.context_map else term[:, :, None, None])
+            if layer < len(sg.convs) - 1:
+                z = F.relu(z)
+        return _Pending(i, inputs, z, True, context)
 
     def _regress(self, pending: _Pending, target: Tensor) -> Tensor:
         """Regress SG ``pending.index`` onto ``gradient_scale * target`` and step it; returns its loss
@@ -317,21 +336,25 @@ class DecoupledCNN(DecoupledTrainer):
         batch = target.shape[0]
         error = pending.map - self.gradient_scale * target
         loss = self.sg_loss_weight * (error * error).sum() / batch
-        scale = 2.0 * self.sg_loss_weight / batch  # d loss / d M = 2 w (M - s t) / B
-        if pending.columns is None:  # autograd, as DNI's regression
+        grad = error * (2.0 * self.sg_loss_weight / batch)  # d loss / d M, as DNI's regression
+        if not pending.fused:
             with torch.enable_grad():
-                pending.map.backward(error * scale)
+                pending.map.backward(grad)
             step_optimizer(optimizer)
             return loss
-        conv = sg.convs[0]
-        # dW = scale * error^T columns, db = scale * sum error: dni_update_ with the error as its prediction.
-        step_on_delta(optimizer, [conv.weight, conv.bias], pending.columns, map_rows(error) * scale,
-                      need_input_grad=False, backend=self.backend)
+        for layer in reversed(range(len(sg.convs))):  # top conv first: each below needs the gradient through it
+            conv, z = sg.convs[layer], pending.inputs[layer]
+            grad_z = None
+            if layer:  # through this conv (pre-update weight) and the ReLU under it
+                grad_z = torch.ops.aten.convolution_backward(grad, z, conv.weight, None, [1, 1], list(conv.padding), [1, 1],
+                                                             False, [0, 0], 1, [True, False, False])[0] * (z > 0)
+            self._step_conv(optimizer, conv, z, map_rows(grad))
+            if layer:
+                grad = grad_z
         if pending.context is not None:
             # U: the label term's gradient (the gather's: an index_add), stepped by the optimizer's own step(),
-            # which skips W and b (no .grad: the op stepped them).
-            grad = error.sum((2, 3)) if sg.context_map is None else error.reshape(batch, -1)
-            grad = grad * scale
+            # which skips the convs (no .grad: the ops stepped them).
+            grad = grad.sum((2, 3)) if sg.context_map is None else grad.reshape(batch, -1)
             context = pending.context
             sg.context_weight.grad = (grad.T @ context if context.dtype.is_floating_point else
                                       torch.zeros_like(sg.context_weight).index_add_(1, context, grad.T))

@@ -18,7 +18,6 @@ from torch import nn
 import fastdni.ops as ops
 from fastdni.experiments import mnist
 from fastdni.nn import DecoupledCNN, DecoupledSequential
-from fastdni.nn.fused_cnn import MLP_CONV_SG
 from helpers import randomise_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -123,8 +122,7 @@ def test_learning_curve_matches_decoupled_sequential(backend, mode):
     if steps >= 300:
         assert got[-20:, 0].mean() < 0.9 * got[:20, 0].mean()  # it learned: the comparison is of a moving curve
     assert_same_state(fused, reference)
-    if mode != "backprop":  # the linear SG (cdni's) ran on the ops, the MLP conv SG (dni's) on autograd
-        assert fused.sg_fusion_blockers == ([None, None] if mode == "cdni" else [MLP_CONV_SG] * 2)
+    assert fused.sg_fusion_blockers == [None, None]  # both SGs (dni's MLP conv SG, cdni's linear one) ran on the ops
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -137,15 +135,27 @@ def test_without_batch_norm_other_activations_and_sgd_match(backend, activation)
     assert_same_state(fused, reference)
 
 
-@pytest.mark.parametrize("context_map, context", [(False, "labels"), (True, "features"), (False, "features")])
-def test_label_bias_per_channel_and_float_context(context_map, context):
+@pytest.mark.parametrize("context_map, context, sg_hidden", [(False, "labels", ()), (True, "features", ()),
+                                                            (False, "features", ()), (True, "labels", (4, 3)),
+                                                            (False, "labels", (2,))])
+def test_label_bias_per_channel_float_context_and_mlp_sgs_with_context(context_map, context, sg_hidden):
     """The fused conv SG's context term in its other forms: a per-channel bias, float features (with or without the
-    per-position map)."""
-    fused, reference = twin_models("auto", mode="cdni", context_map=context_map)
+    per-position map), under hidden convs (the term added before the first ReLU)."""
+    fused, reference = twin_models("auto", mode="cdni", context_map=context_map, sg_hidden=sg_hidden)
     got, want = train_curves((fused, reference), 30, context=context)
     torch.testing.assert_close(got, want, **CURVE_TOLERANCE)
     assert_same_state(fused, reference)
     assert fused.sg_fusion_blockers == [None, None]
+
+
+def test_an_sg_with_frozen_parameters_runs_on_autograd():
+    fused, reference = twin_models("auto", mode="dni")
+    for model in (fused, reference):
+        sgs = model.synthetic_gradients if model is fused else [i.synthetic_gradient for i in model.interfaces]
+        sgs[1].convs[0].bias.requires_grad_(False)
+    got, want = train_curves((fused, reference), 20)
+    torch.testing.assert_close(got, want, **CURVE_TOLERANCE)
+    assert fused.sg_fusion_blockers == [None, "some SG parameters are frozen (requires_grad=False)"]
 
 
 @pytest.mark.parametrize("image, kernel_size, in_channels", [((7, 5), 5, 3), ((6, 11), 1, 1), ((4, 4), 3, 2)])
