@@ -16,7 +16,10 @@ every variant.
 
 Variants (each a copy of the same model and Adam state, updated on every call):
 
-- ``fused``: ``DecoupledCNN(backend="auto")``, the default of ``--model cnn``;
+- ``fused``: ``DecoupledCNN(backend="auto")``, the default of ``--model cnn``: each conv's weight step the ops' GEMM
+  over the unfolded input, the optimizer in its epilogue;
+- ``fused_aten``: the same with ``weight_grad="aten"``: the conv weight gradients from ATen's ``convolution_backward``
+  (with ``dx``, one call), stepped by the optimizer's own ``step()``;
 - ``eager``: ``DecoupledSequential`` over ``cnn_blocks`` (autograd, ``DNI`` interfaces, ``Adam.step()``): what
   ``--backend autograd`` runs;
 - ``compiled``: the same, each block and SG model under ``torch.compile`` (Inductor; the step around them, with the
@@ -25,7 +28,8 @@ Variants (each a copy of the same model and Adam state, updated on every call):
 Each row is checked first (one step of each variant from the same state): the loss and every parameter update
 against ``fused``'s, relative to the largest update (``CHECK_TOL``). Times: medians over interleaved repetitions
 (``benchmarks/dni_step.py``'s ``time_interleaved``); memory: the peak c10 allocation of one step on top of what it
-started with (``benchmarks/common.py``'s ``peak_alloc_bytes``, from ``torch.profiler``).
+started with (``benchmarks/common.py``'s ``peak_alloc_bytes``, from ``torch.profiler``), plus, for the fused
+variants, the unfold workspace they keep between steps.
 """
 from __future__ import annotations
 
@@ -50,8 +54,9 @@ from fastdni.nn import DecoupledCNN  # noqa: E402
 BATCHES = (64, 256)
 MODES = ("dni", "cdni", "backprop")
 QUICK = dict(batch=(64,), mode=("cdni",))
-CHECK_TOL = 1e-3  #: fp32, one step
-COLUMNS = ("fused", "eager", "compiled")
+#: fp32, one step, on each tensor's update norm (the docstring of check_equal_step)
+CHECK_TOL = 2e-2
+COLUMNS = ("fused", "fused_aten", "eager", "compiled")
 
 
 @dataclasses.dataclass
@@ -61,11 +66,13 @@ class Variant:
     step: Callable[[], object]
 
 
-def build(batch: int, mode: str, backend: str) -> torch.nn.Module:
+def build(batch: int, mode: str, backend: str, weight_grad: str = "gemm") -> torch.nn.Module:
     """``--model cnn``'s model for ``mode`` (``backend="autograd"``: DecoupledSequential), mid-training."""
     config = mnist.RunConfig(mode=mode, steps=1, lr=1e-3, sg_lr=1e-3, lr_schedule="constant", model="cnn",
                              batch_size=batch, sg_hidden=(64,) if mode == "dni" else (), backend=backend)
     model = mnist.build_model(config)
+    if isinstance(model, DecoupledCNN):
+        model.weight_grad = weight_grad
     _mid_training(model)
     return model
 
@@ -103,8 +110,11 @@ def make_variants(batch: int, mode: str, skip: set[str], notes: list[str]) -> di
     x = torch.rand(batch, 1, 28, 28, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
     context = y if mode == "cdni" else None
-    fused, eager = build(batch, mode, "auto"), build(batch, mode, "autograd")
+    fused, fused_aten = build(batch, mode, "auto"), build(batch, mode, "auto", "aten")
+    eager = build(batch, mode, "autograd")
     variants = {"fused": Variant("fused", fused, lambda: fused.train_step(x, y, F.cross_entropy, context)),
+                "fused_aten": Variant("fused_aten", fused_aten,
+                                      lambda: fused_aten.train_step(x, y, F.cross_entropy, context)),
                 "eager": Variant("eager", eager, lambda: eager.train_step(x, y, F.cross_entropy, context))}
     if "compiled" not in skip:
         torch._dynamo.reset()  # each row compiles new modules: without it the recompile limit drops later rows to eager
@@ -120,13 +130,25 @@ def make_variants(batch: int, mode: str, skip: set[str], notes: list[str]) -> di
     return variants
 
 
+CHANNELS = mnist.RunConfig.cnn_channels  #: the conv blocks' channels (W, b, gamma, beta each in _all_params)
+
+
 def check_equal_step(variants: dict[str, Variant]) -> dict:
+    """One step of every variant from the same state: the loss, and every parameter's update against ``fused``'s
+    in norm. Not element by element: where fp32 rounding puts a BatchNorm output on the other side of the ReLU's 0
+    (or changes a max pool's winner), that position's gradient differs whole (measured: 7 of the 51,200 elements of
+    the second conv's weight update, 0.7% of its norm, between fused and eager at B=64, cdni; in fp64 the same step
+    agrees to 1e-13, and tests/nn/test_fused_cnn.py compares 300-step curves there)."""
     starts = {name: [p.detach().clone() for p in _all_params(v.model)] for name, v in variants.items()}
     losses = {name: float(v.step().loss) for name, v in variants.items()}
     updates = {name: [p.detach() - p0 for p, p0 in zip(_all_params(v.model), starts[name])] for name, v in variants.items()}
+    # Left out: the conv biases under a BatchNorm, whose true gradient is 0 (each variant steps them on its own
+    # rounding noise).
+    checked = [i for i, p in enumerate(_all_params(variants["fused"].model)) if i % 4 != 1 or i >= 4 * len(CHANNELS)]
     out = {}
     for name in variants:
-        err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(updates[name], updates["fused"]))
+        err = max(float((updates[name][i] - updates["fused"][i]).norm() / updates["fused"][i].norm().clamp_min(1e-30))
+                  for i in checked)
         loss_err = abs(losses[name] - losses["fused"]) / abs(losses["fused"])
         out[name] = dict(update=err, loss=loss_err, ok=err <= CHECK_TOL and loss_err <= CHECK_TOL)
     return out
@@ -140,11 +162,15 @@ def run_row(batch: int, mode: str, opts: argparse.Namespace) -> dict:
     row["ms"] = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
     row["ratios"] = {name: t / row["ms"]["fused"] for name, t in row["ms"].items() if name != "fused"}
     row["memory"] = {name: common.peak_alloc_bytes(v.step) for name, v in variants.items()}
+    for name, v in variants.items():  # the unfold's workspace is kept between steps, but is the step's scratch
+        if row["memory"].get(name) is not None and isinstance(v.model, DecoupledCNN):
+            row["memory"][name] += v.model.workspace.nbytes
     return row
 
 
-HEADER = ["B", "mode", *(f"{c} ms" for c in COLUMNS), "eager/fused", "compiled/fused",
-          *(f"mem {c} MB" for c in COLUMNS), "mem eager/fused", "mem compiled/fused", "check"]
+RATIOS = ("fused_aten", "eager", "compiled")
+HEADER = ["B", "mode", *(f"{c} ms" for c in COLUMNS), *(f"{c}/fused" for c in RATIOS),
+          *(f"mem {c} MB" for c in COLUMNS), *(f"mem {c}/fused" for c in RATIOS), "check"]
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
@@ -155,9 +181,9 @@ def format_row(row: dict) -> list[str]:
     ms, ratios, mem = row["ms"], row["ratios"], row["memory"]
     cells = [str(row["batch"]), row["mode"]]
     cells += [f"{ms[c]:.1f}" if c in ms else "-" for c in COLUMNS]
-    cells += [f"{ratios[c]:.2f}x" if c in ratios else "-" for c in ("eager", "compiled")]
+    cells += [f"{ratios[c]:.2f}x" if c in ratios else "-" for c in RATIOS]
     cells += [f"{mem[c] / 2**20:.1f}" if mem.get(c) else "-" for c in COLUMNS]
-    cells += [_ratio(mem.get(c), mem.get("fused")) for c in ("eager", "compiled")]
+    cells += [_ratio(mem.get(c), mem.get("fused")) for c in RATIOS]
     cells.append("ok" if all(c["ok"] for c in row["check"].values()) else "MISMATCH " + str(row["check"]))
     return cells
 

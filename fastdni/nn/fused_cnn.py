@@ -13,6 +13,7 @@ unfold copies runs of ``C_in`` contiguous values (:func:`unfold_rows`).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -27,17 +28,46 @@ from .decoupled import DecoupledTrainer, LossFunction, OptimizerFactory, StepRes
 from .fused import normalise, step_batch_norm, step_on_delta
 from .synthetic_gradient import ConvSyntheticGradient
 
-def unfold_rows(x: Tensor, kernel_size: int) -> Tensor:
+def unfold_rows(x: Tensor, kernel_size: int, workspace: Optional["Workspace"] = None) -> Tensor:
     """``x`` ``[B, C, H, W]`` unfolded for a "same" convolution: ``[B*H*W, k*k*C]``, one row per output position
     (``(b, y, x)`` order, as :func:`map_rows`), columns in ``(ky, kx, c)`` order (:func:`weight_rows`'), copied from a
-    channels-last zero-padded map (runs of ``C`` contiguous values; ``F.unfold``'s ``(c, ky, kx)`` order, transposed to
-    rows, costs twice as much)."""
+    channels-last zero-padded map in runs of ``k*C`` contiguous values (``F.unfold``'s ``(c, ky, kx)`` order, then
+    transposed to rows, costs 3x as much). With a ``workspace``, written into memory kept between calls."""
     batch, channels, height, width = x.shape
     pad = kernel_size // 2
-    padded = F.pad(x, (pad, pad, pad, pad)).contiguous(memory_format=torch.channels_last)
-    s_b, s_c, s_h, s_w = padded.stride()
-    windows = padded.as_strided((batch, height, width, kernel_size, kernel_size, channels), (s_b, s_h, s_w, s_h, s_w, s_c))
-    return windows.reshape(batch * height * width, -1)
+    shape = (batch, height + 2 * pad, width + 2 * pad, channels)
+    padded = x.new_zeros(shape) if workspace is None else workspace.get("padded", shape, x).zero_()
+    padded[:, pad:pad + height, pad:pad + width] = x.permute(0, 2, 3, 1)
+    s_b, s_h, s_w, _ = padded.stride()
+    windows = padded.as_strided((batch, height, width, kernel_size, kernel_size * channels), (s_b, s_h, s_w, s_h, 1))
+    rows = (batch * height * width, kernel_size * kernel_size * channels)
+    if workspace is None:
+        return windows.reshape(rows)
+    out = workspace.get("columns", rows, x)
+    out.view(windows.shape).copy_(windows)
+    return out
+
+
+class Workspace:
+    """Scratch tensors kept between steps, one flat buffer per name, grown as needed (not module state).
+
+    The unfolded operand is the step's largest tensor (40 MB at B=64 for the CNN's second block): a fresh allocation of
+    that size is a fresh mapping on the CPU, whose first-touch page faults cost more than the copy itself (measured
+    16 ms against 1.4 ms into kept memory, one thread)."""
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], like: Tensor) -> Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self.buffers[name] = like.new_empty(numel)
+        return buffer[:numel].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
 def weight_rows(weight: Tensor) -> Tensor:
@@ -82,6 +112,10 @@ def conv_sg_fusion_blocker(sg: ConvSyntheticGradient) -> Optional[str]:
     if not all(p.requires_grad for p in sg.parameters()):
         return "some SG parameters are frozen (requires_grad=False)"
     return None
+
+
+#: How :class:`DecoupledCNN` steps a conv's weight: the ops' GEMM over the unfolded input, or ATen's gradient.
+WEIGHT_GRADS = ("gemm", "aten")
 
 
 class _Block(NamedTuple):
@@ -144,6 +178,9 @@ class DecoupledCNN(DecoupledTrainer):
             else a bias per channel.
         optimizer, sg_optimizer, head_optimizer, mode, sg_loss_weight, gradient_scale, backend: as in
             :class:`DecoupledMLP`.
+        weight_grad: ``"gemm"`` (the default, above) or ``"aten"``: every conv's weight and bias gradient from ATen's
+            ``convolution_backward`` (oneDNN's direct kernels on the CPU), in the call that gives ``dx``, then the
+            optimizer's own ``step()``; no unfolded copy (faster on the CPU measured here, docs/performance.md).
     """
 
     def __init__(
@@ -170,6 +207,7 @@ class DecoupledCNN(DecoupledTrainer):
         backend: str = "auto",
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
+        weight_grad: str = "gemm",
     ):
         super().__init__()
         channels = tuple(channels)
@@ -214,11 +252,15 @@ class DecoupledCNN(DecoupledTrainer):
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
         self.backend = backend
+        if weight_grad not in WEIGHT_GRADS:
+            raise ValueError(f"weight_grad: expected one of {WEIGHT_GRADS}, got {weight_grad!r}")
+        self.weight_grad = weight_grad
         self.mode = mode
         self.optimizers = [optimizer([*conv.parameters(), *(norms[i].parameters() if batch_norm else ())])
                            for i, conv in enumerate(self.convs)]
         self.optimizers.append((head_optimizer or optimizer)(self.head.parameters()))
         self.sg_optimizers = [(sg_optimizer or optimizer)(sg.parameters()) for sg in self.synthetic_gradients]
+        self.workspace = Workspace()  #: the unfolded operands' memory, kept between steps (:func:`unfold_rows`)
         #: per SG, why its last training step ran on autograd (None: on the ops); see conv_sg_fusion_blocker
         self.sg_fusion_blockers: list[Optional[str]] = [None] * len(channels)
 
@@ -285,25 +327,38 @@ class DecoupledCNN(DecoupledTrainer):
         grad_act = torch.ops.aten.max_pool2d_with_indices_backward(
             prediction, block.activated, [self.pool] * 2, [self.pool] * 2, [0, 0], [1, 1], False, block.indices)
         if self.norms is not None:
-            delta = step_batch_norm(optimizer, self.norms[i], block.normed, map_rows(grad_act),
-                                    grad_scale=self.gradient_scale, activation=self.activation, backend=self.backend)
+            delta = rows_map(step_batch_norm(optimizer, self.norms[i], block.normed, map_rows(grad_act),
+                                             grad_scale=self.gradient_scale, activation=self.activation,
+                                             backend=self.backend), x.shape[0], *x.shape[2:])
         else:  # ATen's dx needs the delta itself (dni_update_ forms it only inside its GEMMs)
-            act_grad = activation_derivative_from_output(block.activated, block.pre, self.activation)
-            delta = map_rows(grad_act * act_grad / self.gradient_scale)
-        dx = x.new_empty(0)
-        if need_input_grad:  # ATen's data gradient, on the pre-update weight
-            dx = torch.ops.aten.convolution_backward(
-                rows_map(delta, x.shape[0], *x.shape[2:]), x, conv.weight, None, [1, 1], [self.kernel_size // 2] * 2,
-                [1, 1], False, [0, 0], 1, [True, False, False])[0]
-        self._step_conv(optimizer, conv, x, delta)
-        return dx
+            delta = grad_act * activation_derivative_from_output(block.activated, block.pre, self.activation)
+            delta = delta / self.gradient_scale
+        dx = self._step_conv(optimizer, conv, x, delta, need_input_grad)
+        return x.new_empty(0) if dx is None else dx
 
-    def _step_conv(self, optimizer: torch.optim.Optimizer, conv: nn.Conv2d, x: Tensor, delta: Tensor) -> None:
-        """Step ``conv``'s weight and bias on ``delta = dL/dpre`` (channels-last rows) for its input ``x``: the GEMM
-        ``delta^T unfold(x)`` of :func:`~fastdni.ops.dni_update_`, the optimizer in its epilogue."""
+    def _step_conv(self, optimizer: torch.optim.Optimizer, conv: nn.Conv2d, x: Tensor, delta: Tensor,
+                   need_input_grad: bool) -> Optional[Tensor]:
+        """Step ``conv``'s weight and bias on ``delta = dL/dpre`` (a map, channels-last) for its input ``x``; returns
+        ``dx`` (from the pre-update weight; ATen's ``convolution_backward``) where asked for, else None.
+
+        ``weight_grad="gemm"``: the GEMM ``delta^T unfold(x)`` of :func:`~fastdni.ops.dni_update_`, the optimizer in its
+        epilogue. ``"aten"``: ATen's weight and bias gradients, in the call that gives ``dx``, then the optimizer's
+        own ``step()`` on them (the other parameters of its group have no ``.grad``: the ops stepped them)."""
+        padding = list(conv.padding)
+        if self.weight_grad == "aten":
+            dx, conv.weight.grad, conv.bias.grad = torch.ops.aten.convolution_backward(
+                delta, x, conv.weight, [conv.weight.shape[0]], [1, 1], padding, [1, 1], False, [0, 0], 1,
+                [need_input_grad, True, True])
+            step_optimizer(optimizer)
+            return dx
+        dx = None
+        if need_input_grad:
+            dx = torch.ops.aten.convolution_backward(delta, x, conv.weight, None, [1, 1], padding, [1, 1], False, [0, 0], 1,
+                                                     [True, False, False])[0]
         channels_last_(conv.weight, optimizer)
-        step_on_delta(optimizer, [conv.weight, conv.bias], unfold_rows(x, conv.kernel_size[0]), delta,
-                      need_input_grad=False, backend=self.backend, weight_operand=weight_rows)
+        step_on_delta(optimizer, [conv.weight, conv.bias], unfold_rows(x, conv.kernel_size[0], self.workspace),
+                      map_rows(delta), need_input_grad=False, backend=self.backend, weight_operand=weight_rows)
+        return dx
 
     # -- the conv SGs -------------------------------------------------------------------------------------------
 
@@ -343,14 +398,10 @@ class DecoupledCNN(DecoupledTrainer):
             step_optimizer(optimizer)
             return loss
         for layer in reversed(range(len(sg.convs))):  # top conv first: each below needs the gradient through it
-            conv, z = sg.convs[layer], pending.inputs[layer]
-            grad_z = None
-            if layer:  # through this conv (pre-update weight) and the ReLU under it
-                grad_z = torch.ops.aten.convolution_backward(grad, z, conv.weight, None, [1, 1], list(conv.padding), [1, 1],
-                                                             False, [0, 0], 1, [True, False, False])[0] * (z > 0)
-            self._step_conv(optimizer, conv, z, map_rows(grad))
-            if layer:
-                grad = grad_z
+            z = pending.inputs[layer]
+            grad_z = self._step_conv(optimizer, sg.convs[layer], z, grad, need_input_grad=layer > 0)
+            if layer:  # through the ReLU under this conv
+                grad = grad_z * (z > 0)
         if pending.context is not None:
             # U: the label term's gradient (the gather's: an index_add), stepped by the optimizer's own step(),
             # which skips the convs (no .grad: the ops stepped them).
@@ -363,4 +414,5 @@ class DecoupledCNN(DecoupledTrainer):
 
     def extra_repr(self) -> str:
         norm = ", batch_norm=True" if self.norms is not None else ""
-        return f"activation={self.activation!r}, mode={self.mode!r}, backend={self.backend!r}{norm}"
+        return (f"activation={self.activation!r}, mode={self.mode!r}, backend={self.backend!r}, "
+                f"weight_grad={self.weight_grad!r}{norm}")

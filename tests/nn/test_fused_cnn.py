@@ -40,7 +40,7 @@ BATCH, IN_CHANNELS, IMAGE = 12, 2, (10, 9)
 
 def twin_models(backend, *, mode="dni", activation="relu", optimizer="adam", batch_norm=True, sg_hidden=None,
                 context_map=True, image=IMAGE, channels=(3, 5), kernel_size=3, in_channels=IN_CHANNELS,
-                dtype=torch.float64):
+                dtype=torch.float64, weight_grad="gemm"):
     """A DecoupledCNN and the DecoupledSequential over copies of its convs, norms, classifier and SG models."""
     opt = OPTIMIZERS[optimizer]
     default_hidden, context_features = MODES[mode]
@@ -48,7 +48,7 @@ def twin_models(backend, *, mode="dni", activation="relu", optimizer="adam", bat
     fused = DecoupledCNN(in_channels, channels, image, 10, kernel_size=kernel_size, batch_norm=batch_norm,
                          activation=activation, sg_hidden=default_hidden if sg_hidden is None else sg_hidden,
                          sg_kernel_size=3, context_features=context_features, context_map=context_map, optimizer=opt,
-                         gradient_scale=BATCH, backend=backend,
+                         gradient_scale=BATCH, backend=backend, weight_grad=weight_grad,
                          mode="backprop" if mode == "backprop" else "dni").to(dtype)
     for sg in fused.synthetic_gradients:  # move the zero-initialised output convolutions off zero
         randomise_(sg, 0.1)
@@ -123,6 +123,15 @@ def test_learning_curve_matches_decoupled_sequential(backend, mode):
         assert got[-20:, 0].mean() < 0.9 * got[:20, 0].mean()  # it learned: the comparison is of a moving curve
     assert_same_state(fused, reference)
     assert fused.sg_fusion_blockers == [None, None]  # both SGs (dni's MLP conv SG, cdni's linear one) ran on the ops
+
+
+@pytest.mark.parametrize("mode", ["dni", "cdni"])
+def test_aten_weight_gradients_train_alike(mode):
+    """weight_grad="aten": the conv weights stepped by the optimizer's step() on convolution_backward's gradients."""
+    fused, reference = twin_models("auto", mode=mode, weight_grad="aten")
+    got, want = train_curves((fused, reference), 100, context="labels" if mode == "cdni" else None)
+    torch.testing.assert_close(got, want, **CURVE_TOLERANCE)
+    assert_same_state(fused, reference)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -239,6 +248,7 @@ def test_bad_arguments_name_themselves():
                             (dict(image_size=3), r"^image_size: 3 is pooled to nothing"),
                             (dict(image_size=(4, 4, 4)), r"^image_size: expected"),
                             (dict(backend="gpu"), r"^backend"), (dict(mode="sg"), r"^mode"),
+                            (dict(weight_grad="unfold"), r"^weight_grad: expected one of \('gemm', 'aten'\)"),
                             (dict(bn_momentum=None), r"^bn_momentum"), (dict(activation="swish"), r"activation")):
         args = dict(in_channels=1, channels=(2, 3), image_size=8, out_features=10) | kwargs
         with pytest.raises(ValueError, match=pattern):
