@@ -121,7 +121,7 @@ WEIGHT_GRADS = ("gemm", "aten")
 class _Block(NamedTuple):
     """What a conv block's training forward keeps for its update."""
 
-    pre: Tensor  #: the convolution's output, ``[B, C, H, W]`` (channels-last)
+    pre: Optional[Tensor]  #: the convolution's output, ``[B, C, H, W]`` (channels-last), without BatchNorm
     normed: Optional[ops.BatchNormResult]  #: ``act(BatchNorm(pre))`` over channels-last rows ``[B*H*W, C]``
     activated: Tensor  #: the activation, ``[B, C, H, W]`` (channels-last)
     pooled: Tensor  #: the block's output, ``[B, C, H/p, W/p]``
@@ -267,12 +267,17 @@ class DecoupledCNN(DecoupledTrainer):
     # -- forward ------------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        """The network's output (differentiable: backprop mode trains through it). In eval mode BatchNorm uses the
-        running statistics."""
+        """The network's output through ATen's layers: the convolution, the ``BatchNorm2d`` module (batch statistics
+        in training, the running ones updated; the running statistics in eval mode), the activation, the pooling.
+        Backprop mode trains through it by autograd (there is no layer step to fuse: the gradient comes back through
+        the whole network); the decoupled step runs each block on the ops."""
         self._check_input(x)
         h = x
-        for i in range(len(self.convs)):
-            h = self._block_forward(i, h).pooled
+        for i, conv in enumerate(self.convs):
+            h = F.conv2d(h, conv.weight, conv.bias, padding=self.kernel_size // 2)
+            if self.norms is not None:
+                h = self.norms[i](h)
+            h = F.max_pool2d(activate(h, self.activation), self.pool)
         return self.head(h.flatten(1))
 
     def _check_input(self, x: Tensor) -> None:
@@ -283,18 +288,17 @@ class DecoupledCNN(DecoupledTrainer):
                              f"got shape {tuple(x.shape)}")
 
     def _block_forward(self, i: int, x: Tensor) -> _Block:
-        """Block ``i``: ATen's convolution, BatchNorm and the activation on the ops over channels-last rows (training
-        statistics in training, running ones in eval mode), ATen's max pooling. Differentiable where grad is enabled."""
+        """Block ``i`` in training, outside any graph: ATen's convolution, BatchNorm (batch statistics, the running
+        ones updated) and the activation on the ops over channels-last rows, ATen's max pooling."""
         conv = self.convs[i]
         pre = F.conv2d(x, conv.weight, conv.bias, padding=self.kernel_size // 2)  # channels-last: as is the weight
-        normed = None
-        if self.norms is not None:
-            normed = normalise(self.norms[i], map_rows(pre), self.activation, self.backend)
-            activated = rows_map(normed.h, pre.shape[0], *pre.shape[2:])
-        else:
+        if self.norms is None:
             activated = activate(pre, self.activation)
-        pooled, indices = F.max_pool2d(activated, self.pool, return_indices=True)
-        return _Block(pre, normed, activated, pooled, indices)
+            return _Block(pre, None, activated, *F.max_pool2d(activated, self.pool, return_indices=True))
+        normed = normalise(self.norms[i], map_rows(pre), self.activation, self.backend)
+        activated = rows_map(normed.h, pre.shape[0], *pre.shape[2:])
+        # pre is not kept: the update reads xhat (and h); only gelu forms y = gamma xhat + beta again
+        return _Block(None, normed, activated, *F.max_pool2d(activated, self.pool, return_indices=True))
 
     # -- the decoupled step -------------------------------------------------------------------------------------
 
@@ -311,6 +315,7 @@ class DecoupledCNN(DecoupledTrainer):
                 if below is not None:
                     sg_losses[below.index] = self._regress(below, dx)
                 below, h = predicted, block.pooled
+                del block, dx  # before the next block's forward: the peak holds one block's maps
         h_top = h.requires_grad_()
         output = self.head(h_top.flatten(1))
         loss = loss_fn(output, target)
