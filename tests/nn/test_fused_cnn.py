@@ -200,6 +200,23 @@ def test_checkpoint_resumes_the_same_curve():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_contiguous_weights_and_optimizer_state_are_taken_as_they_come():
+    """The GEMM steps a conv weight and its Adam moments through a channels-last view: a weight assigned anew or a
+    state loaded contiguous (e.g. from another model's checkpoint) is made channels-last once, values unchanged."""
+    fused, reference = twin_models("auto", mode="cdni")
+    train_curves((fused, reference), 3, context="labels")
+    convs = [*fused.convs, *(conv for sg in fused.synthetic_gradients for conv in sg.convs)]
+    for conv in convs:
+        conv.weight.data = conv.weight.data.contiguous()
+    for opt in (*fused.optimizers, *fused.sg_optimizers):
+        for state in opt.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state[key].contiguous()
+    got, want = train_curves((fused, reference), 10, context="labels", seed=4)
+    torch.testing.assert_close(got, want, **CURVE_TOLERANCE)
+    assert all(conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convs)
+
+
 def test_eval_mode_uses_the_running_statistics():
     fused, reference = twin_models("auto")
     train_curves((fused, reference), 3)
