@@ -165,8 +165,9 @@ class DecoupledCNN(DecoupledTrainer):
 
     Optimizers are ordinary ``torch.optim.Adam``, ``AdamW`` or ``SGD`` objects whose hyper-parameters and state the
     ops use in place (``optimizer_state_dict`` and checkpoints work); block ``i``'s holds the conv's weight and bias
-    then gamma and beta (``DecoupledSequential``'s per-block optimizer). ``mode="backprop"`` trains through the same
-    forward by autograd. In eval mode BatchNorm uses the running statistics.
+    then gamma and beta (``DecoupledSequential``'s per-block optimizer). ``mode="backprop"`` trains through
+    :meth:`forward` (ATen's layers) by autograd: no decoupled layer step to fuse. In eval mode BatchNorm uses the
+    running statistics.
 
     Args:
         in_channels, channels, image_size, out_features: input channels, each block's output channels, the input's
