@@ -1,7 +1,7 @@
 """An MLP trained with a synthetic gradient after every hidden layer, each layer step run by the fused ops."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -125,21 +125,7 @@ class DecoupledMLP(DecoupledTrainer):
         return self.layers[-1](h)
 
     def _normalise(self, i: int, pre: Tensor) -> ops.BatchNormResult:
-        """``act(BatchNorm(pre))`` of hidden layer ``i``: batch statistics in training (the running ones updated),
-        the running statistics in eval mode (a plain composition; only ``h`` is set then)."""
-        norm = self.norms[i]
-        if not norm.training:
-            y = torch.nn.functional.batch_norm(pre, norm.running_mean, norm.running_var, norm.weight, norm.bias,
-                                               False, 0.0, norm.eps)
-            return ops.BatchNormResult(activate(y, self.activation), pre.new_empty(0), pre.new_empty(0),
-                                       norm.running_mean, norm.running_var)
-        out = ops.batch_norm_act(pre, norm.weight, norm.bias, norm.running_mean, norm.running_var, momentum=norm.momentum,
-                                 eps=norm.eps, activation=self.activation, backend=self.backend)
-        with torch.no_grad():  # the op is functional (differentiable): the buffers take its new statistics here
-            norm.running_mean.copy_(out.running_mean)
-            norm.running_var.copy_(out.running_var)
-            norm.num_batches_tracked.add_(1)
-        return out
+        return normalise(self.norms[i], pre, self.activation, self.backend)
 
     def _dni_step(self, x: Tensor, target: Tensor, loss_fn: LossFunction, context: Optional[Tensor]) -> StepResult:
         if self.sg_targets == "true":
@@ -227,13 +213,10 @@ class DecoupledMLP(DecoupledTrainer):
                          need_input_grad: bool) -> Tensor:
         """The steps of gamma, beta (from the SG's prediction) and ``W``, ``b`` (from ``dL/dpre``); ``dx`` or empty."""
         layer, norm = self.layers[i], self.norms[i]
-        grad_pre = ops.fused_step(self.optimizers[i], [norm.weight, norm.bias], ops.batch_norm_act_update_,
-                                  norm.weight, norm.bias, normed, predicted.prediction, grad_scale=self.gradient_scale,
-                                  activation=self.activation, backend=self.backend)
-        # dL/dpre is the GEMM's delta: dni_update_ with identity and scale 1 takes it as its "prediction".
-        delta = ops.ForwardResult(grad_pre, grad_pre.new_empty(0), grad_pre, [])
-        return ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_, x, layer.weight, layer.bias,
-                              delta, activation="identity", need_input_grad=need_input_grad, backend=self.backend)
+        grad_pre = step_batch_norm(self.optimizers[i], norm, normed, predicted.prediction, grad_scale=self.gradient_scale,
+                                   activation=self.activation, backend=self.backend)
+        return step_on_delta(self.optimizers[i], [layer.weight, layer.bias], x, grad_pre, need_input_grad=need_input_grad,
+                             backend=self.backend)
 
     def _regress(self, index: int, forward: Union[ops.ForwardResult, ops.Prediction], target: Tensor, context: Optional[Tensor]) -> Tensor:
         sg = self.synthetic_gradients[index].reference_params()
@@ -255,3 +238,57 @@ def _detached(result):
     if hasattr(result, "_fields"):
         return type(result)(*(_detached(r) for r in result))
     return tuple(_detached(r) for r in result)
+
+
+def normalise(norm: nn.Module, pre: Tensor, activation: str, backend: str) -> ops.BatchNormResult:
+    """``act(BatchNorm(pre))`` over the rows of ``pre`` ``[rows, N]`` with ``norm``'s gamma, beta and statistics: the batch
+    statistics in training (the running ones updated in ``norm``'s buffers), the running statistics in eval mode (a
+    plain composition; only ``h`` is set then). A ``BatchNorm2d`` over channels-last rows ``[B*H*W, C]`` is the same
+    math as over its map (statistics over batch and positions)."""
+    if not norm.training:
+        y = torch.nn.functional.batch_norm(pre, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                           False, 0.0, norm.eps)
+        return ops.BatchNormResult(activate(y, activation), pre.new_empty(0), pre.new_empty(0),
+                                   norm.running_mean, norm.running_var)
+    out = ops.batch_norm_act(pre, norm.weight, norm.bias, norm.running_mean, norm.running_var, momentum=norm.momentum,
+                             eps=norm.eps, activation=activation, backend=backend)
+    with torch.no_grad():  # the op is functional (differentiable): the buffers take its new statistics here
+        norm.running_mean.copy_(out.running_mean)
+        norm.running_var.copy_(out.running_var)
+        norm.num_batches_tracked.add_(1)
+    return out
+
+
+def step_batch_norm(optimizer: torch.optim.Optimizer, norm: nn.Module, normed: ops.BatchNormResult, prediction: Tensor, *,
+                    grad_scale: float, activation: str, backend: str) -> Tensor:
+    """Step ``norm``'s gamma and beta on the synthetic gradient ``prediction / grad_scale`` of ``normed.h``; returns
+    ``dL/dpre`` (from their pre-update values), the delta of the GEMM under the norm."""
+    return ops.fused_step(optimizer, [norm.weight, norm.bias], ops.batch_norm_act_update_, norm.weight, norm.bias, normed,
+                          prediction, grad_scale=grad_scale, activation=activation, backend=backend)
+
+
+def step_on_delta(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], x: Tensor, delta: Tensor, *,
+                  need_input_grad: bool, backend: str, weight_operand: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """Step a GEMM's ``params = [weight, bias]`` on its delta ``dL/dpre`` ``[rows, N]`` for the input ``x`` ``[rows, K]``
+    (``dW = delta^T x``, ``db = sum_rows delta``, the optimizer in the op's epilogue); returns ``dx`` (empty without
+    ``need_input_grad``). ``weight_operand`` views a weight of another shape (a conv's ``[N, C, k, k]`` over unfolded
+    input) as the op's ``[N, K]``, the optimizer's state alike (:func:`fused_step_on_views`)."""
+    weight, bias = params
+    # dni_update_ with identity and scale 1 takes the delta as its "prediction".
+    forward = ops.ForwardResult(delta, delta.new_empty(0), delta, [])
+    operand = weight_operand(weight) if weight_operand else weight
+    return fused_step_on_views(optimizer, params, [weight_operand, None], ops.dni_update_, x, operand, bias, forward,
+                               activation="identity", need_input_grad=need_input_grad, backend=backend)
+
+
+def fused_step_on_views(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
+                        operands: Sequence[Optional[Callable[[Tensor], Tensor]]], op, *args, **kwargs):
+    """:func:`fastdni.ops.fused_step` for an op that takes ``params[i]`` as ``operands[i](params[i])`` (a view: a conv
+    weight as a GEMM's ``[N, K]``; None: as it is): the optimizer's state, kept in the parameters' shapes (its
+    ``state_dict`` unchanged), is passed through the same views, so the op's in-place steps land in both."""
+    name, hyper, state = ops.fused_optimizer_args(optimizer, params)
+    per = max(1, len(state) // len(params))
+    state = [s if operands[j // per] is None else operands[j // per](s) for j, s in enumerate(state)]
+    result = op(*args, name, hyper, state, **kwargs)
+    ops.advance(optimizer, params)
+    return result

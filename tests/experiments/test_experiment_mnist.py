@@ -91,7 +91,8 @@ def test_fcn_models_run_on_the_fused_ops_and_on_autograd_when_asked():
         assert torch.equal(a, b)
     plain = mnist.build_model(dataclasses.replace(config, backend="autograd"))
     assert isinstance(plain, DecoupledSequential) and not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.modules())
-    assert isinstance(mnist.build_model(dataclasses.replace(config, model="cnn", cnn_channels=(4,))), DecoupledSequential)
+    cnn = dataclasses.replace(config, model="cnn", cnn_channels=(4,))
+    assert isinstance(mnist.build_model(dataclasses.replace(cnn, backend="autograd")), DecoupledSequential)
 
 
 @pytest.mark.parametrize("mode", ["backprop", "dni", "cdni"])

@@ -51,7 +51,7 @@ def test_cells_are_the_papers_grid():
     assert len(mnist_table.CELLS) == 15 and mnist_table.CELLS[0] == "fcn3-backprop" and mnist_table.CELLS[-1] == "cnn-cdni"
     assert mnist_table.cell_config(mnist_table.parse_args(["--cells", "cnn-dni"]), "cnn-dni").model == "cnn"
     config = mnist_table.cell_config(mnist_table.parse_args([]), "fcn6-dni")
-    assert (config.model, config.hidden_layers, config.steps, config.sg_hidden, config.sg_targets) == ("fcn-bn", 6, 4680, (), "true")
+    assert (config.model, config.hidden_layers, config.steps, config.sg_hidden, config.sg_targets) == ("fcn-bn", 6, 4680, (), None)
 
 
 @pytest.mark.parametrize("argv, message", [

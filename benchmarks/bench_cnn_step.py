@@ -1,0 +1,220 @@
+"""One training step of the MNIST CNN (``--model cnn``): fused ops against autograd and torch.compile, with memory.
+
+Usage::
+
+    python benchmarks/bench_cnn_step.py --quick               # B 64, cdni, fp32
+    python benchmarks/bench_cnn_step.py --threads 1 --markdown docs/benchmarks/cnn_step_cpu.md   # B 64/256 x modes
+
+The model is ``fastdni.experiments.mnist``'s (``build_model``): ``1x28x28 -> [Conv5x5 -> BatchNorm2d -> ReLU ->
+MaxPool2 -> conv SG] x (32, 64 channels) -> Linear -> 10``, Adam (lr 1e-3) everywhere, ``gradient_scale = B``; dni
+with the experiment's MLP conv SG (a hidden 5x5 conv of 64 channels; on autograd in every variant, see
+``fastdni.nn.fused_cnn.MLP_CONV_SG``), cdni with its linear conv SG and per-position label map (on the ops in
+``fused``), backprop without SGs. One step is ``train_step`` on a random batch: every block's forward, SG prediction
+and update, every SG's regression, the classifier's step. As in ``benchmarks/fcn_bn_step.py`` the SGs' zero output
+convs are ``0.01 * randn`` and every Adam state starts mid-training (step 10, small random moments), identically for
+every variant.
+
+Variants (each a copy of the same model and Adam state, updated on every call):
+
+- ``fused``: ``DecoupledCNN(backend="auto")``, the default of ``--model cnn``: each conv's weight step the ops' GEMM
+  over the unfolded input, the optimizer in its epilogue;
+- ``fused_aten``: the same with ``weight_grad="aten"``: the conv weight gradients from ATen's ``convolution_backward``
+  (with ``dx``, one call), stepped by the optimizer's own ``step()``;
+- ``eager``: ``DecoupledSequential`` over ``cnn_blocks`` (autograd, ``DNI`` interfaces, ``Adam.step()``): what
+  ``--backend autograd`` runs;
+- ``compiled``: the same, each block and SG model under ``torch.compile`` (Inductor; the step around them, with the
+  interfaces' ``backward`` calls, is not one graph).
+
+Each row is checked first (one step of each variant from the same state): the loss and every parameter update
+against ``fused``'s, relative to the largest update (``CHECK_TOL``). Times: medians over interleaved repetitions
+(``benchmarks/dni_step.py``'s ``time_interleaved``); memory: the peak c10 allocation of one step on top of what it
+started with (``benchmarks/common.py``'s ``peak_alloc_bytes``, from ``torch.profiler``), plus, for the fused
+variants, the unfold workspace they keep between steps.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+import dni_step  # noqa: E402
+from fastdni.experiments import mnist  # noqa: E402
+from fastdni.nn import DecoupledCNN  # noqa: E402
+
+BATCHES = (64, 256)
+MODES = ("dni", "cdni", "backprop")
+QUICK = dict(batch=(64,), mode=("cdni",))
+#: fp32, one step, on each tensor's update norm (the docstring of check_equal_step)
+CHECK_TOL = 2e-2
+COLUMNS = ("fused", "fused_aten", "eager", "compiled")
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    model: torch.nn.Module
+    step: Callable[[], object]
+
+
+def build(batch: int, mode: str, backend: str, weight_grad: str = "gemm") -> torch.nn.Module:
+    """``--model cnn``'s model for ``mode`` (``backend="autograd"``: DecoupledSequential), mid-training."""
+    config = mnist.RunConfig(mode=mode, steps=1, lr=1e-3, sg_lr=1e-3, lr_schedule="constant", model="cnn",
+                             batch_size=batch, sg_hidden=(64,) if mode == "dni" else (), backend=backend)
+    model = mnist.build_model(config)
+    if isinstance(model, DecoupledCNN):
+        model.weight_grad = weight_grad
+    _mid_training(model)
+    return model
+
+
+def _sg_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    if isinstance(model, DecoupledCNN):
+        return list(model.synthetic_gradients.parameters()) if model.mode == "dni" else []
+    return [p for interface in model.interfaces or () for p in interface.parameters()]
+
+
+def _all_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter (conv W, b, gamma, beta per block, the classifier's, the SGs'), one order for both kinds."""
+    if isinstance(model, DecoupledCNN):
+        blocks = [p for conv, norm in zip(model.convs, model.norms) for p in (*conv.parameters(), *norm.parameters())]
+        return blocks + list(model.head.parameters()) + _sg_params(model)
+    return list(model.blocks.parameters()) + _sg_params(model)
+
+
+def _mid_training(model: torch.nn.Module) -> None:
+    """Zero SG convs to ``0.01 * randn`` and Adam at step 10 with small random moments, seeded per parameter index."""
+    optimizers = [o for o in (*model.optimizers, *model.sg_optimizers) if o is not None]
+    sg_params = {id(p) for p in _sg_params(model)}
+    for i, p in enumerate(_all_params(model)):
+        gen = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            if id(p) in sg_params and not p.any():
+                p.copy_(0.01 * torch.randn(p.shape, generator=gen))
+        opt = next(o for o in optimizers if any(q is p for g in o.param_groups for q in g["params"]))
+        opt.state[p] = {"step": torch.tensor(10.0), "exp_avg": 1e-3 * torch.randn(p.shape, generator=gen),
+                        "exp_avg_sq": 1e-6 * torch.rand(p.shape, generator=gen)}
+
+
+def make_variants(batch: int, mode: str, skip: set[str], notes: list[str]) -> dict[str, Variant]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    context = y if mode == "cdni" else None
+    fused, fused_aten = build(batch, mode, "auto"), build(batch, mode, "auto", "aten")
+    eager = build(batch, mode, "autograd")
+    variants = {"fused": Variant("fused", fused, lambda: fused.train_step(x, y, F.cross_entropy, context)),
+                "fused_aten": Variant("fused_aten", fused_aten,
+                                      lambda: fused_aten.train_step(x, y, F.cross_entropy, context)),
+                "eager": Variant("eager", eager, lambda: eager.train_step(x, y, F.cross_entropy, context))}
+    if "compiled" not in skip:
+        torch._dynamo.reset()  # each row compiles new modules: without it the recompile limit drops later rows to eager
+        compiled = build(batch, mode, "autograd")
+        try:
+            for i, block in enumerate(compiled.blocks):
+                compiled.blocks[i] = torch.compile(block, dynamic=False)
+            for interface in compiled.interfaces or ():
+                interface.synthetic_gradient = torch.compile(interface.synthetic_gradient, dynamic=False)
+            variants["compiled"] = Variant("compiled", compiled, lambda: compiled.train_step(x, y, F.cross_entropy, context))
+        except Exception as error:  # noqa: BLE001  e.g. no C++ compiler for Inductor
+            notes.append(f"compiled: {type(error).__name__}: {error}")
+    return variants
+
+
+CHANNELS = mnist.RunConfig.cnn_channels  #: the conv blocks' channels (W, b, gamma, beta each in _all_params)
+
+
+def check_equal_step(variants: dict[str, Variant]) -> dict:
+    """One step of every variant from the same state: the loss, and every parameter's update against ``fused``'s
+    in norm. Not element by element: where fp32 rounding puts a BatchNorm output on the other side of the ReLU's 0
+    (or changes a max pool's winner), that position's gradient differs whole (measured: 7 of the 51,200 elements of
+    the second conv's weight update, 0.7% of its norm, between fused and eager at B=64, cdni; in fp64 the same step
+    agrees to 1e-13, and tests/nn/test_fused_cnn.py compares 300-step curves there)."""
+    starts = {name: [p.detach().clone() for p in _all_params(v.model)] for name, v in variants.items()}
+    losses = {name: float(v.step().loss) for name, v in variants.items()}
+    updates = {name: [p.detach() - p0 for p, p0 in zip(_all_params(v.model), starts[name])] for name, v in variants.items()}
+    # Left out: the conv biases under a BatchNorm, whose true gradient is 0 (each variant steps them on its own
+    # rounding noise).
+    checked = [i for i, p in enumerate(_all_params(variants["fused"].model)) if i % 4 != 1 or i >= 4 * len(CHANNELS)]
+    out = {}
+    for name in variants:
+        err = max(float((updates[name][i] - updates["fused"][i]).norm() / updates["fused"][i].norm().clamp_min(1e-30))
+                  for i in checked)
+        loss_err = abs(losses[name] - losses["fused"]) / abs(losses["fused"])
+        out[name] = dict(update=err, loss=loss_err, ok=err <= CHECK_TOL and loss_err <= CHECK_TOL)
+    return out
+
+
+def run_row(batch: int, mode: str, opts: argparse.Namespace) -> dict:
+    row = dict(batch=batch, mode=mode, notes=[])
+    variants = make_variants(batch, mode, set(opts.skip), row["notes"])
+    row["check"] = check_equal_step(variants)  # also the warm-up (and the compilation) of every variant
+    samples = dni_step.time_interleaved({name: v.step for name, v in variants.items()}, opts.reps, 0.05, opts.budget)
+    row["ms"] = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    row["ratios"] = {name: t / row["ms"]["fused"] for name, t in row["ms"].items() if name != "fused"}
+    row["memory"] = {name: common.peak_alloc_bytes(v.step) for name, v in variants.items()}
+    for name, v in variants.items():  # the unfold's workspace is kept between steps, but is the step's scratch
+        if row["memory"].get(name) is not None and isinstance(v.model, DecoupledCNN):
+            row["memory"][name] += v.model.workspace.nbytes
+    return row
+
+
+RATIOS = ("fused_aten", "eager", "compiled")
+HEADER = ["B", "mode", *(f"{c} ms" for c in COLUMNS), *(f"{c}/fused" for c in RATIOS),
+          *(f"mem {c} MB" for c in COLUMNS), *(f"mem {c}/fused" for c in RATIOS), "check"]
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def format_row(row: dict) -> list[str]:
+    ms, ratios, mem = row["ms"], row["ratios"], row["memory"]
+    cells = [str(row["batch"]), row["mode"]]
+    cells += [f"{ms[c]:.1f}" if c in ms else "-" for c in COLUMNS]
+    cells += [f"{ratios[c]:.2f}x" if c in ratios else "-" for c in RATIOS]
+    cells += [f"{mem[c] / 2**20:.1f}" if mem.get(c) else "-" for c in COLUMNS]
+    cells += [_ratio(mem.get(c), mem.get("fused")) for c in RATIOS]
+    cells.append("ok" if all(c["ok"] for c in row["check"].values()) else "MISMATCH " + str(row["check"]))
+    return cells
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="B 64, cdni only (smoke test)")
+    parser.add_argument("--batch", type=int, action="append")
+    parser.add_argument("--mode", choices=MODES, action="append")
+    parser.add_argument("--skip", choices=("compiled",), action="append", default=[])
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per variant (default 7)")
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds of timing per row at most (reps >= 5)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    parser.add_argument("--markdown", metavar="PATH")
+    opts = parser.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    rows = []
+    print(" | ".join(HEADER))
+    for mode, batch in itertools.product(opts.mode or (QUICK["mode"] if opts.quick else MODES),
+                                         opts.batch or (QUICK["batch"] if opts.quick else BATCHES)):
+        rows.append(run_row(batch, mode, opts))
+        print(" | ".join(format_row(rows[-1])), *rows[-1]["notes"], flush=True)
+    if opts.markdown:
+        title = f"# cnn training step on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+        lines = [title, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(format_row(r)) + " |" for r in rows]
+        notes = sorted({n for r in rows for n in r["notes"]})
+        Path(opts.markdown).write_text("\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n")
+    return 0 if all(all(c["ok"] for c in r["check"].values()) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
