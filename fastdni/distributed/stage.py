@@ -146,6 +146,10 @@ def stage_bounds(num_blocks: int, num_stages: int) -> list[tuple[int, int]]:
 
 def split_stages(model: DecoupledSequential, num_stages: int, *, max_staleness: int = 8,
                  use_context: bool = False, bounds: Optional[Sequence[tuple[int, int]]] = None) -> list[DecoupledStage]:
-    """The stages of ``model`` (all of them; each rank keeps its own): ``bounds`` or :func:`stage_bounds`."""
+    """The stages of ``model`` (all of them; each rank keeps its own): ``bounds`` or :func:`stage_bounds`. The stages
+    regress each SG onto what the next stage sends back, the bootstrapped target: ``model.sg_targets`` must say so."""
+    if getattr(model, "sg_targets", "bootstrap") != "bootstrap":
+        raise ValueError(f"model: its sg_targets is {model.sg_targets!r}; the stages exchange bootstrapped targets "
+                         "(build it with sg_targets='bootstrap')")
     bounds = list(bounds) if bounds is not None else stage_bounds(len(model.blocks), num_stages)
     return [DecoupledStage(model, a, b, max_staleness=max_staleness, use_context=use_context) for a, b in bounds]

@@ -89,7 +89,7 @@ def run_dni(args, data: Optional[Data], health: Health, run_config: dict) -> dic
     blocks, bounds = build_blocks(args, world)
     sgs = synthetic_gradients(blocks, (INPUT_FEATURES,), args.sg_hidden, context_features=10 if args.context else 0)
     model = DecoupledSequential(blocks, sgs, optimizer=_adam(args.lr), sg_optimizer=_adam(args.sg_lr),
-                                gradient_scale=args.micro_batch_size)
+                                gradient_scale=args.micro_batch_size, sg_targets="bootstrap")  # what stages exchange
     stage = split_stages(model, world, max_staleness=args.max_staleness, use_context=args.context, bounds=bounds)[rank]
     first = stage.first
     input_shape = (INPUT_FEATURES,) if first == 0 else block_output_shapes(blocks, (INPUT_FEATURES,))[first - 1]

@@ -19,7 +19,7 @@ def small_model(context: bool) -> DecoupledSequential:
         with torch.no_grad():
             for p in sg.parameters():
                 p.normal_(0, 0.1)
-    return DecoupledSequential(blocks, sgs, gradient_scale=8.0)
+    return DecoupledSequential(blocks, sgs, gradient_scale=8.0, sg_targets="bootstrap")
 
 
 @pytest.mark.parametrize("context", [False, True])
