@@ -165,6 +165,17 @@ def test_each_block_is_updated_before_the_next_one_runs():
     assert all(p.grad is None for p in model.parameters())  # every optimizer stepped and zeroed
 
 
+def random_sgs_and_batch(context: bool):
+    """The two random SG models of mlp_blocks' interfaces (with the label as context for cDNI) and a batch."""
+    classes = CLASSES if context else 0
+    sgs = [
+        randomise_(SyntheticGradient(10, (7,), context_features=classes).double()),
+        randomise_(SyntheticGradient(8, context_features=classes).double()),
+    ]
+    x, y = batches(1)[0]
+    return sgs, x, y, (y if context else None)
+
+
 def true_interface_gradients(blocks, x, y):
     """dL/dh at the output of every block but the last, by plain backprop."""
     outputs, h = [], x
@@ -214,13 +225,7 @@ def manual_dni_step(blocks, sgs, x, y, context, lr, sg_loss_weight, scale, true_
 def test_one_dni_step_against_manual_computation(context, gradient_scale, check_close):
     lr, weight = 0.1, 0.5
     blocks = mlp_blocks()
-    classes = CLASSES if context else 0
-    sgs = [
-        randomise_(SyntheticGradient(10, (7,), context_features=classes).double()),
-        randomise_(SyntheticGradient(8, context_features=classes).double()),
-    ]
-    x, y = batches(1)[0]
-    c = y if context else None
+    sgs, x, y, c = random_sgs_and_batch(context)
     context_before = [s.context_weight.detach().clone() for s in sgs] if context else []
     loss, expected_blocks, expected_sgs, sg_losses, targets = manual_dni_step(
         copy.deepcopy(blocks), copy.deepcopy(sgs), x, y, c, lr, weight, gradient_scale
@@ -254,13 +259,7 @@ def test_one_dni_step_against_manual_computation(context, gradient_scale, check_
 def test_true_sg_targets_regress_every_sg_onto_the_true_gradient(context, check_close):
     lr, weight, scale = 0.1, 0.5, 16.0
     blocks = [nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.Tanh()).double(), *mlp_blocks()[1:]]
-    classes = CLASSES if context else 0
-    sgs = [
-        randomise_(SyntheticGradient(10, (7,), context_features=classes).double()),
-        randomise_(SyntheticGradient(8, context_features=classes).double()),
-    ]
-    x, y = batches(1)[0]
-    c = y if context else None
+    sgs, x, y, c = random_sgs_and_batch(context)
     loss, expected_blocks, expected_sgs, sg_losses, _ = manual_dni_step(
         copy.deepcopy(blocks), copy.deepcopy(sgs), x, y, c, lr, weight, scale, true_targets=True)
     _, bootstrap_blocks, bootstrap_sgs, _, _ = manual_dni_step(
