@@ -48,21 +48,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def true_gradients(model, x, y, loss_fn) -> list:
-    """dL/dh at every interface by full backprop through the current blocks (BatchNorm buffers kept)."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    with torch.enable_grad():
-        outputs, h = [], x
-        for block in model.blocks:
-            h = block(h)
-            outputs.append(h)
-        grads = torch.autograd.grad(loss_fn(h, y), outputs[:-1])
-    with torch.no_grad():
-        for buffer, saved in buffers:
-            buffer.copy_(saved)
-    return [g.detach() for g in grads]
-
-
 def build(args):
     # The probe swaps DecoupledSequential's interfaces: the autograd model (fcn-bn runs on the fused ops by default).
     cli = ["--model", args.model, "--modes", args.mode, "--backend", "autograd"]
@@ -94,7 +79,7 @@ def instrument(model, args, true_alignment: list) -> None:
             true_alignment.append([a.cosine for a in model.sg_alignment(x, y, loss_fn, context)])
         calls[0] += 1
         if args.true_targets:
-            for interface, grad in zip(model.interfaces, true_gradients(model, x, y, loss_fn)):
+            for interface, grad in zip(model.interfaces, model.true_gradients(x, y, loss_fn)[1]):
                 interface.true_target = grad
         if args.trust:  # the loop has just set every rate from its schedule; scale the blocks' ones
             product = 1.0

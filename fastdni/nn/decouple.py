@@ -26,11 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
+from .decoupled import SG_TARGETS
 from .interface import DNI
 from .synthetic_gradient import ConvSyntheticGradient, SyntheticGradient
 
 SGOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SG_TARGETS = ("true", "bootstrap")
 
 
 class _Level(NamedTuple):

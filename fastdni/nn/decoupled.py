@@ -110,9 +110,9 @@ class DecoupledSequential(DecoupledTrainer):
         sg_loss_weight: weight of the SG regression loss.
         gradient_scale: the SG models predict ``gradient_scale * dL/dh`` (see :class:`DNI`);
             the batch size suits a loss averaged over the batch.
-        sg_targets: ``"bootstrap"`` (default): below the top, each SG model is regressed onto the synthetic
+        sg_targets: ``"bootstrap"``: below the top, each SG model is regressed onto the synthetic
             gradient of the SG above pushed back through the block between them, as in the paper's every-layer
-            DNI. ``"true"``: every SG model is regressed onto the true gradient ``dL/dh`` at its interface (what
+            DNI. ``"true"`` (default): every SG model is regressed onto the true gradient ``dL/dh`` at its interface (what
             the paper's SG learns "when the true gradient arrives"): the loss's gradient is pushed down through
             every block (its input gradient only), while each block's parameters still learn from its own SG's
             prediction alone. Bootstrapping compounds each SG's error with the errors of those above it, and the
@@ -190,11 +190,8 @@ class DecoupledSequential(DecoupledTrainer):
             h = block(h)
             outputs.append(h)
         loss = loss_fn(outputs[-1], target)
-        head = [p for p in self.blocks[-1].parameters() if p.requires_grad]
-        grads = torch.autograd.grad(loss, [inputs[-1]] + head)
-        for p, g in zip(head, grads[1:]):
-            p.grad = g if p.grad is None else p.grad + g
-        true = grads[0]  # dL/dh at the top interface
+        loss.backward()  # the head's own graph only (its input is a leaf): its parameters' .grad and dL/dh there
+        true = inputs[-1].grad
         for i in reversed(range(len(self.interfaces))):
             below = None
             if i > 0:  # carried on before the interface's own backward frees block i's graph
@@ -219,6 +216,19 @@ class DecoupledSequential(DecoupledTrainer):
         under them actually follow."""
         if self.interfaces is None:
             raise ValueError("sg_alignment: the model has no synthetic gradients")
+        outputs, true = self.true_gradients(x, target, loss_fn)
+        result = []
+        with torch.no_grad():
+            for interface, out, grad in zip(self.interfaces, outputs, true):
+                args = (out,) if context is None else (out, context)
+                synthetic = interface.synthetic_gradient(*args) / interface.scale_for(out)
+                result.append(alignment_of(synthetic, grad))
+        return result
+
+    def true_gradients(self, x: Tensor, target: Tensor, loss_fn: LossFunction) -> tuple[list[Tensor], list[Tensor]]:
+        """Each block's output but the last and ``dL/dh`` there, both detached, by full backprop through the
+        current blocks (training-mode forward). Nothing is stepped or accumulated and the buffers (BatchNorm
+        running statistics) are left as they were."""
         buffers = [(b, b.detach().clone()) for b in self.buffers()]
         was_training = self.training
         self.train()
@@ -234,13 +244,8 @@ class DecoupledSequential(DecoupledTrainer):
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
             self.train(was_training)
-        result = []
-        with torch.no_grad():
-            for interface, out, grad in zip(self.interfaces, outputs, true):
-                args = (out.detach(),) if context is None else (out.detach(), context)
-                synthetic = interface.synthetic_gradient(*args) / interface.scale_for(out)
-                result.append(alignment_of(synthetic, torch.zeros_like(out) if grad is None else grad))
-        return result
+        return ([out.detach() for out in outputs[:-1]],
+                [torch.zeros_like(out) if grad is None else grad for out, grad in zip(outputs, true)])
 
     def _update(self, i: int, output: Tensor) -> None:
         """Called after block ``i``'s backward: step block ``i`` and SG ``i - 1`` (whose target that

@@ -140,10 +140,7 @@ class DecoupledMLP(DecoupledTrainer):
                 else:
                     forward = ops.dni_forward(h, layer.weight, layer.bias, sg.reference_params(), context,
                                               activation=self.activation, backend=self.backend)
-                    dx = ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_,
-                                        h, layer.weight, layer.bias, forward, grad_scale=self.gradient_scale,
-                                        activation=self.activation, need_input_grad=below is not None,
-                                        backend=self.backend)
+                    dx = self._layer_update(i, h, forward, need_input_grad=below is not None)
                 if below is not None:  # dx: the bootstrapped target of the SG below
                     sg_losses[below[0]] = self._regress(*below, dx, context)
                 below, h = (i, forward), forward.h
@@ -188,16 +185,20 @@ class DecoupledMLP(DecoupledTrainer):
                 sg_losses[i] = self._regress(i, forwards[i] if self.norms is None else forwards[i][1], true, context)
             true = below
         with torch.no_grad():
-            for i, (layer, forward) in enumerate(zip(self.layers, forwards)):
-                x_i = inputs[i].detach()
+            for i, forward in enumerate(forwards):
                 if self.norms is None:
-                    ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_, x_i, layer.weight,
-                                   layer.bias, forward, grad_scale=self.gradient_scale, activation=self.activation,
-                                   need_input_grad=False, backend=self.backend)
+                    self._layer_update(i, inputs[i].detach(), forward, need_input_grad=False)
                 else:
-                    self._bn_layer_update(i, x_i, *forward, need_input_grad=False)
+                    self._bn_layer_update(i, inputs[i].detach(), *forward, need_input_grad=False)
         step_optimizer(self.optimizers[-1])
         return StepResult(loss.detach(), output.detach(), tuple(sg_losses))
+
+    def _layer_update(self, i: int, x: Tensor, forward: ops.ForwardResult, *, need_input_grad: bool) -> Tensor:
+        """Hidden layer ``i`` without BatchNorm: ``W``, ``b`` stepped on its SG's prediction; ``dx`` or empty."""
+        layer = self.layers[i]
+        return ops.fused_step(self.optimizers[i], [layer.weight, layer.bias], ops.dni_update_, x, layer.weight,
+                              layer.bias, forward, grad_scale=self.gradient_scale, activation=self.activation,
+                              need_input_grad=need_input_grad, backend=self.backend)
 
     def _bn_layer_step(self, i: int, x: Tensor, context: Optional[Tensor], *,
                        need_input_grad: bool) -> tuple[Tensor, ops.Prediction]:
