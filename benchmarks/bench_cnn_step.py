@@ -209,10 +209,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(" | ".join(format_row(rows[-1])), *rows[-1]["notes"], flush=True)
     if opts.markdown:
         title = f"# cnn training step on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
-        lines = [title, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(format_row(r)) + " |" for r in rows]
-        notes = sorted({n for r in rows for n in r["notes"]})
-        Path(opts.markdown).write_text("\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n")
+        common.write_markdown_table(opts.markdown, title, HEADER, [format_row(r) for r in rows],
+                                    [n for r in rows for n in r["notes"]])
     return 0 if all(all(c["ok"] for c in r["check"].values()) for r in rows) else 1
 
 

@@ -380,3 +380,13 @@ def peak_alloc_bytes(fn: Callable[[], object]) -> Optional[int]:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def write_markdown_table(path: str, title: str, header: list[str], cells: list[list[str]], notes: list[str]) -> None:
+    """``path``: a markdown file with ``title``, one table (``header``, then a row per entry of ``cells``) and the
+    sorted, de-duplicated ``notes`` as a list under it."""
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    notes = sorted(set(notes))
+    with open(path, "w") as f:
+        f.write("\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n")

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import common  # noqa: E402
 import dni_step  # noqa: E402
 from fastdni.experiments import mnist  # noqa: E402
 
@@ -180,10 +181,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(" | ".join(format_row(rows[-1])), *rows[-1]["notes"], flush=True)
     if opts.markdown:
         title = f"# fcn-bn training step on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
-        lines = [title, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(format_row(r)) + " |" for r in rows]
-        notes = sorted({n for r in rows for n in r["notes"]})
-        Path(opts.markdown).write_text("\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n")
+        common.write_markdown_table(opts.markdown, title, HEADER, [format_row(r) for r in rows],
+                                    [n for r in rows for n in r["notes"]])
     return 0 if all(all(c["ok"] for c in r["check"].values()) for r in rows) else 1
 
 
