@@ -16,10 +16,11 @@ every variant.
 
 Variants (each a copy of the same model and Adam state, updated on every call):
 
-- ``fused``: ``DecoupledCNN(backend="auto")``, the default of ``--model cnn``: each conv's weight step the ops' GEMM
-  over the unfolded input, the optimizer in its epilogue;
-- ``fused_aten``: the same with ``weight_grad="aten"``: the conv weight gradients from ATen's ``convolution_backward``
-  (with ``dx``, one call), stepped by the optimizer's own ``step()``;
+- ``fused``: ``DecoupledCNN(backend="auto")``, the default of ``--model cnn`` (``weight_grad="aten"``): the conv
+  weight gradients from ATen's ``convolution_backward`` (with ``dx``, one call), stepped by the optimizer's own
+  ``step()``; BatchNorm, the SG steps and the classifier on the ops;
+- ``fused_gemm``: the same with ``weight_grad="gemm"``: each conv's weight step the ops' GEMM over the unfolded
+  input, the optimizer in its epilogue;
 - ``eager``: ``DecoupledSequential`` over ``cnn_blocks`` (autograd, ``DNI`` interfaces, ``Adam.step()``): what
   ``--backend autograd`` runs;
 - ``compiled``: the same, each block and SG model under ``torch.compile`` (Inductor; the step around them, with the
@@ -56,7 +57,7 @@ MODES = ("dni", "cdni", "backprop")
 QUICK = dict(batch=(64,), mode=("cdni",))
 #: fp32, one step, on each tensor's update norm (the docstring of check_equal_step)
 CHECK_TOL = 2e-2
-COLUMNS = ("fused", "fused_aten", "eager", "compiled")
+COLUMNS = ("fused", "fused_gemm", "eager", "compiled")
 
 
 @dataclasses.dataclass
@@ -66,7 +67,7 @@ class Variant:
     step: Callable[[], object]
 
 
-def build(batch: int, mode: str, backend: str, weight_grad: str = "gemm") -> torch.nn.Module:
+def build(batch: int, mode: str, backend: str, weight_grad: str = "aten") -> torch.nn.Module:
     """``--model cnn``'s model for ``mode`` (``backend="autograd"``: DecoupledSequential), mid-training."""
     config = mnist.RunConfig(mode=mode, steps=1, lr=1e-3, sg_lr=1e-3, lr_schedule="constant", model="cnn",
                              batch_size=batch, sg_hidden=(64,) if mode == "dni" else (), backend=backend)
@@ -110,11 +111,11 @@ def make_variants(batch: int, mode: str, skip: set[str], notes: list[str]) -> di
     x = torch.rand(batch, 1, 28, 28, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
     context = y if mode == "cdni" else None
-    fused, fused_aten = build(batch, mode, "auto"), build(batch, mode, "auto", "aten")
+    fused, fused_gemm = build(batch, mode, "auto"), build(batch, mode, "auto", "gemm")
     eager = build(batch, mode, "autograd")
     variants = {"fused": Variant("fused", fused, lambda: fused.train_step(x, y, F.cross_entropy, context)),
-                "fused_aten": Variant("fused_aten", fused_aten,
-                                      lambda: fused_aten.train_step(x, y, F.cross_entropy, context)),
+                "fused_gemm": Variant("fused_gemm", fused_gemm,
+                                      lambda: fused_gemm.train_step(x, y, F.cross_entropy, context)),
                 "eager": Variant("eager", eager, lambda: eager.train_step(x, y, F.cross_entropy, context))}
     if "compiled" not in skip:
         torch._dynamo.reset()  # each row compiles new modules: without it the recompile limit drops later rows to eager
@@ -168,7 +169,7 @@ def run_row(batch: int, mode: str, opts: argparse.Namespace) -> dict:
     return row
 
 
-RATIOS = ("fused_aten", "eager", "compiled")
+RATIOS = ("fused_gemm", "eager", "compiled")
 HEADER = ["B", "mode", *(f"{c} ms" for c in COLUMNS), *(f"{c}/fused" for c in RATIOS),
           *(f"mem {c} MB" for c in COLUMNS), *(f"mem {c}/fused" for c in RATIOS), "check"]
 

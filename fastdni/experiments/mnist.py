@@ -32,6 +32,7 @@ import torch
 
 from ..nn import DecoupledCNN, DecoupledMLP, DecoupledSequential
 from ..nn.decoupled import SG_TARGETS
+from ..nn.fused_cnn import WEIGHT_GRADS
 from ..ops import BACKENDS as OP_BACKENDS
 from ..train import CheckpointError, train
 from .cli import mnist_main, require_positive
@@ -83,6 +84,8 @@ class RunConfig:
     #: what the SG models are regressed onto (DecoupledSequential's ``sg_targets``); None: the model's default,
     #: "true", or "bootstrap" for the cnn (its fused DecoupledCNN's; both measured equal on it, docs/mnist.md)
     sg_targets: Optional[str] = None
+    #: cnn on the fused ops: each conv's weight gradient from ATen ("aten") or the fused GEMM ("gemm"); DecoupledCNN
+    conv_weight_grad: str = "aten"
 
 
 MODELS = ("fcn", "fcn-bn", "cnn")
@@ -111,7 +114,8 @@ def build_model(config: RunConfig) -> Union[DecoupledMLP, DecoupledCNN, Decouple
                              "bootstrapped targets only; use --backend autograd")
         # The same initialisation as cnn_blocks + synthetic_gradients below (conv blocks, classifier, SG models).
         return DecoupledCNN(1, config.cnn_channels, 28, NUM_CLASSES, sg_hidden=config.sg_hidden, context_features=context,
-                            mode=mode, gradient_scale=gradient_scale, backend=config.backend, **optimizers)
+                            mode=mode, gradient_scale=gradient_scale, backend=config.backend,
+                            weight_grad=config.conv_weight_grad, **optimizers)
     if config.model != "cnn":
         blocks, input_shape = fcn_blocks(config.hidden_layers, config.width, batch_norm=batch_norm), (784,)
     else:
@@ -196,6 +200,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="what each SG model is regressed onto: bootstrap (the SG above pushed back through the block, "
                         "the paper's) or true (the true dL/dh at its interface); default true, cnn: bootstrap (the fused "
                         "CNN's; both measured equal on it, docs/mnist.md)")
+    p.add_argument("--conv-weight-grad", choices=WEIGHT_GRADS, default="aten",
+                   help="cnn on the fused ops: each conv's weight gradient from ATen's convolution_backward (default; "
+                        "faster on CPUs measured, docs/performance.md) or the fused GEMM over the unfolded input (gemm)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default 234 = 1 epoch)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's schedule: Adam lr 3e-5 for blocks and SGs, 500k steps (explicit flags still win)")
@@ -229,6 +236,7 @@ def config_for(args: argparse.Namespace, mode: str) -> RunConfig:
         lr=args.lr or DEMO_LR[args.model][mode]["lr"], sg_lr=args.sg_lr or DEMO_LR[args.model][mode]["sg_lr"],
         head_lr=args.head_lr or (None if args.lr else DEMO_LR[args.model][mode].get("head_lr")),
         lr_schedule=args.lr_schedule, gradient_scale=args.gradient_scale, seed=args.seed, sg_targets=args.sg_targets,
+        conv_weight_grad=args.conv_weight_grad,
     )
 
 

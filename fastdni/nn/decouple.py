@@ -46,15 +46,16 @@ SG_LR, SG_LR_FAN_IN = 1e-3, 128
 
 
 def default_sg_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """Adam at ``1e-3 * min(1, sqrt(128 / fan_in))``, ``fan_in`` the inputs of one unit of the SG's first layer
-    (features of a linear SG, ``channels * k * k`` of a conv SG). Adam moves every weight by about its rate per
+    """Adam at ``1e-3 * min(1, sqrt(128 / fan_in))``, ``fan_in`` the inputs of the SG's widest unit (features of a
+    linear SG, ``channels * k * k`` of a conv SG; a label weight's fan-in is ignored unless wider). Adam moves every weight by about its rate per
     step whatever the gradient's size, so an output summing ``fan_in`` of them moves by about ``rate * sqrt(fan_in)``
     (signs at random): 1e-3 was the best SG rate of our MNIST sweeps at 128-256 inputs, and at 1024 inputs it
     overshot (``|M|`` up to 6.8x its target's) where 3e-4 trained the mixer's DNI within 1.6 pp of backprop
     (docs/mnist.md)."""
     params = list(params)
-    weights = [p for p in params if p.dim() >= 2]
-    fan_in = weights[0][0].numel() if weights else 1
+    # The widest unit, not the first weight registered: a conditioned SG registers its label weight (fan-in =
+    # the context's 10 features) before its first layer, which gave every cDNI SG the full 1e-3.
+    fan_in = max((p[0].numel() for p in params if p.dim() >= 2), default=1)
     return torch.optim.Adam(params, lr=SG_LR * min(1.0, (SG_LR_FAN_IN / fan_in) ** 0.5))
 
 

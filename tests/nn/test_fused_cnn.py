@@ -265,7 +265,7 @@ def test_bad_arguments_name_themselves():
                             (dict(image_size=3), r"^image_size: 3 is pooled to nothing"),
                             (dict(image_size=(4, 4, 4)), r"^image_size: expected"),
                             (dict(backend="gpu"), r"^backend"), (dict(mode="sg"), r"^mode"),
-                            (dict(weight_grad="unfold"), r"^weight_grad: expected one of \('gemm', 'aten'\)"),
+                            (dict(weight_grad="unfold"), r"^weight_grad: expected one of \('aten', 'gemm'\)"),
                             (dict(bn_momentum=None), r"^bn_momentum"), (dict(activation="swish"), r"activation")):
         args = dict(in_channels=1, channels=(2, 3), image_size=8, out_features=10) | kwargs
         with pytest.raises(ValueError, match=pattern):

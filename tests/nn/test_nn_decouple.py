@@ -82,6 +82,10 @@ def test_default_sg_rate_shrinks_with_the_fan_in():
     assert rate(SyntheticGradient(128, (32,), context_features=10)) == pytest.approx(1e-3)
     assert rate(SyntheticGradient(1024)) == pytest.approx(1e-3 * (128 / 1024) ** 0.5)
     assert rate(ConvSyntheticGradient(32, (), kernel_size=3)) == pytest.approx(1e-3 * (128 / 288) ** 0.5)  # 32 * 3 * 3
+    # Conditioned SGs register their label weight (fan-in 10) first: the rate is still the widest unit's.
+    assert rate(SyntheticGradient(1024, context_features=10)) == pytest.approx(1e-3 * (128 / 1024) ** 0.5)
+    assert rate(ConvSyntheticGradient(32, (), kernel_size=3, context_features=10, context_map=(7, 7))) == pytest.approx(
+        1e-3 * (128 / 288) ** 0.5)
     assert rate(nn.Linear(1, 1).requires_grad_(False)) == pytest.approx(1e-3)
 
 
