@@ -3,14 +3,16 @@ below a synthetic gradient at once (update unlocking)."""
 from __future__ import annotations
 
 import math
+import operator
 import warnings
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 from .._checks import check_positive
+from ..reference import SGParams
 from .synthetic_gradient import SyntheticGradient
 
 #: What ``DNI(optimizer=...)`` takes: the SG model's optimizer, or a factory building it from the SG's parameters.
@@ -77,10 +79,7 @@ class _RegressFusedOnArrivingGradient(torch.autograd.Function):
         interface, predicted = ctx.interface, ctx.predicted
         ctx.predicted = None  # one regression per prediction; free it now
         flat = target.reshape(predicted.h.shape)  # a view where the arriving gradient is contiguous
-        sg = interface.synthetic_gradient.reference_params()
-        loss = ops.fused_step(interface.optimizer, ops.ordered_params(sg), ops.sg_regression_, predicted, flat, sg,
-                              context=ctx.context, target_scale=ctx.scale, loss_weight=interface.loss_weight,
-                              backend=interface.backend)
+        loss = interface._fused_regression(predicted, flat, ctx.context, ctx.scale)
         interface.last_sg_loss = loss
         batch = flat.shape[0]
         # The watch's sums, as the autograd path forms them: ||M - s t||^2 from the op's loss, ||s t||^2 one reduction.
@@ -123,6 +122,26 @@ def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_targe
                       f"or use a smaller SG model.", RuntimeWarning, stacklevel=2)
 
 
+class _FusionKey(NamedTuple):
+    """What a fusion verdict depends on (:meth:`FusedSG._fusion_key`), and the parameters it was read from."""
+
+    objects: tuple  #: compared by identity: the SG, its optimizer, the SG's parameters, the optimizer's groups
+    values: tuple  #: compared by value: backend, h's dtype, device, feature count, the parameters' flags, the groups'
+    params: SGParams  #: the SG's parameters in the ops' layout (aliased)
+    ordered: list[Tensor]  #: the same in the order of the ops' optimizer state
+
+
+class _FusedPlan(NamedTuple):
+    """A fused verdict of :meth:`FusedSG.fusion_blocker` and what the fused calls reuse while it holds."""
+
+    key: _FusionKey
+    group: dict  #: the optimizer's param group of the SG's parameters (ops.check_fusable_optimizer passed)
+
+    def holds_for(self, key: _FusionKey) -> bool:
+        return self.key.values == key.values and len(self.key.objects) == len(key.objects) and all(
+            map(operator.is_, self.key.objects, key.objects))
+
+
 class FusedSG:
     """The fused SG step of an interface (:class:`DNI`, :class:`~fastdni.nn.TruncationDNI`) that holds its SG model
     (``synthetic_gradient``) and, optionally, that model's optimizer: when and how the ops replace autograd."""
@@ -142,13 +161,53 @@ class FusedSG:
             raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
         self.backend = backend
         self.fused = False  #: whether the last training call ran the fused ops
+        self._fused_plan: Optional[_FusedPlan] = None  # the kept fused verdict (fusion_blocker)
 
     # Run as Python under torch.compile: Dynamo, tracing a read of a torch.optim param group, sets the group's
     # capturable=True, which the fused ops reject (the interface then fell back to autograd, the user's optimizer
     # changed). One graph break, where the interface breaks anyway (h.backward).
     @torch.compiler.disable
     def fusion_blocker(self, h: Tensor, context: Optional[Tensor] = None) -> Optional[str]:
-        """Why a training call on ``h`` would run the SG by autograd instead of the fused ops; None where it runs fused."""
+        """Why a training call on ``h`` would run the SG by autograd instead of the fused ops; None where it runs fused.
+
+        A fused verdict is kept, and the checks run again only when something it depends on changed
+        (:meth:`_fusion_key`): an SG parameter frozen or replaced, the optimizer swapped or given an option the ops
+        cannot run, an ``h`` of another dtype, device or feature count."""
+        plan = self._fused_plan_for(h)
+        return plan if isinstance(plan, str) else None
+
+    def _fused_plan_for(self, h: Tensor) -> Union["_FusedPlan", str]:
+        """The kept plan while its key holds for ``h``, else the checks again: a new plan, or why the call cannot fuse
+        (not kept: such a call takes the autograd path, which costs far more than the checks)."""
+        key = self._fusion_key(h)
+        plan = self._fused_plan
+        if key is not None and plan is not None and plan.holds_for(key):
+            return plan
+        reason = self._check_fusion(h)
+        if reason is not None:
+            self._fused_plan = None
+            return reason
+        group = ops.check_fusable_optimizer(self.optimizer, key.ordered)  # passed in _check_fusion
+        self._fused_plan = _FusedPlan(key, group)
+        return self._fused_plan
+
+    def _fusion_key(self, h: Tensor) -> Optional["_FusionKey"]:
+        """What the fusion verdict on ``h`` reads that a user can change between calls; None where it is no at once
+        (no optimizer, not a :class:`SyntheticGradient`)."""
+        sg, opt = self.synthetic_gradient, self.optimizer
+        if opt is None or not isinstance(sg, SyntheticGradient):
+            return None
+        params = sg.reference_params()
+        ordered = ops.ordered_params(params)
+        opt_objects, opt_values = ops.fusable_optimizer_key(opt)
+        objects = (sg, opt, *ordered, *opt_objects)
+        # h by its feature count (DNI checks a map [B, C, H, W], its regression the flattened [B, C*H*W]).
+        values = (self.backend, h.dtype, h.device, h.dim() > 1, h.shape[1:].numel(),
+                  *((p.requires_grad, p.dtype, p.device) for p in ordered), opt_values)
+        return _FusionKey(objects, values, params, ordered)
+
+    def _check_fusion(self, h: Tensor) -> Optional[str]:
+        """:meth:`fusion_blocker`'s checks, all of them."""
         sg = self.synthetic_gradient
         if self.optimizer is None:
             return "no SG optimizer was given"
@@ -170,6 +229,20 @@ class FusedSG:
         except (TypeError, ValueError) as error:
             return str(error)
         return None
+
+    def _fused_regression(self, predicted: "ops.Prediction", target: Tensor, context: Optional[Tensor],
+                          scale: float) -> Tensor:
+        """``sg_regression_`` and the optimizer's step for a prediction of :meth:`_predict_fused`: on the kept plan
+        where it still holds (the optimizer not checked again), else checked as a plain ``ops.fused_step`` (an option
+        the ops cannot run, set since the prediction, raises there)."""
+        plan = self._fused_plan_for(predicted.h)
+        if isinstance(plan, str):
+            params = self.synthetic_gradient.reference_params()
+            ordered, group = ops.ordered_params(params), None
+        else:
+            params, ordered, group = plan.key.params, plan.key.ordered, plan.group
+        return ops.fused_step(self.optimizer, ordered, ops.sg_regression_, predicted, target, params, context=context,
+                              target_scale=scale, loss_weight=self.loss_weight, backend=self.backend, group=group)
 
     def _predict_fused(self, flat: Tensor, context: Optional[Tensor]) -> "ops.Prediction":
         """``sg_predict`` on ``flat`` ``[B, features]``, outside any graph."""
