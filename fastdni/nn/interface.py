@@ -2,6 +2,7 @@
 below a synthetic gradient at once (update unlocking)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
@@ -122,6 +123,32 @@ def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_targe
                       f"or use a smaller SG model.", RuntimeWarning, stacklevel=2)
 
 
+# Outside a graph the ops' Python autograd formula (ops/registration.py) only redispatches: skip it there.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+def _predict_direct(flat: Tensor, params: SGParams) -> "ops.Prediction":
+    """``ops.sg_predict`` of an SG without context on the C++ kernels: without the wrapper's checks (the kernel runs
+    them) and below autograd; under ``no_grad``."""
+    with _below_autograd():
+        prediction, hidden = torch.ops.fastdni.sg_predict(flat, list(params.weights), list(params.biases), None, None)
+    return ops.Prediction(flat, prediction, list(hidden))
+
+
+def _regress_direct(plan: "_FusedPlan", optimizer: torch.optim.Optimizer, predicted: "ops.Prediction", target: Tensor,
+                    scale: float, loss_weight: float) -> Tensor:
+    """``ops.fused_step(optimizer, ..., ops.sg_regression_, ...)`` of an SG without context on the C++ kernels: without
+    the wrapper's checks (the kernel runs them), with the plan's param group."""
+    params = plan.key.params
+    name, hyper, state = ops.fused_optimizer_args(optimizer, plan.key.ordered, plan.group)
+    with torch.no_grad():
+        loss = torch.ops.fastdni.sg_regression_(predicted.h, list(predicted.sg_hidden), predicted.prediction, target,
+                                                list(params.weights), list(params.biases), None, None, state, name,
+                                                hyper, float(scale), float(loss_weight))
+    ops.advance(optimizer, plan.key.ordered)
+    return loss
+
+
 class _FusionKey(NamedTuple):
     """What a fusion verdict depends on (:meth:`FusedSG._fusion_key`), and the parameters it was read from."""
 
@@ -136,6 +163,9 @@ class _FusedPlan(NamedTuple):
 
     key: _FusionKey
     group: dict  #: the optimizer's param group of the SG's parameters (ops.check_fusable_optimizer passed)
+    #: call torch.ops.fastdni directly (_predict_direct, _regress_direct): the C++ kernels run, and check what the
+    #: Python wrappers would but the context (so only for an SG without one)
+    direct: bool
 
     def holds_for(self, key: _FusionKey) -> bool:
         return self.key.values == key.values and len(self.key.objects) == len(key.objects) and all(
@@ -188,7 +218,8 @@ class FusedSG:
             self._fused_plan = None
             return reason
         group = ops.check_fusable_optimizer(self.optimizer, key.ordered)  # passed in _check_fusion
-        self._fused_plan = _FusedPlan(key, group)
+        direct = key.params.context_weight is None and ops.runs_cpp_kernels(self.backend, h.device)
+        self._fused_plan = _FusedPlan(key, group, direct)
         return self._fused_plan
 
     def _fusion_key(self, h: Tensor) -> Optional["_FusionKey"]:
@@ -238,15 +269,24 @@ class FusedSG:
         plan = self._fused_plan_for(predicted.h)
         if isinstance(plan, str):
             params = self.synthetic_gradient.reference_params()
-            ordered, group = ops.ordered_params(params), None
-        else:
-            params, ordered, group = plan.key.params, plan.key.ordered, plan.group
-        return ops.fused_step(self.optimizer, ordered, ops.sg_regression_, predicted, target, params, context=context,
-                              target_scale=scale, loss_weight=self.loss_weight, backend=self.backend, group=group)
+            return ops.fused_step(self.optimizer, ops.ordered_params(params), ops.sg_regression_, predicted, target,
+                                  params, context=context, target_scale=scale, loss_weight=self.loss_weight,
+                                  backend=self.backend)
+        if plan.direct and context is None:
+            return _regress_direct(plan, self.optimizer, predicted, target, scale, self.loss_weight)
+        return ops.fused_step(self.optimizer, plan.key.ordered, ops.sg_regression_, predicted, target, plan.key.params,
+                              context=context, target_scale=scale, loss_weight=self.loss_weight, backend=self.backend,
+                              group=plan.group)
 
+    # Run as Python under torch.compile, as fusion_blocker: the kept plan holds the optimizer.
+    @torch.compiler.disable
     def _predict_fused(self, flat: Tensor, context: Optional[Tensor]) -> "ops.Prediction":
-        """``sg_predict`` on ``flat`` ``[B, features]``, outside any graph."""
+        """``sg_predict`` on ``flat`` ``[B, features]``, outside any graph; called where :meth:`fusion_blocker` has
+        just said fused for ``flat`` (its kept plan is then current)."""
+        plan = self._fused_plan
         with torch.no_grad():
+            if plan is not None and plan.direct and context is None:
+                return _predict_direct(flat, plan.key.params)
             return ops.sg_predict(flat, self.synthetic_gradient.reference_params(), context, backend=self.backend)
 
     def _fused_extra_repr(self) -> str:
