@@ -122,10 +122,10 @@ def check_fusable_optimizer(opt: torch.optim.Optimizer, params: Sequence[Tensor]
 def fusable_optimizer_key(opt: torch.optim.Optimizer) -> tuple[tuple, tuple]:
     """What :func:`check_fusable_optimizer`'s verdict on ``opt`` reads that a user can change between steps, for a
     caller that keeps the verdict: ``(objects, values)``, the first to compare by identity (the param groups and
-    their ``params`` lists: ``add_param_group``, a group or list swapped), the second by value (the optimizer's
-    class, each group's size and its unsupported flags, e.g. ``amsgrad`` set on a group)."""
+    every parameter in them: ``add_param_group``, a group swapped, a parameter added, removed or replaced), the
+    second by value (the optimizer's class, each group's size and its unsupported flags, e.g. ``amsgrad`` set)."""
     groups = opt.param_groups
-    objects = (*groups, *(g["params"] for g in groups))
+    objects = (*groups, *(p for g in groups for p in g["params"]))
     values = (type(opt), *((len(g["params"]), *(g.get(f, False) for f in _UNSUPPORTED_FLAGS)) for g in groups))
     return objects, values
 

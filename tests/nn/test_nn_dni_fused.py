@@ -310,6 +310,8 @@ INVALIDATIONS = {
     "maximize-set": (_set_option("maximize"), "^optimizer: maximize=True"),
     "group-added": (lambda dni: dni.optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(2))]}),
                     None),  # checked again, and still fused (the SG's parameters share their own group)
+    "parameter-left-the-group": (lambda dni: dni.optimizer.param_groups[0]["params"].__setitem__(
+        0, nn.Parameter(torch.zeros(1))), "^optimizer: a parameter of the fused step is not in this optimizer"),
     "sg-to-float64": (lambda dni: dni.synthetic_gradient.double(), r"^h \(torch.float32, cpu\) is not like the SG's"),
 }
 
