@@ -305,6 +305,7 @@ def sg_pieces(hidden: int, batch: int, rounds: int = 40, calls: int = 20) -> dic
     params = sg.reference_params()
     ordered = ops.ordered_params(params)
     weight, out = params.weights[0].detach(), torch.empty(batch, features)
+    assert boundary.fusion_blocker(flat) is None  # as the boundary does before a prediction: keeps its verdict
     predicted = boundary._predict_fused(flat, None)
     name, hyper, state = ops.fused_optimizer_args(boundary.optimizer, ordered)
     sums = (torch.tensor(1.0), torch.tensor(2.0))
@@ -321,6 +322,13 @@ def sg_pieces(hidden: int, batch: int, rounds: int = 40, calls: int = 20) -> dic
         ops.fused_step(boundary.optimizer, ordered, ops.sg_regression_, predicted, target, params,
                        target_scale=float(batch), backend=boundary.backend)
 
+    def kept_plan_regression():  # what the boundary's backward runs: the kept verdict checked, then the direct op
+        boundary._fused_regression(predicted, target, None, float(batch))
+
+    def public_predict():
+        with torch.no_grad():
+            ops.sg_predict(flat, params, backend=boundary.backend)
+
     def eager_regression():  # the autograd path's work for the same regression: forward, loss, backward, Adam
         error = eager_sg(flat) - batch * target
         (error * error).sum().div(batch).backward()
@@ -334,10 +342,12 @@ def sg_pieces(hidden: int, batch: int, rounds: int = 40, calls: int = 20) -> dic
     fns = {
         "GEMM [B, F] x [F, F] (torch.mm, out=)": lambda: torch.mm(flat, weight.t(), out=out),
         "fused: sg_predict, raw torch.ops.fastdni op": raw_predict,
-        "fused: TruncationDNI._predict_fused (ops.sg_predict)": lambda: boundary._predict_fused(flat, None),
+        "fused: ops.sg_predict (the checked public wrapper)": public_predict,
+        "fused: TruncationDNI._predict_fused (kept plan: the op below autograd)": lambda: boundary._predict_fused(flat, None),
         "fused: sg_regression_ + Adam, raw op": raw_regression,
         "fused: ops.fused_step(sg_regression_) (checks, args, advance)": fused_regression,
-        "fused: fusion_blocker (twice per step)": lambda: boundary.fusion_blocker(flat),
+        "fused: TruncationDNI._fused_regression (verdict checked, raw op, args, advance)": kept_plan_regression,
+        "fused: fusion_blocker, kept verdict (twice per step)": lambda: boundary.fusion_blocker(flat),
         "both: _watch_divergence (once per step)": lambda: _watch_divergence(boundary, *sums),
         "eager: SyntheticGradient forward, no_grad": eager_predict,
         "eager: forward + loss + backward + Adam step + zero_grad": eager_regression,

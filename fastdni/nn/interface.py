@@ -2,15 +2,18 @@
 below a synthetic gradient at once (update unlocking)."""
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 import warnings
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 from .._checks import check_positive
+from ..reference import SGParams
 from .synthetic_gradient import SyntheticGradient
 
 #: What ``DNI(optimizer=...)`` takes: the SG model's optimizer, or a factory building it from the SG's parameters.
@@ -77,10 +80,7 @@ class _RegressFusedOnArrivingGradient(torch.autograd.Function):
         interface, predicted = ctx.interface, ctx.predicted
         ctx.predicted = None  # one regression per prediction; free it now
         flat = target.reshape(predicted.h.shape)  # a view where the arriving gradient is contiguous
-        sg = interface.synthetic_gradient.reference_params()
-        loss = ops.fused_step(interface.optimizer, ops.ordered_params(sg), ops.sg_regression_, predicted, flat, sg,
-                              context=ctx.context, target_scale=ctx.scale, loss_weight=interface.loss_weight,
-                              backend=interface.backend)
+        loss = interface._fused_regression(predicted, flat, ctx.context, ctx.scale)
         interface.last_sg_loss = loss
         batch = flat.shape[0]
         # The watch's sums, as the autograd path forms them: ||M - s t||^2 from the op's loss, ||s t||^2 one reduction.
@@ -123,6 +123,55 @@ def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_targe
                       f"or use a smaller SG model.", RuntimeWarning, stacklevel=2)
 
 
+# Outside a graph the ops' Python autograd formula (ops/registration.py) only redispatches: skip it there.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+def _predict_direct(flat: Tensor, params: SGParams) -> "ops.Prediction":
+    """``ops.sg_predict`` of an SG without context on the C++ kernels: without the wrapper's checks (the kernel runs
+    them) and below autograd; under ``no_grad``."""
+    with _below_autograd():
+        prediction, hidden = torch.ops.fastdni.sg_predict(flat, list(params.weights), list(params.biases), None, None)
+    return ops.Prediction(flat, prediction, list(hidden))
+
+
+def _regress_direct(plan: "_FusedPlan", optimizer: torch.optim.Optimizer, predicted: "ops.Prediction", target: Tensor,
+                    scale: float, loss_weight: float) -> Tensor:
+    """``ops.fused_step(optimizer, ..., ops.sg_regression_, ...)`` of an SG without context on the C++ kernels: without
+    the wrapper's checks (the kernel runs them), with the plan's param group."""
+    params = plan.key.params
+    name, hyper, state = ops.fused_optimizer_args(optimizer, plan.key.ordered, plan.group)
+    with torch.no_grad():
+        loss = torch.ops.fastdni.sg_regression_(predicted.h, list(predicted.sg_hidden), predicted.prediction, target,
+                                                list(params.weights), list(params.biases), None, None, state, name,
+                                                hyper, float(scale), float(loss_weight))
+    ops.advance(optimizer, plan.key.ordered)
+    return loss
+
+
+class _FusionKey(NamedTuple):
+    """What a fusion verdict depends on (:meth:`FusedSG._fusion_key`), and the parameters it was read from."""
+
+    objects: tuple  #: compared by identity: the SG, its optimizer, the SG's parameters, the optimizer's groups
+    values: tuple  #: compared by value: backend, h's dtype, device, feature count, the parameters' flags, the groups'
+    params: SGParams  #: the SG's parameters in the ops' layout (aliased)
+    ordered: list[Tensor]  #: the same in the order of the ops' optimizer state
+
+
+class _FusedPlan(NamedTuple):
+    """A fused verdict of :meth:`FusedSG.fusion_blocker` and what the fused calls reuse while it holds."""
+
+    key: _FusionKey
+    group: dict  #: the optimizer's param group of the SG's parameters (ops.check_fusable_optimizer passed)
+    #: call torch.ops.fastdni directly (_predict_direct, _regress_direct): the C++ kernels run, and check what the
+    #: Python wrappers would but the context (so only for an SG without one)
+    direct: bool
+
+    def holds_for(self, key: _FusionKey) -> bool:
+        return self.key.values == key.values and len(self.key.objects) == len(key.objects) and all(
+            map(operator.is_, self.key.objects, key.objects))
+
+
 class FusedSG:
     """The fused SG step of an interface (:class:`DNI`, :class:`~fastdni.nn.TruncationDNI`) that holds its SG model
     (``synthetic_gradient``) and, optionally, that model's optimizer: when and how the ops replace autograd."""
@@ -142,13 +191,54 @@ class FusedSG:
             raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
         self.backend = backend
         self.fused = False  #: whether the last training call ran the fused ops
+        self._fused_plan: Optional[_FusedPlan] = None  # the kept fused verdict (fusion_blocker)
 
     # Run as Python under torch.compile: Dynamo, tracing a read of a torch.optim param group, sets the group's
     # capturable=True, which the fused ops reject (the interface then fell back to autograd, the user's optimizer
     # changed). One graph break, where the interface breaks anyway (h.backward).
     @torch.compiler.disable
     def fusion_blocker(self, h: Tensor, context: Optional[Tensor] = None) -> Optional[str]:
-        """Why a training call on ``h`` would run the SG by autograd instead of the fused ops; None where it runs fused."""
+        """Why a training call on ``h`` would run the SG by autograd instead of the fused ops; None where it runs fused.
+
+        A fused verdict is kept, and the checks run again only when something it depends on changed
+        (:meth:`_fusion_key`): an SG parameter frozen or replaced, the optimizer swapped or given an option the ops
+        cannot run, an ``h`` of another dtype, device or feature count."""
+        plan = self._fused_plan_for(h)
+        return plan if isinstance(plan, str) else None
+
+    def _fused_plan_for(self, h: Tensor) -> Union["_FusedPlan", str]:
+        """The kept plan while its key holds for ``h``, else the checks again: a new plan, or why the call cannot fuse
+        (not kept: such a call takes the autograd path, which costs far more than the checks)."""
+        key = self._fusion_key(h)
+        plan = self._fused_plan
+        if key is not None and plan is not None and plan.holds_for(key):
+            return plan
+        reason = self._check_fusion(h)
+        if reason is not None:
+            self._fused_plan = None
+            return reason
+        group = ops.check_fusable_optimizer(self.optimizer, key.ordered)  # passed in _check_fusion
+        direct = key.params.context_weight is None and ops.runs_cpp_kernels(self.backend, h.device)
+        self._fused_plan = _FusedPlan(key, group, direct)
+        return self._fused_plan
+
+    def _fusion_key(self, h: Tensor) -> Optional["_FusionKey"]:
+        """What the fusion verdict on ``h`` reads that a user can change between calls; None where it is no at once
+        (no optimizer, not a :class:`SyntheticGradient`)."""
+        sg, opt = self.synthetic_gradient, self.optimizer
+        if opt is None or not isinstance(sg, SyntheticGradient):
+            return None
+        params = sg.reference_params()
+        ordered = ops.ordered_params(params)
+        opt_objects, opt_values = ops.fusable_optimizer_key(opt)
+        objects = (sg, opt, *ordered, *opt_objects)
+        # h by its feature count (DNI checks a map [B, C, H, W], its regression the flattened [B, C*H*W]).
+        values = (self.backend, h.dtype, h.device, h.dim() > 1, h.shape[1:].numel(),
+                  *((p.requires_grad, p.dtype, p.device) for p in ordered), opt_values)
+        return _FusionKey(objects, values, params, ordered)
+
+    def _check_fusion(self, h: Tensor) -> Optional[str]:
+        """:meth:`fusion_blocker`'s checks, all of them."""
         sg = self.synthetic_gradient
         if self.optimizer is None:
             return "no SG optimizer was given"
@@ -171,9 +261,32 @@ class FusedSG:
             return str(error)
         return None
 
+    def _fused_regression(self, predicted: "ops.Prediction", target: Tensor, context: Optional[Tensor],
+                          scale: float) -> Tensor:
+        """``sg_regression_`` and the optimizer's step for a prediction of :meth:`_predict_fused`: on the kept plan
+        where it still holds (the optimizer not checked again), else checked as a plain ``ops.fused_step`` (an option
+        the ops cannot run, set since the prediction, raises there)."""
+        plan = self._fused_plan_for(predicted.h)
+        if isinstance(plan, str):
+            params = self.synthetic_gradient.reference_params()
+            return ops.fused_step(self.optimizer, ops.ordered_params(params), ops.sg_regression_, predicted, target,
+                                  params, context=context, target_scale=scale, loss_weight=self.loss_weight,
+                                  backend=self.backend)
+        if plan.direct and context is None:
+            return _regress_direct(plan, self.optimizer, predicted, target, scale, self.loss_weight)
+        return ops.fused_step(self.optimizer, plan.key.ordered, ops.sg_regression_, predicted, target, plan.key.params,
+                              context=context, target_scale=scale, loss_weight=self.loss_weight, backend=self.backend,
+                              group=plan.group)
+
+    # Run as Python under torch.compile, as fusion_blocker: the kept plan holds the optimizer.
+    @torch.compiler.disable
     def _predict_fused(self, flat: Tensor, context: Optional[Tensor]) -> "ops.Prediction":
-        """``sg_predict`` on ``flat`` ``[B, features]``, outside any graph."""
+        """``sg_predict`` on ``flat`` ``[B, features]``, outside any graph; called where :meth:`fusion_blocker` has
+        just said fused for ``flat`` (its kept plan is then current)."""
+        plan = self._fused_plan
         with torch.no_grad():
+            if plan is not None and plan.direct and context is None:
+                return _predict_direct(flat, plan.key.params)
             return ops.sg_predict(flat, self.synthetic_gradient.reference_params(), context, backend=self.backend)
 
     def _fused_extra_repr(self) -> str:

@@ -157,8 +157,8 @@ class TruncationDNI(FusedSG, nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return state
         flat = flatten_state(state, self.batch_dim).detach()
-        self.fused = self.fusion_blocker(flat) is None  # fused implies trainable SG parameters
-        if has_trainable_params(self.synthetic_gradient):
+        self.fused = self.fusion_blocker(flat) is None
+        if self.fused or has_trainable_params(self.synthetic_gradient):  # fused implies trainable SG parameters
             if self.fused:
                 flat = _RegressFusedOnArrivingGradient.apply(flat.requires_grad_(), self, self._predict_fused(flat, None),
                                                              None, self.gradient_scale)

@@ -121,6 +121,17 @@ def fused_backend_blocker(backend: str, device: torch.device, dtype: torch.dtype
     return None
 
 
+def runs_cpp_kernels(backend: str, device: torch.device) -> bool:
+    """Whether the ops with ``backend`` on ``device`` run the C++ kernels of ``fastdni._C`` (``torch.ops.fastdni``
+    without a Triton or reference fallback). Those check every argument themselves (``csrc/common/op_args.h``), so
+    a caller that has checked what the Python wrappers add may call ``torch.ops.fastdni`` directly."""
+    if backend not in ("auto", "cpu", "cuda"):
+        return False
+    if device.type == "cpu":
+        return backend != "cuda" and HAS_CPU_KERNELS
+    return device.type == "cuda" and backend != "cpu" and HAS_CUDA_KERNELS
+
+
 def _implementation(run: str, op: str):
     if run == "reference":
         return getattr(reference_backend, op)

@@ -28,7 +28,7 @@ from ..contract import HYPER_FIELDS, check_hyper, state_per_param
 from ..reference.optim import adam_update, sgd_momentum_update
 
 __all__ = ["HYPER_FIELDS", "state_per_param", "check_optimizer_args", "optimizer_step_", "fused_optimizer_args", "advance",
-           "check_fusable_optimizer", "fused_step"]
+           "check_fusable_optimizer", "fusable_optimizer_key", "fused_step"]
 
 
 def check_optimizer_args(optimizer: str, hyper: Sequence[float], state: Sequence[Tensor], params: Sequence[Tensor]) -> None:
@@ -67,12 +67,16 @@ def optimizer_step_(optimizer: str, hyper: Sequence[float], param: Tensor, grad:
 _UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
-def fused_optimizer_args(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> tuple[str, list[float], list[Tensor]]:
+def fused_optimizer_args(opt: torch.optim.Optimizer, params: Sequence[Tensor],
+                         group: Optional[dict] = None) -> tuple[str, list[float], list[Tensor]]:
     """``(optimizer, hyper, state)`` for the next step of ``opt`` on ``params`` (all in one param group).
 
-    Missing state is created as ``torch.optim`` would; call :func:`advance` after the op ran.
+    Missing state is created as ``torch.optim`` would; call :func:`advance` after the op ran. ``group``: the param
+    group :func:`check_fusable_optimizer` returned for ``params`` to a caller that keeps its verdict (see
+    :func:`fusable_optimizer_key`); None: check here. The hyper-parameters are read from the group at every call.
     """
-    group = check_fusable_optimizer(opt, params)
+    if group is None:
+        group = check_fusable_optimizer(opt, params)
     lr = float(group["lr"])
     if isinstance(opt, torch.optim.Adam):
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -115,10 +119,22 @@ def check_fusable_optimizer(opt: torch.optim.Optimizer, params: Sequence[Tensor]
     return group
 
 
-def fused_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], op, *args, **kwargs):
+def fusable_optimizer_key(opt: torch.optim.Optimizer) -> tuple[tuple, tuple]:
+    """What :func:`check_fusable_optimizer`'s verdict on ``opt`` reads that a user can change between steps, for a
+    caller that keeps the verdict: ``(objects, values)``, the first to compare by identity (the param groups and
+    every parameter in them: ``add_param_group``, a group swapped, a parameter added, removed or replaced), the
+    second by value (the optimizer's class, each group's size and its unsupported flags, e.g. ``amsgrad`` set)."""
+    groups = opt.param_groups
+    objects = (*groups, *(p for g in groups for p in g["params"]))
+    values = (type(opt), *((len(g["params"]), *(g.get(f, False) for f in _UNSUPPORTED_FLAGS)) for g in groups))
+    return objects, values
+
+
+def fused_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], op, *args, group: Optional[dict] = None, **kwargs):
     """``op(*args, optimizer_name, hyper, state, **kwargs)`` run as ``opt``'s step on ``params`` (an update op of
-    :mod:`fastdni.ops`), then :func:`advance`; returns what ``op`` returns."""
-    result = op(*args, *fused_optimizer_args(opt, params), **kwargs)
+    :mod:`fastdni.ops`), then :func:`advance`; returns what ``op`` returns. ``group``: as in
+    :func:`fused_optimizer_args` (None: checked here)."""
+    result = op(*args, *fused_optimizer_args(opt, params, group), **kwargs)
     advance(opt, params)
     return result
 

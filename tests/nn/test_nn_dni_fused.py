@@ -268,6 +268,156 @@ def test_fused_on_cpu_for_float32_and_float64():
         assert DNI(sg, optimizer=torch.optim.Adam(sg.parameters())).fusion_blocker(torch.randn(2, 4, dtype=dtype)) is None
 
 
+# --- the kept fusion verdict: reused while nothing it reads changes, checked again when something does -----------
+
+def _fused_dni(backend: str = "reference") -> DNI:
+    sg = randomise_(SyntheticGradient(12))
+    return DNI(sg, optimizer=torch.optim.Adam(sg.parameters(), lr=1e-2), backend=backend)
+
+
+def _train_call(dni: DNI, h: torch.Tensor) -> None:
+    dni(h.clone().requires_grad_()).sum().backward()
+
+
+def test_the_fused_verdict_is_kept_while_nothing_it_reads_changes():
+    dni = _fused_dni()
+    assert dni.fusion_blocker(torch.randn(3, 12)) is None
+    plan = dni._fused_plan
+    # another batch size, the same 12 features as a map, a hyper-parameter the ops read at every step: no new check
+    dni.optimizer.param_groups[0]["lr"] = 0.5
+    for h in (torch.randn(5, 12), torch.randn(3, 3, 4)):
+        assert dni.fusion_blocker(h) is None and dni._fused_plan is plan
+    _train_call(dni, torch.randn(3, 3, 4))  # the regression reads the flattened [3, 12]: the same plan
+    assert dni.fused and dni._fused_plan is plan
+
+
+def _replace_weight(dni: DNI) -> None:
+    layer = dni.synthetic_gradient.layers[0]
+    layer.weight = nn.Parameter(layer.weight.detach().clone())  # not in the optimizer
+
+
+def _set_option(name: str):
+    return lambda dni: dni.optimizer.param_groups[0].__setitem__(name, True)
+
+
+# id: (what the user changes after a fused call, the blocker's message pattern; None: still fused)
+INVALIDATIONS = {
+    "frozen": (lambda dni: dni.synthetic_gradient.layers[0].bias.requires_grad_(False), "^some SG parameters are frozen"),
+    "parameter-replaced": (_replace_weight, "^optimizer: a parameter of the fused step is not in this optimizer"),
+    "optimizer-swapped": (lambda dni: setattr(dni, "optimizer", torch.optim.RMSprop(dni.synthetic_gradient.parameters())),
+                          "^optimizer: .*RMSprop"),
+    "amsgrad-set": (_set_option("amsgrad"), "^optimizer: amsgrad=True"),
+    "maximize-set": (_set_option("maximize"), "^optimizer: maximize=True"),
+    "group-added": (lambda dni: dni.optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(2))]}),
+                    None),  # checked again, and still fused (the SG's parameters share their own group)
+    "parameter-left-the-group": (lambda dni: dni.optimizer.param_groups[0]["params"].__setitem__(
+        0, nn.Parameter(torch.zeros(1))), "^optimizer: a parameter of the fused step is not in this optimizer"),
+    "sg-to-float64": (lambda dni: dni.synthetic_gradient.double(), r"^h \(torch.float32, cpu\) is not like the SG's"),
+}
+
+
+@pytest.mark.parametrize("change", INVALIDATIONS)
+def test_the_fused_verdict_is_checked_again_when_what_it_reads_changes(change):
+    make_change, pattern = INVALIDATIONS[change]
+    dni = _fused_dni()
+    h = torch.randn(3, 12)
+    _train_call(dni, h)
+    assert dni.fused
+    plan = dni._fused_plan
+    make_change(dni)
+    if pattern is None:
+        assert dni.fusion_blocker(h) is None and dni._fused_plan is not plan
+        return
+    reason = dni.fusion_blocker(h)
+    assert reason is not None and re.search(pattern, reason), reason
+    assert dni._fused_plan is None
+    if change == "sg-to-float64":  # autograd on a float32 h: the SG's own dtype error (test_fallback_conditions)
+        return
+    _train_call(dni, h)  # the training call takes the autograd path
+    assert not dni.fused
+    assert all(p.grad is not None for p in dni.synthetic_gradient.parameters() if p.requires_grad)
+
+
+def test_unfreezing_fuses_again():
+    dni = _fused_dni()
+    h = torch.randn(3, 12)
+    bias = dni.synthetic_gradient.layers[0].bias
+    assert dni.fusion_blocker(h) is None
+    bias.requires_grad_(False)
+    assert dni.fusion_blocker(h).startswith("some SG parameters are frozen")
+    bias.requires_grad_(True)
+    assert dni.fusion_blocker(h) is None
+
+
+def test_the_fused_verdict_follows_hs_dtype_and_device():
+    dni = _fused_dni()
+    assert dni.fusion_blocker(torch.randn(3, 12)) is None
+    assert dni.fusion_blocker(torch.randn(3, 12, dtype=F64)).startswith("h (torch.float64, cpu) is not like")
+    assert dni.fusion_blocker(torch.randn(3, 12, device="meta")).startswith("h (torch.float32, meta) is not like")
+    assert dni.fusion_blocker(torch.randn(3, 2)).startswith("h of shape (3, 2) does not have")
+    assert dni.fusion_blocker(torch.randn(12)).startswith("h of shape (12,) does not have")
+    assert dni.fusion_blocker(torch.randn(3, 12)) is None
+    sg = SyntheticGradient(1)  # one feature: a 1-d h [B] has as many per row, and still cannot fuse
+    one = DNI(sg, optimizer=torch.optim.Adam(sg.parameters()), backend="reference")
+    assert one.fusion_blocker(torch.randn(3, 1)) is None
+    assert one.fusion_blocker(torch.randn(3)).startswith("h of shape (3,) does not have")
+
+
+def test_a_swapped_fusable_optimizer_steps_the_sg():
+    dni = _fused_dni()
+    h = torch.randn(3, 12)
+    _train_call(dni, h)
+    old, params = dni.optimizer, list(dni.synthetic_gradient.parameters())
+    dni.optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    _train_call(dni, h)
+    assert dni.fused
+    assert all(float(old.state[p]["step"]) == 1 for p in params), "the old optimizer was not stepped again"
+    assert all(dni.optimizer.state[p]["momentum_buffer"] is not None for p in params)
+
+
+def test_an_option_set_between_the_prediction_and_its_regression_raises():
+    """The regression checks the kept verdict again: an option the ops cannot run raises there (as before the verdict
+    was kept), and the next call falls back."""
+    dni = _fused_dni()
+    out = dni(torch.randn(3, 12, requires_grad=True))
+    assert dni.fused
+    dni.optimizer.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ValueError, match="amsgrad=True is not supported"):
+        out.sum().backward()
+    assert dni.fusion_blocker(torch.randn(3, 12)).startswith("optimizer: amsgrad=True")
+
+
+@pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="the C++ extension fastdni._C is not built")
+def test_the_direct_op_calls_only_on_the_cpp_kernels_and_without_context():
+    h = torch.randn(3, 12)
+    for backend, context_features, direct in (("auto", 0, True), ("cpu", 0, True), ("reference", 0, False),
+                                              ("auto", 4, False)):
+        sg = SyntheticGradient(12, context_features=context_features)
+        dni = DNI(sg, optimizer=torch.optim.Adam(sg.parameters()), backend=backend)
+        assert dni.fusion_blocker(h) is None
+        assert dni._fused_plan.direct == direct, (backend, context_features)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncation_dni_follows_a_parameter_frozen_between_segments(backend):
+    if backend == "auto" and not ops.HAS_CPU_KERNELS:
+        pytest.skip("no C++ kernels: 'auto' falls back to autograd")
+    torch.manual_seed(0)
+    core = randomise_(StepCore(), 0.5)
+    sg = randomise_(SyntheticGradient(2 * HIDDEN).double(), 0.2)
+    boundary = TruncationDNI(sg, optimizer=torch.optim.Adam(sg.parameters(), lr=1e-2), backend=backend)
+    inputs, targets = sequence(6)
+    state, fused = initial_state(), []
+    for start in (0, 3):
+        state = boundary.begin_segment(state)
+        fused.append(boundary.fused)
+        loss, state, _ = core(inputs[start:start + 3], targets[start:start + 3], state)
+        boundary.end_segment(loss, state)
+        sg.layers[0].bias.requires_grad_(False)
+    assert fused == [True, False]
+    assert sg.layers[0].weight.grad is not None and sg.layers[0].bias.grad is None  # the second regression: autograd
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused"])
 def test_an_inplace_change_of_h_before_the_gradient_arrives_is_an_error(fused):
     """The regression reads h: changed in place after the interface ran, it is the same error on both paths (the
