@@ -482,11 +482,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     opts = parse_args(argv)
-    device = torch.device(opts.device)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_copy_lstm_step.py: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+    device = common.bench_device(opts, "bench_copy_lstm_step.py")
+    if device is None:
         return 2
     if opts.hidden or opts.truncation:
         grid = list(itertools.product(opts.hidden or (128,), opts.truncation or (3,)))

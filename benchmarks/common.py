@@ -382,6 +382,18 @@ def peak_alloc_bytes(fn: Callable[[], object]) -> Optional[int]:
     return peak
 
 
+def bench_device(opts, script: str) -> Optional[torch.device]:
+    """A benchmark's ``--device`` as a device, its ``--threads`` applied; None, after saying why on stderr, where it
+    asks for CUDA and torch sees no CUDA device (the caller exits 2)."""
+    device = torch.device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{script}: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return None
+    return device
+
+
 def write_markdown_table(path: str, title: str, header: list[str], cells: list[list[str]], notes: list[str]) -> None:
     """``path``: a markdown file with ``title``, one table (``header``, then a row per entry of ``cells``) and the
     sorted, de-duplicated ``notes`` as a list under it."""

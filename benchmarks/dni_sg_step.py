@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import common  # noqa: E402
 import dni_step  # noqa: E402
 import fastdni.ops as ops  # noqa: E402
 from fastdni.nn import DNI, SyntheticGradient  # noqa: E402
@@ -250,11 +251,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     opts = parse_args(argv)
-    device = torch.device(opts.device)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("dni_sg_step.py: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+    device = common.bench_device(opts, "dni_sg_step.py")
+    if device is None:
         return 2
     default_dtypes = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)
     batches = opts.batch or (QUICK["batch"] if opts.quick else BATCHES)
