@@ -3,6 +3,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <cublasLt.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 
@@ -55,6 +56,32 @@ void set(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attribute, co
   FASTDNI_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc, attribute, &value, sizeof(value)));
 }
 
+// How many of the heuristic's ranked algorithms to look through for one that runs as a single kernel.
+constexpr int kCandidates = 8;
+
+template <typename V>
+V algo_config(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attribute) {
+  V value{};
+  size_t written = 0;
+  FASTDNI_CUBLASLT_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&algo, attribute, &value, sizeof(value), &written));
+  return value;
+}
+
+// The best-ranked algorithm that is one launch: no split-K (on an H200, fp32 at the tests' 'tiles' shape, the
+// first pick split K into a scaling kernel, the GEMM and a reduction carrying the epilogue: 3 launches per GEMM).
+// These GEMMs are a layer step's (batch x width, width <= a few thousand), where launches, not FLOPs, set the
+// time. The first candidate when none is single-kernel.
+const cublasLtMatmulAlgo_t& one_launch_algo(const cublasLtMatmulHeuristicResult_t* candidates, int found) {
+  for (int i = 0; i < found; ++i) {
+    const cublasLtMatmulAlgo_t& algo = candidates[i].algo;
+    if (algo_config<int32_t>(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM) <= 1 &&
+        algo_config<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME) == CUBLASLT_REDUCTION_SCHEME_NONE) {
+      return algo;
+    }
+  }
+  return candidates[0].algo;
+}
+
 }  // namespace
 
 void lt_gemm(const at::Tensor& lhs, const at::Tensor& rhs, bool rhs_transposed, const at::Tensor& out, LtEpilogue epilogue,
@@ -98,15 +125,16 @@ void lt_gemm(const at::Tensor& lhs, const at::Tensor& rhs, bool rhs_transposed, 
   set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment(lhs.data_ptr()));
   set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment(out.data_ptr()));
   set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment(out.data_ptr()));
-  cublasLtMatmulHeuristicResult_t heuristic{};
+  std::array<cublasLtMatmulHeuristicResult_t, kCandidates> candidates{};
   int found = 0;
-  FASTDNI_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), a.get(), b.get(), d.get(), d.get(), preference.get(), 1,
-                                                        &heuristic, &found));
+  FASTDNI_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), a.get(), b.get(), d.get(), d.get(), preference.get(),
+                                                        kCandidates, candidates.data(), &found));
   TORCH_CHECK(found > 0, "cublasLtMatmulAlgoGetHeuristic found no algorithm for a ", m, "x", k, "x", n, " ", out.scalar_type(),
               " GEMM with this epilogue");
+  const cublasLtMatmulAlgo_t& algo = one_launch_algo(candidates.data(), found);
   const float alpha = 1.f;
   FASTDNI_CUBLASLT_CHECK(cublasLtMatmul(handle, desc.get(), &alpha, rhs.data_ptr(), a.get(), lhs.data_ptr(), b.get(), &beta,
-                                        out.data_ptr(), d.get(), out.data_ptr(), d.get(), &heuristic.algo, workspace, workspace_size,
+                                        out.data_ptr(), d.get(), out.data_ptr(), d.get(), &algo, workspace, workspace_size,
                                         at::cuda::getCurrentCUDAStream()));
 }
 

@@ -82,7 +82,8 @@ def unflatten_state(flat: Tensor, like: State, batch_dim: int = 0) -> State:
     for p in parts:
         moved = p.movedim(batch_dim, 0).shape
         size = p.numel() // p.shape[batch_dim]
-        out.append(flat[:, start : start + size].reshape(moved).movedim(0, batch_dim))
+        # contiguous: a slice of the flat state is strided, and cuDNN's LSTM rejects a strided hx or cx
+        out.append(flat[:, start : start + size].reshape(moved).movedim(0, batch_dim).contiguous())
         start += size
     return out[0] if isinstance(like, Tensor) else tuple(out)
 

@@ -15,6 +15,7 @@ import torch
 
 from fastdni.kernels.grad_step import bias_grad_step_, gemm_grad_step_
 from fastdni.ops.optim import optimizer_step_
+from conftest import on_device
 from op_cases import STEP_DTYPE_IDS, STEP_DTYPES
 
 # Per-dtype tolerances of the kernel's fp32 param/state against the fp64 oracle. The kernel sees the same
@@ -141,34 +142,48 @@ def _valid():
                 state=[torch.zeros(N, K), torch.zeros(N, K)], optimizer="adam", hyper=list(CASES["adam-step1"][1]))
 
 
-BAD_GEMM = {
-    "grad_out-dtype": (dict(grad_out=torch.randn(B, N, dtype=torch.float64)), TypeError, "grad_out"),
-    "grad_out-ndim": (dict(grad_out=torch.randn(B, N, 1)), ValueError, "grad_out"),
-    "input-dtype": (dict(input=torch.randn(B, K).half()), TypeError, "input"),
-    "input-rows": (dict(input=torch.randn(B + 1, K)), ValueError, "input"),
-    "input-device": (dict(input=torch.randn(B, K, device="meta")), ValueError, "input"),
-    "param-shape": (dict(param=torch.randn(K, N)), ValueError, "param"),
-    "param-dtype": (dict(param=torch.randn(N, K).bfloat16()), TypeError, "param"),
-    "param-device": (dict(param=torch.randn(N, K, device="meta")), ValueError, "param"),
-    "param-noncontiguous": (dict(param=torch.randn(K, N).T), ValueError, "param"),
-    "state-count": (dict(state=[torch.zeros(N, K)]), ValueError, "state"),
-    "state-shape": (dict(state=[torch.zeros(N, K), torch.zeros(N, K + 1)]), ValueError, r"state\[1\]"),
-    "state-noncontiguous": (dict(state=[torch.zeros(K, N).T, torch.zeros(N, K)]), ValueError, r"state\[0\]"),
-    "state-dtype": (dict(state=[torch.zeros(N, K), torch.zeros(N, K).double()]), TypeError, r"state\[1\]"),
-    "state-not-list": (dict(state=torch.zeros(N, K)), TypeError, "state"),
-    "optimizer-name": (dict(optimizer="rmsprop"), ValueError, "optimizer"),
-    "hyper-length": (dict(hyper=[1e-2, 0.9]), ValueError, "hyper"),
-    "hyper-step0": (dict(hyper=[1e-2, 0.9, 0.999, 1e-8, 0.0, 0.0, 0]), ValueError, "hyper"),
-    "hyper-negative-lr": (dict(hyper=[-1.0, 0.9, 0.999, 1e-8, 0.0, 0.0, 1]), ValueError, "hyper"),
-    "sgd-momentum0-with-state": (dict(optimizer="sgd", hyper=[0.1, 0.0, 0.0, 0.0, 0.0, 0.0]), ValueError, "state"),
-    "sgd-nesterov-dampening": (dict(optimizer="sgd", hyper=[0.1, 0.9, 0.5, 0.0, 1.0, 0.0],
-                                    state=[torch.zeros(N, K)]), ValueError, "hyper"),
-}
+def _bad_gemm() -> dict:
+    """Each bad argument, built when called: under the suite's default device (a dict built at import would hold
+    CPU tensors, which on a GPU run fail on their device before the property under test)."""
+    return {
+        "grad_out-dtype": (dict(grad_out=torch.randn(B, N, dtype=torch.float64)), TypeError, "grad_out"),
+        "grad_out-ndim": (dict(grad_out=torch.randn(B, N, 1)), ValueError, "grad_out"),
+        "input-dtype": (dict(input=torch.randn(B, K).half()), TypeError, "input"),
+        "input-rows": (dict(input=torch.randn(B + 1, K)), ValueError, "input"),
+        "input-device": (dict(input=torch.randn(B, K, device="meta")), ValueError, "input"),
+        "param-shape": (dict(param=torch.randn(K, N)), ValueError, "param"),
+        "param-dtype": (dict(param=torch.randn(N, K).bfloat16()), TypeError, "param"),
+        "param-device": (dict(param=torch.randn(N, K, device="meta")), ValueError, "param"),
+        "param-noncontiguous": (dict(param=torch.randn(K, N).T), ValueError, "param"),
+        "state-count": (dict(state=[torch.zeros(N, K)]), ValueError, "state"),
+        "state-shape": (dict(state=[torch.zeros(N, K), torch.zeros(N, K + 1)]), ValueError, r"state\[1\]"),
+        "state-noncontiguous": (dict(state=[torch.zeros(K, N).T, torch.zeros(N, K)]), ValueError, r"state\[0\]"),
+        "state-dtype": (dict(state=[torch.zeros(N, K), torch.zeros(N, K).double()]), TypeError, r"state\[1\]"),
+        "state-not-list": (dict(state=torch.zeros(N, K)), TypeError, "state"),
+        "optimizer-name": (dict(optimizer="rmsprop"), ValueError, "optimizer"),
+        "hyper-length": (dict(hyper=[1e-2, 0.9]), ValueError, "hyper"),
+        "hyper-step0": (dict(hyper=[1e-2, 0.9, 0.999, 1e-8, 0.0, 0.0, 0]), ValueError, "hyper"),
+        "hyper-negative-lr": (dict(hyper=[-1.0, 0.9, 0.999, 1e-8, 0.0, 0.0, 1]), ValueError, "hyper"),
+        "sgd-momentum0-with-state": (dict(optimizer="sgd", hyper=[0.1, 0.0, 0.0, 0.0, 0.0, 0.0]), ValueError, "state"),
+        "sgd-nesterov-dampening": (dict(optimizer="sgd", hyper=[0.1, 0.9, 0.5, 0.0, 1.0, 0.0],
+                                        state=[torch.zeros(N, K)]), ValueError, "hyper"),
+    }
 
 
-@pytest.mark.parametrize("bad", list(BAD_GEMM))
+BAD_GEMM_NAMES = ("grad_out-dtype", "grad_out-ndim", "input-dtype", "input-rows", "input-device", "param-shape",
+                  "param-dtype", "param-device", "param-noncontiguous", "state-count", "state-shape",
+                  "state-noncontiguous", "state-dtype", "state-not-list", "optimizer-name", "hyper-length",
+                  "hyper-step0", "hyper-negative-lr", "sgd-momentum0-with-state", "sgd-nesterov-dampening")
+
+
+def test_every_bad_gemm_case_is_run():
+    with torch.device("meta"):
+        assert tuple(_bad_gemm()) == BAD_GEMM_NAMES
+
+
+@pytest.mark.parametrize("bad", BAD_GEMM_NAMES)
 def test_gemm_bad_arguments_raise_naming_the_argument(bad):
-    change, exc, name = BAD_GEMM[bad]
+    change, exc, name = _bad_gemm()[bad]
     args = {**_valid(), **change}
     before = args["param"].clone() if args["param"].device.type == "cpu" else None
     with pytest.raises(exc, match=name):
@@ -184,14 +199,15 @@ def test_state_aliasing_param_is_rejected():
         gemm_grad_step_(**a)
 
 
-@pytest.mark.parametrize("change, exc, name", [
-    (dict(bias=torch.randn(N + 1)), ValueError, "bias"),
-    (dict(bias=torch.randn(N).half()), TypeError, "bias"),
-    (dict(bias=torch.randn(2 * N)[::2]), ValueError, "bias"),
-    (dict(state=[torch.zeros(N)]), ValueError, "state"),
-    (dict(grad_out=torch.randn(N)), ValueError, "grad_out"),
+@pytest.mark.parametrize("make_change, exc, name", [  # built in the test, on the suite's device (see _bad_gemm)
+    (lambda: dict(bias=torch.randn(N + 1)), ValueError, "bias"),
+    (lambda: dict(bias=torch.randn(N).half()), TypeError, "bias"),
+    (lambda: dict(bias=torch.randn(2 * N)[::2]), ValueError, "bias"),
+    (lambda: dict(state=[torch.zeros(N)]), ValueError, "state"),
+    (lambda: dict(grad_out=torch.randn(N)), ValueError, "grad_out"),
 ], ids=["shape", "dtype", "noncontiguous", "state-count", "grad_out-ndim"])
-def test_bias_bad_arguments_raise_naming_the_argument(change, exc, name):
+def test_bias_bad_arguments_raise_naming_the_argument(make_change, exc, name):
+    change = make_change()
     args = dict(grad_out=torch.randn(B, N), bias=torch.randn(N), state=[torch.zeros(N), torch.zeros(N)],
                 optimizer="adam", hyper=list(CASES["adam-step1"][1]))
     args.update(change)
@@ -205,9 +221,8 @@ def test_grad_source_scale_is_a_multiplier(kind):
     source steps the parameter as that scale applied to the stored operand beforehand."""
     from fastdni.kernels.prologue import GradSource
 
-    gen = torch.Generator().manual_seed(3)
-    first, second, x = (torch.randn(B, N, generator=gen), torch.randn(B, N, generator=gen),
-                        torch.randn(B, K, generator=gen))
+    gen = torch.Generator().manual_seed(3)  # a CPU generator: the same values on either device, then moved
+    first, second, x = (on_device(torch.randn(shape, generator=gen, device="cpu")) for shape in ((B, N), (B, N), (B, K)))
     source = {"stored": GradSource.stored(first, 0.25), "delta": GradSource.delta(first, second, "relu", 0.25),
               "error": GradSource.error(first, second, 0.5, 0.25)}[kind]
     raw = {"stored": first, "delta": first * (second > 0), "error": first - 0.5 * second}[kind]

@@ -125,6 +125,9 @@ def test_nn_lstm_states_with_batch_on_dim_1():
     assert flat.shape == (BATCH, 4 * HIDDEN)
     roundtrip = unflatten_state(flatten_state((state[0] + 1, state[1] - 1), 1), state, 1)
     assert torch.equal(roundtrip[0], state[0] + 1) and torch.equal(roundtrip[1], state[1] - 1)
+    # cuDNN's LSTM takes only contiguous hx and cx (a strided slice of the flat state raised on CUDA)
+    assert all(part.is_contiguous() for part in roundtrip)
+    assert all(part.is_contiguous() for part in boundary.begin_segment(state))
     inputs, _ = sequence(6)
     for start in (0, 3):
         state = boundary.begin_segment(state)
