@@ -55,6 +55,15 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_batch_size_defaults_per_model_and_paper():
+    """The cnn's demo runs at batch 64 (more updates in its budget); the others, --paper and an explicit size as given."""
+    assert mnist.parse_args(["--model", "cnn"]).batch_size == 64
+    assert mnist.parse_args(["--model", "fcn-bn"]).batch_size == 256
+    assert mnist.parse_args(["--model", "cnn", "--paper"]).batch_size == 256
+    assert mnist.parse_args(["--model", "cnn", "--batch-size", "128"]).batch_size == 128
+    assert mnist.config_for(mnist.parse_args(["--model", "cnn"]), "cdni").batch_size == 64
+
+
 def test_paper_models_and_their_sg_models():
     fcn = fcn_blocks(hidden_layers=4)
     assert len(fcn) == 5 and block_output_shapes(fcn, (784,)) == [(256,)] * 4 + [(10,)]
