@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or reuses) .venv with torch 2.14.1 and fastdni installed editable with its test extras.
 # Idempotent: a second run only checks what is there. PYTHON picks the interpreter (default python3).
-# --no-cache-dir: torch and its CUDA wheels are several GB (one CI run ran out of disk space installing them); keep no cache copy.
+# --no-cache-dir: torch and its CUDA wheels are several GB; no second copy of them in pip's cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
