@@ -97,6 +97,18 @@ def map_rows(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
+def channels_last_input(x: Tensor) -> Tensor:
+    """``x`` ``[B, C, H, W]`` in channels-last memory with channels-last strides, also for ``C = 1``.
+
+    For one channel ``contiguous(memory_format=torch.channels_last)`` keeps the plain strides (both layouts are
+    the same memory), and ATen's convolution then returns a plain map: the block's rows (:func:`map_rows`) and its
+    ``convolution_backward`` would each copy it to channels-last (5 ms of a 76 ms DNI step on MNIST at batch 64,
+    one thread). Spelling the strides out makes the convolution return channels-last maps."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    batch, channels, height, width = x.shape
+    return x.as_strided(x.shape, (height * width * channels, 1, width * channels, channels), x.storage_offset())
+
+
 def rows_map(rows: Tensor, batch: int, height: int, width: int) -> Tensor:
     """Channels-last rows ``[B*H*W, C]`` as a map ``[B, C, H, W]`` (a view, channels-last strides)."""
     return rows.view(batch, height, width, -1).permute(0, 3, 1, 2)
@@ -312,7 +324,7 @@ class DecoupledCNN(DecoupledTrainer):
         self._check_input(x)
         sg_losses: list[Optional[Tensor]] = [None] * len(self.convs)
         below: Optional[_Pending] = None  # the SG under this block, awaiting this block's dx
-        h = x.detach()
+        h = channels_last_input(x.detach())
         with torch.no_grad():
             for i in range(len(self.convs)):
                 block = self._block_forward(i, h)

@@ -18,6 +18,7 @@ from torch import nn
 import fastdni.ops as ops
 from fastdni.experiments import mnist
 from fastdni.nn import DecoupledCNN, DecoupledSequential
+from fastdni.nn.fused_cnn import channels_last_input
 from helpers import randomise_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -277,3 +278,16 @@ def test_a_single_example_with_one_position_is_rejected():
     fused = DecoupledCNN(1, (2,), 1, 3, kernel_size=1, pool=1)
     with pytest.raises(ValueError, match=r"^pre: expected a batch of at least 2 rows"):
         fused.train_step(torch.randn(1, 1, 1, 1), torch.tensor([0]), F.cross_entropy)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_last_input_makes_the_convolution_return_channels_last_maps(channels):
+    """One channel: torch keeps plain strides for channels_last (the same memory), and the convolution would then
+    return a plain map that the block's rows and its backward copy; the spelled-out strides avoid both copies."""
+    x = torch.randn(4, channels, 9, 7)
+    cl = channels_last_input(x)
+    assert torch.equal(cl, x) and cl.stride() == (9 * 7 * channels, 1, 7 * channels, channels)
+    assert torch.equal(channels_last_input(x[1:]), x[1:])  # a view into a larger storage keeps its offset
+    weight = torch.randn(5, channels, 3, 3).contiguous(memory_format=torch.channels_last)
+    out = F.conv2d(cl, weight, padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.stride()[1] == 1
