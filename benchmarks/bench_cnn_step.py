@@ -161,7 +161,6 @@ def run_row(batch: int, mode: str, opts: argparse.Namespace) -> dict:
     row["check"] = check_equal_step(variants)  # also the warm-up (and the compilation) of every variant
     samples = dni_step.time_interleaved({name: v.step for name, v in variants.items()}, opts.reps, 0.05, opts.budget)
     row["ms"] = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
-    row["ratios"] = {name: t / row["ms"]["fused"] for name, t in row["ms"].items() if name != "fused"}
     row["memory"] = {name: common.peak_alloc_bytes(v.step) for name, v in variants.items()}
     for name, v in variants.items():  # the unfold's workspace is kept between steps, but is the step's scratch
         if row["memory"].get(name) is not None and isinstance(v.model, DecoupledCNN):
@@ -170,23 +169,11 @@ def run_row(batch: int, mode: str, opts: argparse.Namespace) -> dict:
 
 
 RATIOS = ("fused_gemm", "eager", "compiled")
-HEADER = ["B", "mode", *(f"{c} ms" for c in COLUMNS), *(f"{c}/fused" for c in RATIOS),
-          *(f"mem {c} MB" for c in COLUMNS), *(f"mem {c}/fused" for c in RATIOS), "check"]
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> str:
-    return f"{a / b:.2f}x" if a and b else "-"
+HEADER = ["B", "mode", *common.step_row_header(COLUMNS, RATIOS)]
 
 
 def format_row(row: dict) -> list[str]:
-    ms, ratios, mem = row["ms"], row["ratios"], row["memory"]
-    cells = [str(row["batch"]), row["mode"]]
-    cells += [f"{ms[c]:.1f}" if c in ms else "-" for c in COLUMNS]
-    cells += [f"{ratios[c]:.2f}x" if c in ratios else "-" for c in RATIOS]
-    cells += [f"{mem[c] / 2**20:.1f}" if mem.get(c) else "-" for c in COLUMNS]
-    cells += [_ratio(mem.get(c), mem.get("fused")) for c in RATIOS]
-    cells.append("ok" if all(c["ok"] for c in row["check"].values()) else "MISMATCH " + str(row["check"]))
-    return cells
+    return [str(row["batch"]), row["mode"], *common.step_row_cells(row, COLUMNS, RATIOS)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

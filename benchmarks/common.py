@@ -26,7 +26,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -380,6 +380,28 @@ def peak_alloc_bytes(fn: Callable[[], object]) -> Optional[int]:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def step_row_header(columns: Sequence[str], ratios: Sequence[str]) -> list[str]:
+    """Header cells after a whole-step row's keys (``bench_cnn_step``, ``fcn_bn_step``): times, time ratios to
+    ``fused``, peak memory, memory ratios to ``fused``, the equal-step check."""
+    return [*(f"{c} ms" for c in columns), *(f"{c}/fused" for c in ratios),
+            *(f"mem {c} MB" for c in columns), *(f"mem {c}/fused" for c in ratios), "check"]
+
+
+def step_row_cells(row: dict, columns: Sequence[str], ratios: Sequence[str], ms_format: str = ".1f") -> list[str]:
+    """The cells of :func:`step_row_header` for ``row`` (``ms``, ``memory`` in bytes and ``check`` per variant)."""
+    ms, mem = row["ms"], row["memory"]
+
+    def ratio(a: Optional[float], b: Optional[float]) -> str:
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    cells = [format(ms[c], ms_format) if c in ms else "-" for c in columns]
+    cells += [ratio(ms.get(c), ms.get("fused")) for c in ratios]
+    cells += [f"{mem[c] / 2**20:.1f}" if mem.get(c) else "-" for c in columns]
+    cells += [ratio(mem.get(c), mem.get("fused")) for c in ratios]
+    cells.append("ok" if all(c["ok"] for c in row["check"].values()) else "MISMATCH " + str(row["check"]))
+    return cells
 
 
 def bench_device(opts, script: str) -> Optional[torch.device]:

@@ -96,6 +96,9 @@ def make_variants(batch: int, width: int, mode: str, skip: set[str], notes: list
                 "eager": Variant("eager", eager, lambda: eager.train_step(x, y, F.cross_entropy, context))}
     if "compiled" not in skip:
         torch._dynamo.reset()  # each row compiles new modules: without it the recompile limit drops later rows to eager
+        # The true-target pass (sg_targets="true", the default) carries the gradient down with autograd.grad(...,
+        # retain_graph=True), which a compiled backward with donated buffers refuses.
+        torch._functorch.config.donated_buffer = False
         compiled = make_models(batch, width, mode)[1]
         try:
             for i, block in enumerate(compiled.blocks):
@@ -143,20 +146,16 @@ def run_row(batch: int, width: int, mode: str, opts: argparse.Namespace) -> dict
     row["check"] = check_equal_step(variants)
     samples = dni_step.time_interleaved({name: v.step for name, v in variants.items()}, opts.reps, 0.05, 20.0)
     row["ms"] = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
-    row["ratios"] = {f"{name}/fused": t / row["ms"]["fused"] for name, t in row["ms"].items() if name != "fused"}
+    row["memory"] = {name: common.peak_alloc_bytes(v.step) for name, v in variants.items()}
     return row
 
 
-HEADER = ["B", "width", "mode", *(f"{c} ms" for c in COLUMNS), "eager/fused", "compiled/fused", "check"]
+RATIOS = ("eager", "compiled")
+HEADER = ["B", "width", "mode", *common.step_row_header(COLUMNS, RATIOS)]
 
 
 def format_row(row: dict) -> list[str]:
-    ms, ratios = row["ms"], row["ratios"]
-    cells = [str(row["batch"]), str(row["width"]), row["mode"]]
-    cells += [f"{ms[c]:.2f}" if c in ms else "-" for c in COLUMNS]
-    cells += [f"{ratios[f'{c}/fused']:.2f}x" if f"{c}/fused" in ratios else "-" for c in ("eager", "compiled")]
-    cells.append("ok" if all(c["ok"] for c in row["check"].values()) else "MISMATCH " + str(row["check"]))
-    return cells
+    return [str(row["batch"]), str(row["width"]), row["mode"], *common.step_row_cells(row, COLUMNS, RATIOS, ".2f")]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -139,3 +139,22 @@ def test_copy_lstm_step_check_catches_other_work():
         for w in windows:
             step(*w)
     assert bench.max_rel_diff(eager, fused, start) > bench.CHECK_TOL
+
+
+@pytest.mark.parametrize("script, args, row_start", [
+    ("fcn_bn_step", ["--batch", "16", "--width", "32", "--mode", "cdni"], "16 | 32 | cdni |"),
+    ("bench_cnn_step", ["--batch", "4", "--mode", "dni", "--budget", "0"], "4 | dni |"),
+])
+def test_whole_step_benchmarks_print_checked_times_and_memory(script, args, row_start, capsys, tmp_path):
+    """One small row of ``fcn_bn_step.py`` and ``bench_cnn_step.py`` (no torch.compile): every variant agrees with
+    ``fused`` after one step, and the row has a time and a peak memory per variant under the shared header."""
+    bench = __import__(script)
+    markdown = tmp_path / "table.md"
+    assert bench.main([*args, "--skip", "compiled", "--reps", "1", "--markdown", str(markdown)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(row_start))
+    cells = line.split(" | ")
+    assert len(cells) == len(bench.HEADER) and cells[-1] == "ok"
+    for name in ("fused", "eager"):
+        assert float(cells[bench.HEADER.index(f"{name} ms")]) > 0
+        assert float(cells[bench.HEADER.index(f"mem {name} MB")]) > 0
+    assert cells[bench.HEADER.index("compiled ms")] == "-" and "mem eager/fused" in markdown.read_text()
