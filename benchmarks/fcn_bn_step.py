@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import torch._functorch.config  # noqa: E402  (donated_buffer, below)
 
 import common  # noqa: E402
 import dni_step  # noqa: E402
