@@ -84,7 +84,7 @@ class RunConfig:
     width: int = 256
     cnn_channels: tuple[int, ...] = (32, 64)
     sg_hidden: tuple[int, ...] = ()
-    batch_size: int = 256
+    batch_size: int = PAPER_BATCH
     gradient_scale: Optional[float] = None  #: SG models predict this times dL/dh; None: the batch size
     seed: int = 0
     #: what the SG models are regressed onto (DecoupledSequential's ``sg_targets``); None: the model's default,

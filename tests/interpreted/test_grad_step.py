@@ -170,15 +170,8 @@ def _bad_gemm() -> dict:
     }
 
 
-BAD_GEMM_NAMES = ("grad_out-dtype", "grad_out-ndim", "input-dtype", "input-rows", "input-device", "param-shape",
-                  "param-dtype", "param-device", "param-noncontiguous", "state-count", "state-shape",
-                  "state-noncontiguous", "state-dtype", "state-not-list", "optimizer-name", "hyper-length",
-                  "hyper-step0", "hyper-negative-lr", "sgd-momentum0-with-state", "sgd-nesterov-dampening")
-
-
-def test_every_bad_gemm_case_is_run():
-    with torch.device("meta"):
-        assert tuple(_bad_gemm()) == BAD_GEMM_NAMES
+with torch.device("meta"):  # the case names only: meta tensors cost nothing and hold no data
+    BAD_GEMM_NAMES = tuple(_bad_gemm())
 
 
 @pytest.mark.parametrize("bad", BAD_GEMM_NAMES)
