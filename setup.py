@@ -25,6 +25,7 @@ in build/ext_build.log (appended to by each build).
 import glob
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 import time
@@ -112,6 +113,26 @@ def extensions():
 BUILD_LOG = os.path.join(ROOT, "build", "ext_build.log")
 
 
+def _check_shared_libstdcxx(library):
+    """Fail the build when ``library`` carries its own copy of libstdc++ instead of loading the shared one.
+
+    torch's libraries use the system's libstdc++.so; a static copy (some toolchains link it so, e.g. a GCC built
+    under /opt with only libstdc++.a) has its own std::locale, never initialised: the first number an error message
+    formats (``TORCH_CHECK(..., size)``) segfaults. Seen on a lent GPU machine whose CXX was /opt/gcc/bin/g++.
+    Checked with readelf (binutils, beside every linker); skipped where it is missing."""
+    readelf = shutil.which("readelf")
+    if readelf is None or not os.path.exists(library):
+        return
+    dynamic = subprocess.run([readelf, "-d", library], capture_output=True, text=True).stdout
+    if "libstdc++" not in dynamic:
+        os.remove(library)
+        compiler = os.environ.get("CXX", "c++")
+        raise RuntimeError(
+            f"{library} links libstdc++ statically (no libstdc++.so among its NEEDED libraries; CXX={compiler}), so "
+            "its error messages would crash inside torch's process. Build with the compiler torch's libraries use, "
+            "e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc.")
+
+
 def _tree_build(base):
     """``base`` with two changes.
 
@@ -157,6 +178,8 @@ def _tree_build(base):
                     log.seek(start)
                     sys.stdout.write(log.read())
                 print(f"compiler output (ptxas -v included): {BUILD_LOG}")
+            for ext in self.extensions:
+                _check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
 
         def copy_extensions_to_source(self):
             # setuptools' step of an in-place build (editable installs too): the library is built in build/, then

@@ -39,7 +39,11 @@ elif [ -n "${FASTDNI_PYTHON:-}" ]; then
       break
     fi
   done
-  echo "== build: $PY -m pip install --no-index --no-deps -e . (CUDA_HOME=${CUDA_HOME:-unset}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
+  # The host compiler: the g++ on PATH, not an inherited CXX. A lent H200 machine sets CXX=/opt/gcc/bin/g++, which
+  # links libstdc++ statically: the library's own std::locale then crashes the first error message that formats a
+  # number (setup.py now refuses such a build). FASTDNI_CXX / FASTDNI_CC choose another.
+  export CXX=${FASTDNI_CXX:-$(command -v g++ || echo c++)} CC=${FASTDNI_CC:-$(command -v gcc || echo cc)}
+  echo "== build: $PY -m pip install --no-index --no-deps -e . (CXX=$CXX, CUDA_HOME=${CUDA_HOME:-unset}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
   mkdir -p build
   # editable, as scripts/setup.sh installs it
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --disable-pip-version-check -e . \

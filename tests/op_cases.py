@@ -188,6 +188,22 @@ def assert_step_close(got: Tensor, want: Tensor, dtype: torch.dtype, what: str) 
     torch.testing.assert_close(got.float(), want.float(), msg=lambda m: f"{what}: {m}", **STEP_TOLERANCES[dtype])
 
 
+def assert_adam_step_close(got: Tensor, want: Tensor, dtype: torch.dtype, what: str, lr: float) -> None:
+    """A parameter that a low-precision kernel stepped with Adam. The step is lr * m/(sqrt(v) + eps), a ratio: for an
+    element whose gradient is about as small as its own rounding error (half precision's delta and dot), the ratio,
+    and so the step, can land anywhere within about +-lr (seen on an H200: one fp16 weight in 12,610 off by 0.53 lr).
+    So at most one element in a thousand may miss :data:`STEP_TOLERANCES`, and only by less than lr; a wrong term
+    still moves most elements."""
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
+    tol = STEP_TOLERANCES[dtype]
+    diff = (got.float() - want.float()).abs()
+    outside = diff > tol["atol"] + tol["rtol"] * want.float().abs()
+    allowed = max(1, got.numel() // 1000)
+    assert int(outside.sum()) <= allowed and bool((diff[outside] < lr).all()), (
+        f"{what}: {int(outside.sum())} of {got.numel()} elements outside {tol} (at most {allowed} allowed, each within "
+        f"lr={lr}); largest difference {diff.max().item():.3g}")
+
+
 def check_forward_matches_reference(inp: Inputs, dtype: torch.dtype, backend: str) -> ForwardResult:
     """``dni_forward`` on ``backend`` against the reference in fp32 on the same (rounded) inputs, every result."""
     got = ops.dni_forward(inp.x, inp.weight, inp.bias, inp.sg, inp.context, activation=inp.activation, backend=backend)
@@ -237,7 +253,10 @@ def check_update_matches_reference(inp: Inputs, dtype: torch.dtype, optimizer_ke
         assert got_dx.shape == (0,) and got_dx.dtype == inp.x.dtype and got_dx.device == inp.x.device, got_dx
     for name, g, w in zip(["weight", "bias", *indexed_names("state", len(state))], [inp.weight, inp.bias, *state],
                           [ref.weight, ref.bias, *ref_state], strict=True):
-        assert_step_close(g, w, dtype, name)
+        if optimizer == "adam" and dtype in (torch.float16, torch.bfloat16) and name in ("weight", "bias"):
+            assert_adam_step_close(g, w, dtype, name, lr=hyper[0])
+        else:
+            assert_step_close(g, w, dtype, name)
 
 
 def check_regression_matches_reference(inp: Inputs, dtype: torch.dtype, optimizer_key: str, backend: str, *,

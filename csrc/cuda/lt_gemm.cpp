@@ -6,6 +6,8 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 
 namespace fastdni::cuda {
 namespace {
@@ -82,6 +84,62 @@ const cublasLtMatmulAlgo_t& one_launch_algo(const cublasLtMatmulHeuristicResult_
   return candidates[0].algo;
 }
 
+// The heuristic's pick per problem: cublasLtMatmulAlgoGetHeuristic costs tens of microseconds of host time, as
+// much as a layer step's GEMMs at the sizes these ops run, and a training loop asks the same few problems every step.
+struct AlgoKey {
+  int device;
+  cudaDataType_t type;
+  int64_t m, k, n;
+  bool rhs_transposed;
+  cublasLtEpilogue_t epilogue;
+  std::array<uint32_t, 3> alignments;  // A, B, C (= D)
+  size_t workspace_size;
+
+  bool operator==(const AlgoKey& o) const {
+    return device == o.device && type == o.type && m == o.m && k == o.k && n == o.n && rhs_transposed == o.rhs_transposed &&
+           epilogue == o.epilogue && alignments == o.alignments && workspace_size == o.workspace_size;
+  }
+};
+
+struct AlgoKeyHash {
+  size_t operator()(const AlgoKey& key) const {
+    size_t h = 0;
+    auto mix = [&h](uint64_t v) { h ^= std::hash<uint64_t>{}(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); };
+    for (uint64_t v : {uint64_t(key.device), uint64_t(key.type), uint64_t(key.m), uint64_t(key.k), uint64_t(key.n),
+                       uint64_t(key.rhs_transposed), uint64_t(key.epilogue), uint64_t(key.alignments[0]),
+                       uint64_t(key.alignments[1]), uint64_t(key.alignments[2]), uint64_t(key.workspace_size)}) {
+      mix(v);
+    }
+    return h;
+  }
+};
+
+class AlgoCache {
+ public:
+  bool find(const AlgoKey& key, cublasLtMatmulAlgo_t* algo) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = algos_.find(key);
+    if (it == algos_.end()) return false;
+    *algo = it->second;
+    return true;
+  }
+  void insert(const AlgoKey& key, const cublasLtMatmulAlgo_t& algo) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (algos_.size() >= kMaxEntries) algos_.clear();  // a sweep over many shapes: start over rather than grow
+    algos_.emplace(key, algo);
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 4096;
+  std::mutex mutex_;
+  std::unordered_map<AlgoKey, cublasLtMatmulAlgo_t, AlgoKeyHash> algos_;
+};
+
+AlgoCache& algo_cache() {
+  static AlgoCache cache;
+  return cache;
+}
+
 }  // namespace
 
 void lt_gemm(const at::Tensor& lhs, const at::Tensor& rhs, bool rhs_transposed, const at::Tensor& out, LtEpilogue epilogue,
@@ -117,21 +175,27 @@ void lt_gemm(const at::Tensor& lhs, const at::Tensor& rhs, bool rhs_transposed, 
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
-  cublasLtMatmulPreference_t raw_pref = nullptr;
-  FASTDNI_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&raw_pref));
-  const Preference preference(raw_pref, &cublasLtMatmulPreferenceDestroy);
-  set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_size));
-  set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment(rhs.data_ptr()));
-  set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment(lhs.data_ptr()));
-  set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment(out.data_ptr()));
-  set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment(out.data_ptr()));
-  std::array<cublasLtMatmulHeuristicResult_t, kCandidates> candidates{};
-  int found = 0;
-  FASTDNI_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), a.get(), b.get(), d.get(), d.get(), preference.get(),
-                                                        kCandidates, candidates.data(), &found));
-  TORCH_CHECK(found > 0, "cublasLtMatmulAlgoGetHeuristic found no algorithm for a ", m, "x", k, "x", n, " ", out.scalar_type(),
-              " GEMM with this epilogue");
-  const cublasLtMatmulAlgo_t& algo = one_launch_algo(candidates.data(), found);
+  const AlgoKey key{out.get_device(), type, m, k, n, rhs_transposed, lt_epilogue,
+                    {alignment(rhs.data_ptr()), alignment(lhs.data_ptr()), alignment(out.data_ptr())}, workspace_size};
+  cublasLtMatmulAlgo_t algo;
+  if (!algo_cache().find(key, &algo)) {
+    cublasLtMatmulPreference_t raw_pref = nullptr;
+    FASTDNI_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&raw_pref));
+    const Preference preference(raw_pref, &cublasLtMatmulPreferenceDestroy);
+    set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_size));
+    set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.alignments[0]);
+    set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.alignments[1]);
+    set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.alignments[2]);
+    set_preference(preference.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.alignments[2]);
+    std::array<cublasLtMatmulHeuristicResult_t, kCandidates> candidates{};
+    int found = 0;
+    FASTDNI_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), a.get(), b.get(), d.get(), d.get(), preference.get(),
+                                                          kCandidates, candidates.data(), &found));
+    TORCH_CHECK(found > 0, "cublasLtMatmulAlgoGetHeuristic found no algorithm for a ", m, "x", k, "x", n, " ", out.scalar_type(),
+                " GEMM with this epilogue");
+    algo = one_launch_algo(candidates.data(), found);
+    algo_cache().insert(key, algo);
+  }
   const float alpha = 1.f;
   FASTDNI_CUBLASLT_CHECK(cublasLtMatmul(handle, desc.get(), &alpha, rhs.data_ptr(), a.get(), lhs.data_ptr(), b.get(), &beta,
                                         out.data_ptr(), d.get(), out.data_ptr(), d.get(), &algo, workspace, workspace_size,
