@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torch._functorch.config  # noqa: E402  (donated_buffer, below)
+import torch._inductor.config  # noqa: E402  (inplace_buffers, below)
 
 import common  # noqa: E402
 import dni_step  # noqa: E402
@@ -98,8 +99,12 @@ def make_variants(batch: int, width: int, mode: str, skip: set[str], notes: list
     if "compiled" not in skip:
         torch._dynamo.reset()  # each row compiles new modules: without it the recompile limit drops later rows to eager
         # The true-target pass (sg_targets="true", the default) carries the gradient down with autograd.grad(...,
-        # retain_graph=True), which a compiled backward with donated buffers refuses.
+        # retain_graph=True), which a compiled backward with donated buffers refuses. With them off (the error's own
+        # advice), Inductor (torch 2.14) still writes its backward's results into saved activations in place: the
+        # second backward through a Linear -> BatchNorm -> ReLU block then got W's and gamma's gradients wrong by
+        # 85-450 % (repro in docs/performance.md). inplace_buffers=False keeps them intact.
         torch._functorch.config.donated_buffer = False
+        torch._inductor.config.inplace_buffers = False
         compiled = make_models(batch, width, mode)[1]
         try:
             for i, block in enumerate(compiled.blocks):

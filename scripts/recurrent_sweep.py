@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sg-lr", type=float, default=1e-2)
     p.add_argument("--aux-weight", type=float, default=0.1)
+    p.add_argument("--aux-in-target", action="store_true",
+                   help="keep the aux loss's gradient in M's regression target (before 2026-12-04: it diverged)")
     p.add_argument("--forget-bias", type=float, default=0.0,
                    help="added to every run's initial forget-gate bias (a run's 5th --runs field overrides it)")
     p.add_argument("--rls-decay", type=float, default=0.999, help="method suffix +rls: the SG's least-squares forgetting")
@@ -48,7 +50,7 @@ def main() -> None:
     methods = ["dni" if m == "oracle" else m for m in methods]
     streams = CopyStreams(len(methods), a.batch_size, max_repeats=a.max_repeats, seed=100)
     group = RunGroup(methods, seeds, streams.input_channels, a.hidden, streams.output_channels, sg_scale=sg_scale,
-                     aux_weight=a.aux_weight, bootstrap=bootstrap, forget_bias=forget, sg_solver=solvers, rls_decay=a.rls_decay,
+                     aux_weight=a.aux_weight, aux_in_target=a.aux_in_target, bootstrap=bootstrap, forget_bias=forget, sg_solver=solvers, rls_decay=a.rls_decay,
                      rls_ridge=a.rls_ridge)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=a.lr), torch.optim.Adam(group.sg_parameters(), lr=a.sg_lr)]
     curriculum = StreamCurriculum(len(methods), a.batch_size, streams.output_channels, per=a.error_unit)
@@ -115,7 +117,7 @@ def sweep_ptb(a) -> None:
     data = load_ptb_chars(None)
     vocab = len(data.vocab)
     methods, sg_scale, bootstrap, seeds, forget = _specs(a)
-    group = RunGroup(methods, seeds, vocab, a.hidden, vocab, sg_scale=sg_scale, aux_weight=a.aux_weight,
+    group = RunGroup(methods, seeds, vocab, a.hidden, vocab, sg_scale=sg_scale, aux_weight=a.aux_weight, aux_in_target=a.aux_in_target,
                      bootstrap=bootstrap, forget_bias=forget)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=a.lr), torch.optim.Adam(group.sg_parameters(), lr=a.sg_lr)]
     text = batchify(data.train, a.batch_size)

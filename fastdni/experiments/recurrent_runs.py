@@ -15,7 +15,8 @@ agree in fp64): per window of ``T`` steps,
 * the segment's backward pass starts from ``L``, ``sg_scale * M(s_end) / B`` at its end state and, for
   DNI+Aux, ``aux_weight * mean_{j,b} ||P(o_j) - M(s_end)||^2``;
 * ``M`` at the start boundary is regressed onto ``B`` times the gradient arriving there, with its bootstrap
-  term weighted ``bootstrap`` instead of ``sg_scale`` (a second, state-only backward pass).
+  term weighted ``bootstrap`` instead of ``sg_scale`` (a second, state-only backward pass), and without the aux
+  loss's part (another state-only pass; ``aux_in_target=True`` keeps it, see ``TruncationDNI``).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class RunGroup(nn.Module):
     def __init__(self, methods: Sequence[str], seeds: Sequence[int], in_features: int, hidden: int,
                  out_features: int, *, sg_scale: PerRun = 0.1, aux_weight: PerRun = 0.1, bootstrap: PerRun = 1.0,
                  sg_hidden: int = 0, forget_bias: PerRun = 0.0, sg_solver: Union[str, Sequence[str]] = "adam",
-                 rls_decay: float = 0.999, rls_ridge: float = 1e-3, rls_every: int = 10):
+                 rls_decay: float = 0.999, rls_ridge: float = 1e-3, rls_every: int = 10, aux_in_target: bool = False):
         super().__init__()
         if len(methods) != len(seeds) or not methods:
             raise ValueError(f"methods/seeds: expected equal, non-zero lengths, got {len(methods)} and {len(seeds)}")
@@ -101,6 +102,7 @@ class RunGroup(nn.Module):
         self.sg_scales = [0.0 if m == "bptt" else s for m, s in zip(methods, sg_scale)]
         self.aux_weights = [w if m == "dni-aux" else 0.0 for m, w in zip(methods, aux_weight)]
         self.bootstraps = _per_run("bootstrap", bootstrap, runs)
+        self.aux_in_target = bool(aux_in_target)
         solvers = [sg_solver] * runs if isinstance(sg_solver, str) else list(sg_solver)
         if len(solvers) != runs or not set(solvers) <= {"adam", "rls"} or (sg_hidden and "rls" in solvers):
             raise ValueError(f"sg_solver: expected 'adam' or 'rls' (linear SG only), or one per run, got {sg_solver!r}")
@@ -181,17 +183,22 @@ class RunGroup(nn.Module):
             aux_loss = aux_weight * (pred - m_end[:, None]).pow(2).sum((1, 2, 3)) / (steps * batch)
             terms.append(aux_loss.sum())
             grads.append(None)
-        correction = None
+        corrections = []
         if not final:
             terms.append(end)
             grads.append(m_end * scale / batch)
             # M's target bootstraps from bootstrap * M(s_end), the segment from sg_scale * M(s_end).
             extra = m_end * (end.new_tensor(self.bootstraps)[:, None, None] - scale) / batch
             if bool(extra.any()):
-                correction = torch.autograd.grad(end, (h0, c0), extra, retain_graph=True)
+                corrections.append(torch.autograd.grad(end, (h0, c0), extra, retain_graph=True))
+        if any(self.aux_weights) and not self.aux_in_target:
+            # M models the task's future gradient: the aux loss's part of what arrives is taken out of its target
+            # (left in, the aux loss, whose size is M's, feeds M's target back into itself: docs/recurrent.md).
+            aux_part = torch.autograd.grad(aux_loss.sum(), (h0, c0), retain_graph=True, allow_unused=True)
+            corrections.append(tuple(-g if g is not None else torch.zeros_like(h0) for g in aux_part))
         torch.autograd.backward(terms, grads)
         arriving = torch.cat([h0.grad, c0.grad], dim=-1)
-        if correction is not None:
+        for correction in corrections:
             arriving = arriving + torch.cat(correction, dim=-1)
         target = batch * arriving
         sg_loss = self._regress(torch.cat([h0, c0], dim=-1).detach(), target)

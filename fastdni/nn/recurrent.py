@@ -28,8 +28,10 @@ produced at the segment's end boundary, ``M(s_end)`` (zero for a ``final`` segme
     aux_weight * mean_{j, b} || P(o_{j,b}) - M(s_end)_b ||^2        (M(s_end) a constant target)
 
 added to the segment's loss in the same backward pass. Its gradient trains ``P`` and, through ``o_j``, the
-core inside the window; it also reaches the segment's start state, so the SG at that boundary models the
-future gradient of the whole objective (task + aux), as with any auxiliary loss. The paper's extra output
+core inside the window. It also reaches the segment's start state; that part is taken out of the SG's target
+there (a state-only backward pass), so ``M`` models the task's future gradient. Left in
+(``aux_in_target=True``), ``M`` would model the whole objective's, and since the aux loss is sized by ``M`` itself,
+its target feeds back into ``M``: on the copy task it diverged (docs/recurrent.md). The paper's extra output
 predicts the SG a fixed ``T`` steps ahead; with one backward pass per segment the only synthetic gradient
 known while the segment's graph is alive is the one at the segment's end, so here the output of step ``j``
 of a ``T``-step segment predicts it ``T - j`` steps ahead (``T - 1`` down to 0). ``aux_weight=0`` is exactly DNI.
@@ -105,6 +107,7 @@ class TruncationDNI(FusedSG, nn.Module):
     DNI+Aux: :meth:`end_segment` takes the segment's per-step core outputs and adds the auxiliary loss of
     the module docstring, weighted by ``aux_weight`` (0: exactly DNI); :attr:`last_aux_loss` holds its
     value. The SG and aux parameters, both in :meth:`parameters`, are stepped by the caller's optimizer.
+    ``aux_in_target``: keep the aux loss's gradient in ``M``'s target (see the module docstring; default off).
 
     With ``optimizer`` (the SG's, or a factory of it) and a :class:`~fastdni.nn.SyntheticGradient`, the SG side runs
     on the fused ops as in :class:`~fastdni.nn.DNI`: :func:`fastdni.ops.sg_predict` at each boundary (and for the
@@ -125,6 +128,7 @@ class TruncationDNI(FusedSG, nn.Module):
         aux_weight: float = 1.0,
         sg_scale: float = 1.0,
         bootstrap: float = 1.0,
+        aux_in_target: bool = False,
         optimizer: Optional[SGOptimizer] = None,
         backend: str = "auto",
     ):
@@ -138,6 +142,7 @@ class TruncationDNI(FusedSG, nn.Module):
         self.aux_weight = check_positive("aux_weight", float(aux_weight), allow_zero=True)
         self.sg_scale = check_positive("sg_scale", float(sg_scale))
         self.bootstrap = check_positive("bootstrap", float(bootstrap), allow_zero=True)
+        self.aux_in_target = bool(aux_in_target)
         self.last_sg_loss: Optional[Tensor] = None
         self._segment_start: Optional[Tensor] = None  # the flattened state the open segment consumed
         self._bootstrap_correction = _Correction()
@@ -209,6 +214,12 @@ class TruncationDNI(FusedSG, nn.Module):
         if aux_loss is not None:
             tensors.append(aux_loss)
             grads.append(None)
+            if not self.aux_in_target and start is not None and aux_loss.requires_grad:
+                # M's target without the aux loss's part: what it adds at the start, taken off again there
+                (aux_part,) = torch.autograd.grad(aux_loss, start, retain_graph=True, allow_unused=True)
+                if aux_part is not None:
+                    earlier = self._bootstrap_correction.value
+                    self._bootstrap_correction.value = -aux_part if earlier is None else earlier - aux_part
         live = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
         if live:
             torch.autograd.backward([t for t, _ in live], [g for _, g in live])
@@ -243,7 +254,8 @@ class TruncationDNI(FusedSG, nn.Module):
         return loss
 
     def extra_repr(self) -> str:
-        aux = f", aux_weight={self.aux_weight}" if self.aux_predictor is not None else ""
+        aux = (f", aux_weight={self.aux_weight}{', aux_in_target=True' if self.aux_in_target else ''}"
+               if self.aux_predictor is not None else "")
         return (f"batch_dim={self.batch_dim}, loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}, "
                 f"sg_scale={self.sg_scale}, bootstrap={self.bootstrap}{aux}{self._fused_extra_repr()}")
 

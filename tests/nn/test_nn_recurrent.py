@@ -197,21 +197,25 @@ def grads(module):
     return [None if p.grad is None else p.grad.clone() for p in module.parameters()]
 
 
-def test_aux_loss_changes_the_sg_and_core_gradients():
-    """The aux loss reaches the aux predictor, the core, and (through the gradient arriving at the next
-    boundary) the SG model's regression: all three differ from plain DNI (aux_weight=0)."""
+def test_aux_loss_reaches_the_core_and_not_the_sg_target():
+    """The aux loss reaches the aux predictor and the core (they differ from plain DNI, aux_weight=0), but not the
+    SG model's regression target at the next boundary: the SG's gradients are plain DNI's, unless
+    ``aux_in_target=True``, where they differ."""
     results = {}
-    for weight in (0.0, 0.7):
+    for weight, in_target in ((0.0, False), (0.7, False), (0.7, True)):
         torch.manual_seed(0)
         core = randomise_(StepCore(), 0.5)
-        boundary = aux_boundary(weight)
+        boundary = aux_boundary(weight, aux_in_target=in_target)
         train_segments(core, boundary)
-        results[weight] = grads(core), grads(boundary.synthetic_gradient), grads(boundary.aux_predictor), boundary
-    (core0, sg0, aux0, plain), (core1, sg1, aux1, with_aux) = results[0.0], results[0.7]
+        results[weight, in_target] = grads(core), grads(boundary.synthetic_gradient), grads(boundary.aux_predictor), boundary
+    (core0, sg0, aux0, plain), (core1, sg1, aux1, with_aux) = results[0.0, False], results[0.7, False]
     assert all(g is None for g in aux0) and plain.last_aux_loss is None
     assert all(g is not None and g.abs().sum() > 0 for g in aux1) and float(with_aux.last_aux_loss) > 0
     assert not all(torch.allclose(a, b) for a, b in zip(core0, core1))
-    assert not all(torch.allclose(a, b) for a, b in zip(sg0, sg1))
+    for a, b in zip(sg0, sg1):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    sg_in_target = results[0.7, True][1]
+    assert not all(torch.allclose(a, b) for a, b in zip(sg0, sg_in_target))
 
 
 def test_aux_weight_zero_is_exactly_dni():
@@ -232,15 +236,18 @@ def test_aux_weight_zero_is_exactly_dni():
     assert torch.equal(loss_a, loss_b)
 
 
+@pytest.mark.parametrize("aux_in_target", [False, True])
 @pytest.mark.parametrize("bootstrap", [0.25, 1.0, 0.6, 0.0])
-def test_aux_gradients_match_the_explicit_objective(bootstrap):
+def test_aux_gradients_match_the_explicit_objective(bootstrap, aux_in_target):
     """One non-final segment in fp64: core, aux predictor and SG gradients equal those of the written-out
     objective loss + <s_end, sg_scale M(s_end)/scale> + w mean_{j,b} ||P(o_j) - M(s_end)||^2, and the SG at the
     start boundary is regressed onto the gradient of that objective with the bootstrap weight in place of
-    sg_scale (the core learns from sg_scale * M; M's target bootstraps from bootstrap * M)."""
+    sg_scale (the core learns from sg_scale * M; M's target bootstraps from bootstrap * M), without the aux term
+    unless ``aux_in_target``."""
     inputs, targets = sequence(4)
     core = randomise_(StepCore(), 0.5)
-    boundary = aux_boundary(0.3, gradient_scale=2.0, sg_scale=0.25, loss_weight=0.5, bootstrap=bootstrap)
+    boundary = aux_boundary(0.3, gradient_scale=2.0, sg_scale=0.25, loss_weight=0.5, bootstrap=bootstrap,
+                            aux_in_target=aux_in_target)
     sg, aux = boundary.synthetic_gradient, boundary.aux_predictor
     start = (torch.randn(BATCH, HIDDEN, dtype=F64), torch.randn(BATCH, HIDDEN, dtype=F64))
     loss, s_end, outputs = core(inputs, targets, boundary.begin_segment(start))
@@ -256,7 +263,8 @@ def test_aux_gradients_match_the_explicit_objective(bootstrap):
     objective = loss2 + (flat_end * (0.25 * m_end / 2.0)).sum() + aux_loss
     params = list(core.parameters()) + list(aux.parameters())
     *want, _ = torch.autograd.grad(objective, params + [leaf], retain_graph=True)
-    (arriving,) = torch.autograd.grad(objective + (flat_end * ((bootstrap - 0.25) * m_end / 2.0)).sum(), leaf)
+    target_objective = objective if aux_in_target else objective - aux_loss
+    (arriving,) = torch.autograd.grad(target_objective + (flat_end * ((bootstrap - 0.25) * m_end / 2.0)).sum(), leaf)
     for got, expected in zip([p.grad for p in params], want):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(boundary.last_aux_loss, aux_loss.detach(), rtol=1e-12, atol=1e-12)
