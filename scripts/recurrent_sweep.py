@@ -50,8 +50,8 @@ def main() -> None:
     methods = ["dni" if m == "oracle" else m for m in methods]
     streams = CopyStreams(len(methods), a.batch_size, max_repeats=a.max_repeats, seed=100)
     group = RunGroup(methods, seeds, streams.input_channels, a.hidden, streams.output_channels, sg_scale=sg_scale,
-                     aux_weight=a.aux_weight, aux_in_target=a.aux_in_target, bootstrap=bootstrap, forget_bias=forget, sg_solver=solvers, rls_decay=a.rls_decay,
-                     rls_ridge=a.rls_ridge)
+                     aux_weight=a.aux_weight, aux_in_target=a.aux_in_target, bootstrap=bootstrap, forget_bias=forget,
+                     sg_solver=solvers, rls_decay=a.rls_decay, rls_ridge=a.rls_ridge)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=a.lr), torch.optim.Adam(group.sg_parameters(), lr=a.sg_lr)]
     curriculum = StreamCurriculum(len(methods), a.batch_size, streams.output_channels, per=a.error_unit)
     state, sg_loss, cosines, began = group.initial_state(a.batch_size), torch.zeros(len(methods)), [], time.time()
@@ -117,8 +117,8 @@ def sweep_ptb(a) -> None:
     data = load_ptb_chars(None)
     vocab = len(data.vocab)
     methods, sg_scale, bootstrap, seeds, forget = _specs(a)
-    group = RunGroup(methods, seeds, vocab, a.hidden, vocab, sg_scale=sg_scale, aux_weight=a.aux_weight, aux_in_target=a.aux_in_target,
-                     bootstrap=bootstrap, forget_bias=forget)
+    group = RunGroup(methods, seeds, vocab, a.hidden, vocab, sg_scale=sg_scale, aux_weight=a.aux_weight,
+                     aux_in_target=a.aux_in_target, bootstrap=bootstrap, forget_bias=forget)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=a.lr), torch.optim.Adam(group.sg_parameters(), lr=a.sg_lr)]
     text = batchify(data.train, a.batch_size)
     state, position, began, sg_loss = group.initial_state(a.batch_size), 0, time.time(), torch.zeros(len(methods))
