@@ -83,6 +83,12 @@ KERNELS = {
     "bias_grad_step": KernelInfo(
         "grad_step", "_bias_grad_step_kernel", unit_strides=("stride_gn",),
         pointer_types=(("partial_ptr", "*fp32"), ("counter_ptr", "*i32"))),
+    "batch_norm_act": KernelInfo(
+        "batch_norm", "_batch_norm_act_kernel", unit_strides=("stride_pn",),  # pre [B, N]
+        pointer_types=(("mean_ptr", "*fp32"), ("var_ptr", "*fp32"))),  # the batch moments: fp32 scratch
+    "batch_norm_act_update": KernelInfo(
+        "batch_norm", "_batch_norm_act_update_kernel",
+        unit_strides=("stride_hn", "stride_xn", "stride_pn", "stride_i")),  # h, xhat, prediction [B, N]; invstd [N]
 }
 #: linear_act called with ``weight=W.T`` (``dx = delta W``, the gradient through an SG layer): W.T is [K_in, N_out]
 #: with strides (1, K_in), so ``stride_wn`` is the unit stride.
@@ -368,6 +374,20 @@ CALL_SITES = {
         ("sg lower stored+bias sgd-m", _gs(SGD_MOMENTUM, bias=True), None, False),
         ("dU onehot stored sgd-m", _gs(SGD_MOMENTUM, onehot=True), None, False),
     ],
+    "batch_norm_act": [
+        ("gelu", dict(ACTIVATION=_GELU), None, True),
+        ("relu", dict(ACTIVATION=_RELU), None, False),
+        ("tanh", dict(ACTIVATION=_TANH), None, False),
+        ("identity", dict(ACTIVATION=_IDENTITY), None, False),
+    ],
+    "batch_norm_act_update": [
+        # gelu forms y = gamma xhat + beta again in both passes; Adam steps gamma and beta in the epilogue.
+        ("gelu adam", dict(ACTIVATION=_GELU, **ADAM), None, True),
+        ("relu adam", dict(ACTIVATION=_RELU, **ADAM), None, False),
+        ("relu sgd-m", dict(ACTIVATION=_RELU, **SGD_MOMENTUM), None, False),
+        ("tanh adamw", dict(ACTIVATION=_TANH, **ADAMW), None, False),
+        ("leaky_relu sgd", dict(ACTIVATION=_LEAKY_RELU, **SGD), None, False),
+    ],
     "bias_grad_step": [
         ("error+loss adam", _bs(ADAM, _ERROR, loss=True), None, True),
         ("delta(gelu) adam", _bs(ADAM, _DELTA, _GELU), None, False),
@@ -379,7 +399,7 @@ CALL_SITES = {
 
 
 def _dtype_flags(kernel: str, dtype: str) -> dict:
-    if kernel == "bias_grad_step":
+    if kernel in ("bias_grad_step", "batch_norm_act", "batch_norm_act_update"):
         return {}  # no dot
     # IEEE fp32 products (torch's default, allow_tf32 off); bf16/fp16 take the native dot. UPCAST_DOT: interpreter only.
     return dict(ALLOW_TF32=dtype != "fp32", UPCAST_DOT=False)

@@ -28,7 +28,7 @@ from .linear_act import check_labels
 from .optim import optimizer_args, optimizer_epilogue, state_per_param
 from .prologue import GradSource, gradient_tile
 
-__all__ = ["gemm_grad_step_", "bias_grad_step_"]
+__all__ = ["gemm_grad_step_", "bias_grad_step_", "check_param_step"]
 
 # Autotuning runs a launch once per config: these in-place outputs are restored after each run.
 _RESTORE = ["p_ptr", "s0_ptr", "s1_ptr", "pb_ptr", "sb0_ptr", "sb1_ptr"]
@@ -201,7 +201,7 @@ def _bias_grad_step_kernel(
 # ---------------------------------------------------------------------------------------------------
 # Host side: validation, then launch.
 
-def _check_step_args(param_name: str, param: object, shape: tuple, state: Sequence[Tensor], optimizer: str,
+def check_param_step(param_name: str, param: object, shape: tuple, state: Sequence[Tensor], optimizer: str,
                      hyper: Sequence[float], like: Tensor) -> tuple[dict, dict, Tensor, Tensor]:
     """Optimizer arguments of one updated tensor; ``(scalars, constexprs, state0, state1)`` for the launch."""
     scalars, constexprs = optimizer_args(optimizer, hyper)
@@ -290,10 +290,10 @@ def gemm_grad_step_(grad_out: "Tensor | GradSource", input: Optional[Tensor], pa
             raise ValueError(f"param: expected a 2-d tensor [N, classes], got {getattr(param, 'shape', param)}")
         K = param.shape[1]
         check_labels(labels, B, K, g.device, check_range=check_label_range)
-    scalars, constexprs, s0, s1 = _check_step_args("param", param, (N, K), state, optimizer, hyper, g)
+    scalars, constexprs, s0, s1 = check_param_step("param", param, (N, K), state, optimizer, hyper, g)
     pb, sb0, sb1 = param, param, param
     if bias is not None:
-        _, _, sb0, sb1 = _check_step_args("bias", bias, (N,), bias_state, optimizer, hyper, g)
+        _, _, sb0, sb1 = check_param_step("bias", bias, (N,), bias_state, optimizer, hyper, g)
         pb = bias
     if loss is not None:
         _check_loss(loss, g)
@@ -342,7 +342,7 @@ def bias_grad_step_(grad_out: "Tensor | GradSource", bias: Tensor, state: Sequen
     """
     source = _grad_source(grad_out)
     N = source.shape[1]
-    _check_step_args("bias", bias, (N,), state, optimizer, hyper, source.primary)
+    check_param_step("bias", bias, (N,), state, optimizer, hyper, source.primary)
     if loss is not None:
         _check_loss(loss, source.primary)
     if N:

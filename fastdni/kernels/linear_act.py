@@ -22,7 +22,7 @@ from fastdni.contract import LABEL_DTYPES, NEEDS_PRE, check_label_range
 from ._checks import check_device, check_float, check_like
 from ._launch import record_launch
 from ._tiling import INTERPRETED, gemm_configs, grouped_tile, pruner
-from .prologue import ACTIVATION_CODES, LEAKY_RELU_SLOPE, GradSource, activation_derivative, gradient_tile
+from .prologue import ACTIVATION_CODES, GradSource, activation_derivative, apply_activation, gradient_tile
 
 __all__ = ["linear_act", "check_labels", "ACTIVATION_CODES"]
 
@@ -127,16 +127,7 @@ def _linear_act_kernel(
     if SAVE_PRE:
         tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
 
-    if ACTIVATION == 1:  # relu; NaN < 0 is false, so NaN passes through as torch.relu does
-        acc = tl.where(acc < 0.0, 0.0, acc)
-    elif ACTIVATION == 2:  # tanh = sign(p) (1 - t) / (1 + t), t = exp(-2|p|) <= 1: no overflow for large |p|
-        t = tl.exp(-2.0 * tl.abs(acc))
-        th = (1.0 - t) / (1.0 + t)
-        acc = tl.where(acc < 0.0, -th, th)
-    elif ACTIVATION == 3:  # exact gelu, p * Phi(p), as fastdni.reference.activations
-        acc = acc * 0.5 * (1.0 + tl.erf(acc * 0.7071067811865476))
-    elif ACTIVATION == 4:  # leaky_relu; NaN < 0 is false, so NaN passes through
-        acc = tl.where(acc < 0.0, acc * LEAKY_RELU_SLOPE, acc)
+    acc = apply_activation(acc, ACTIVATION)
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 

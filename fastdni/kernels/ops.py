@@ -16,6 +16,10 @@ optimizer math in fp32. Kernel launches per call (``L`` SG layers, ``dx`` = ``ne
                                one forms the error ``prediction - t target`` as it loads and reduces the loss,
                                written by the last of its programs); +1 for ``U`` with a context
 
+``batch_norm_act``  1 (+2)    the BatchNorm step (``fastdni/kernels/batch_norm.py``); +2 ATen ops for the running
+                               statistics
+``batch_norm_act_update_`` 1   its backward to ``dpre`` with gamma's and beta's optimizer step in the epilogue
+
 Ordering: a gradient that needs a weight's pre-update value (``dx = delta W``; ``g_{l-1} = g_l A_l``) is
 launched before the kernel that updates that weight in place. Kernels on one CUDA stream run in launch order,
 each after the previous one has finished, so the reads of the first are complete before the second writes.
@@ -31,11 +35,12 @@ from fastdni._checks import check_rows
 from fastdni.contract import NEEDS_PRE, check_label_range, split_state, state_per_param
 
 from ._launch import record_launch
+from .batch_norm import batch_norm_act, batch_norm_act_update_
 from .grad_step import gemm_grad_step_
 from .linear_act import check_labels, linear_act
 from .prologue import GradSource
 
-__all__ = ["dni_forward", "sg_predict", "dni_update_", "sg_regression_"]
+__all__ = ["dni_forward", "sg_predict", "dni_update_", "sg_regression_", "batch_norm_act", "batch_norm_act_update_"]
 
 
 def _context_args(context_weight: Optional[Tensor], context: Optional[Tensor]) -> dict:

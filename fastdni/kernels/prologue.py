@@ -101,6 +101,22 @@ class GradSource:
 
 
 @triton.jit
+def apply_activation(p, ACTIVATION: tl.constexpr):
+    """``act(p)`` of an fp32 block (codes: ``fastdni.contract.ACTIVATION_CODES``), as ``fastdni.reference.activations``."""
+    if ACTIVATION == 1:  # relu; NaN < 0 is false, so NaN passes through as torch.relu does
+        p = tl.where(p < 0.0, 0.0, p)
+    elif ACTIVATION == 2:  # tanh = sign(p) (1 - t) / (1 + t), t = exp(-2|p|) <= 1: no overflow for large |p|
+        t = tl.exp(-2.0 * tl.abs(p))
+        th = (1.0 - t) / (1.0 + t)
+        p = tl.where(p < 0.0, -th, th)
+    elif ACTIVATION == 3:  # exact gelu, p * Phi(p)
+        p = p * 0.5 * (1.0 + tl.erf(p * 0.7071067811865476))
+    elif ACTIVATION == 4:  # leaky_relu; NaN < 0 is false, so NaN passes through
+        p = tl.where(p < 0.0, p * LEAKY_RELU_SLOPE, p)
+    return p
+
+
+@triton.jit
 def activation_derivative(q, ACTIVATION: tl.constexpr):
     """``act'`` from the output (identity 0, relu 1, tanh 2, leaky_relu 4) or the pre-activation (gelu 3), fp32,
     as ``fastdni.reference.activation_derivative_from_output`` (relu: ``1[h > 0]``, tanh: ``1 - h^2``; codes:

@@ -2,7 +2,8 @@
 
 ``HAS_CUDA_KERNELS``: the extension was built with ``csrc/cuda`` (nvcc found at build time; no GPU needed) and
 registered its kernels for the CUDA dispatch key. Then they own ``torch.ops.fastdni.*`` on CUDA tensors (and
-``backend="auto"``/``"cuda"``), and the Triton kernels run only when asked for (``backend="triton"``).
+``backend="auto"``/``"cuda"``), but for the ops they lack (``schema.TRITON_ONLY_OPS``), and the Triton kernels of
+the others run only when asked for (``backend="triton"``).
 """
 from __future__ import annotations
 
@@ -23,5 +24,5 @@ else:
 HAS_CPU_KERNELS = _C is not None
 HAS_CUDA_KERNELS = HAS_CPU_KERNELS and all(
     torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdni::{name}", "CUDA")
-    for name in schema.GPU_OPS
+    for name in schema.CUDA_CPP_OPS
 )

@@ -15,7 +15,7 @@ import torch
 
 from . import registration
 from ._extension import HAS_CUDA_KERNELS
-from .schema import GPU_OPS, NAMESPACE
+from .schema import GPU_OPS, NAMESPACE, TRITON_ONLY_OPS
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("fastdni.kernels") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,19 +36,21 @@ def _lazy(name: str):
     return impl
 
 
-def register(dispatch_key: str = "CUDA", library: "torch.library.Library | None" = None) -> "torch.library.Library":
-    """Register the Triton implementations of every op for ``dispatch_key``; returns the ``Library`` holding
-    the registrations (they last as long as it lives). CUDA by default; the interpreted tests register them
-    for CPU in a process of their own, to run ``torch.compile`` over them there."""
+def register(dispatch_key: str = "CUDA", library: "torch.library.Library | None" = None,
+             names: "tuple[str, ...]" = GPU_OPS) -> "torch.library.Library":
+    """Register the Triton implementations of the ops ``names`` (default: every op) for ``dispatch_key``; returns the
+    ``Library`` holding the registrations (they last as long as it lives). CUDA by default; the interpreted tests
+    register them for CPU in a process of their own, to run ``torch.compile`` over them there."""
     library = library or torch.library.Library(NAMESPACE, "IMPL")
-    for name in GPU_OPS:  # the others (schema.REFERENCE_ON_GPU) keep the reference on CUDA
+    for name in names:
         library.impl(name, _lazy(name), dispatch_key)
     return library
 
 
-# The CUDA dispatch key belongs to the C++ CUDA kernels when the extension has them (registering here would
-# override them); Triton takes it only in an install without them, and backend="triton" reaches it either way.
-_CUDA_LIBRARY = register("CUDA") if HAS_TRITON and not HAS_CUDA_KERNELS else None
+# The CUDA dispatch key belongs to the C++ CUDA kernels for the ops they have when the extension has them
+# (registering here would override them); Triton takes it for the rest, or for every op in an install without them,
+# and backend="triton" reaches it either way.
+_CUDA_LIBRARY = register("CUDA", names=TRITON_ONLY_OPS if HAS_CUDA_KERNELS else GPU_OPS) if HAS_TRITON else None
 
 
 def _split_sg(num_sg: int, has_context_weight: bool, has_context: bool, rest) -> tuple:
@@ -119,5 +121,25 @@ def sg_predict(h, sg_weights, sg_biases, context_weight, context):
     return out[0], list(out[1:])
 
 
+class _BatchNormAct(torch.autograd.Function):
+    """:class:`_DniForward` for ``batch_norm_act``."""
+
+    @staticmethod
+    def forward(ctx, pre, weight, bias, running_mean, running_var, momentum, eps, activation):
+        inputs = (pre, weight, bias, running_mean, running_var, momentum, eps, activation)
+        output = kernel_ops().batch_norm_act(*inputs)
+        registration.setup_batch_norm_act(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return registration.batch_norm_act_backward_formula(ctx, *grads)
+
+
+def batch_norm_act(pre, weight, bias, running_mean, running_var, momentum, eps, activation):
+    """The Triton ``batch_norm_act``, differentiable, with the op's signature and results."""
+    return _BatchNormAct.apply(pre, weight, bias, running_mean, running_var, momentum, eps, activation)
+
+
 #: The ops whose ``backend="triton"`` call goes through an autograd wrapper above (the others are optimizer steps).
-DIFFERENTIABLE = {"dni_forward": dni_forward, "sg_predict": sg_predict}
+DIFFERENTIABLE = {"dni_forward": dni_forward, "sg_predict": sg_predict, "batch_norm_act": batch_norm_act}

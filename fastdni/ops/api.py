@@ -28,7 +28,6 @@ from . import _triton, reference_backend, registration  # noqa: F401  (registrat
 from ._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, LOAD_ERROR
 from .optim import check_optimizer_args
 from .reference_backend import ordered_params
-from .schema import REFERENCE_ON_GPU
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _OPS = torch.ops.fastdni
@@ -135,8 +134,6 @@ def runs_cpp_kernels(backend: str, device: torch.device) -> bool:
 def _implementation(run: str, op: str):
     if run == "reference":
         return getattr(reference_backend, op)
-    if run == "triton" and op in REFERENCE_ON_GPU:  # no Triton kernel: the reference, as on the CUDA key
-        return getattr(_OPS, op)
     if run == "triton":
         return _triton.DIFFERENTIABLE.get(op) or getattr(_triton.kernel_ops(), op)
     return getattr(_OPS, op)

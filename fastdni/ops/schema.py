@@ -69,11 +69,13 @@ SCHEMAS = {
     ),
 }
 
-#: Ops with no GPU kernel (Triton or CUDA C++): on CUDA tensors they run the reference (``CompositeExplicitAutograd``),
-#: on every ``backend``. Per-feature reductions over a ``[B, N]`` tile and elementwise passes, a small share of a
-#: layer step whose GEMMs run fused (docs/ops.md, "BatchNorm").
-REFERENCE_ON_GPU = ("batch_norm_act", "batch_norm_act_update_")
-GPU_OPS = tuple(name for name in SCHEMAS if name not in REFERENCE_ON_GPU)
+#: Every op has a Triton kernel (``fastdni/kernels``).
+GPU_OPS = tuple(SCHEMAS)
+#: The ops of the CUDA C++ backend (``csrc/cuda``). The BatchNorm ops have none there: per-feature column reductions
+#: and elementwise passes, no GEMM for cuBLASLt to carry, which Triton's kernels already do in one launch each
+#: (``fastdni/kernels/batch_norm.py``); on CUDA they run Triton's even where ``csrc/cuda`` owns the other ops.
+CUDA_CPP_OPS = ("dni_forward", "sg_predict", "dni_update_", "sg_regression_")
+TRITON_ONLY_OPS = tuple(name for name in GPU_OPS if name not in CUDA_CPP_OPS)
 
 # Kept alive for the life of the process: dropping the Library object would deregister the schemas.
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")

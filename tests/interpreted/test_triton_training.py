@@ -68,8 +68,8 @@ def test_decoupled_mlp_mnist_steps_match_reference(mnist_batches, context_featur
 
 @pytest.mark.parametrize("mode", ["dni", "backprop"])
 def test_fcn_bn_mnist_steps_match_reference(mnist_batches, mode):
-    """batch_norm=True on backend="triton": the GEMMs and the SG side on the Triton kernels, the BatchNorm ops on
-    torch.ops.fastdni (no Triton kernel: schema.REFERENCE_ON_GPU), between them: the same losses at every step.
+    """batch_norm=True on backend="triton": the GEMMs, the BatchNorm ops and the SG side on the Triton kernels: the
+    same losses at every step.
 
     Only the losses are compared, and to 2e-3 rather than STEP_TOL: a BatchNorm makes the gradient of any weight on
     an input that is constant over the batch exactly 0 (the Linear's bias, and the first layer's columns of the pixels

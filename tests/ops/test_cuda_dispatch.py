@@ -1,7 +1,8 @@
 """Who owns torch.ops.fastdni on CUDA tensors, and the ``backend="cuda"`` switch (no GPU needed).
 
 Rule (fastdni/ops/_triton.py): when fastdni._C was built with csrc/cuda, its C++ kernels hold the CUDA dispatch key
-(``backend="auto"`` and ``"cuda"``) and Triton runs only for ``backend="triton"``; without them Triton holds it.
+of the ops they have (``backend="auto"`` and ``"cuda"``) and Triton runs those only for ``backend="triton"``;
+Triton holds the key for the others (``schema.TRITON_ONLY_OPS``), and for every op in a build without them.
 """
 from __future__ import annotations
 
@@ -11,27 +12,28 @@ import torch
 import fastdni.ops as ops
 import fastdni.ops.api as api
 from fastdni.ops import _triton
-from fastdni.ops.schema import GPU_OPS, NAMESPACE, REFERENCE_ON_GPU
+from fastdni.ops.schema import CUDA_CPP_OPS, GPU_OPS, NAMESPACE, TRITON_ONLY_OPS
 
 
 @pytest.mark.parametrize("name", GPU_OPS)
 def test_the_cuda_key_has_one_owner(name):
+    """The C++ kernels for the ops they have (where built), Triton for the rest; one registration either way."""
     dump = torch._C._dispatch_dump(f"{NAMESPACE}::{name}")
     cuda_lines = [line for line in dump.splitlines() if line.startswith("CUDA")]
-    if ops.HAS_CUDA_KERNELS:
-        assert _triton._CUDA_LIBRARY is None  # Triton did not register over them
+    if ops.HAS_CUDA_KERNELS and name in CUDA_CPP_OPS:
         assert len(cuda_lines) == 1 and "csrc/cuda/module.cpp" in cuda_lines[0], dump
     elif _triton.HAS_TRITON:
         assert _triton._CUDA_LIBRARY is not None
         assert len(cuda_lines) == 1 and "csrc/cuda" not in cuda_lines[0], dump
+    else:  # no GPU kernel at all: CUDA tensors reach the CompositeExplicitAutograd reference
+        assert not cuda_lines, dump
 
 
-@pytest.mark.parametrize("name", REFERENCE_ON_GPU)
-def test_ops_without_gpu_kernels_leave_the_cuda_key_to_the_reference(name):
-    """No Triton or CUDA C++ registration: CUDA tensors reach the CompositeExplicitAutograd reference."""
-    dump = torch._C._dispatch_dump(f"{NAMESPACE}::{name}")
-    assert not [line for line in dump.splitlines() if line.startswith("CUDA")], dump
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CompositeExplicitAutograd")
+def test_the_ops_split_between_cuda_cpp_and_triton():
+    assert set(GPU_OPS) == set(CUDA_CPP_OPS) | set(TRITON_ONLY_OPS)
+    assert set(TRITON_ONLY_OPS) == {"batch_norm_act", "batch_norm_act_update_"}
+    for name in GPU_OPS:  # the reference stays registered beneath every GPU kernel
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CompositeExplicitAutograd")
 
 
 def test_backend_cuda_is_listed():

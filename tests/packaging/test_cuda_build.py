@@ -20,7 +20,7 @@ import torch
 
 import fastdni.ops as ops
 from fastdni.ops import _extension
-from fastdni.ops.schema import GPU_OPS
+from fastdni.ops.schema import CUDA_CPP_OPS
 
 ARCHS = ("sm_80", "sm_90")
 PTX_ARCH = "sm_90"  # TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX": PTX for the newest target, for GPUs after it
@@ -55,7 +55,7 @@ requires_cuda_build = pytest.mark.skipif(not _nvcc_available(), reason="no nvcc 
 def test_the_extension_registers_cuda_kernels():
     assert ops.HAS_CPU_KERNELS, f"fastdni._C did not load: {_extension.LOAD_ERROR}"
     assert ops.HAS_CUDA_KERNELS, "fastdni._C was built without csrc/cuda although nvcc is available"
-    for name in GPU_OPS:  # every op with GPU kernels, sg_predict included
+    for name in CUDA_CPP_OPS:  # every op of csrc/cuda, sg_predict included
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdni::{name}", "CUDA"), name
 
 
