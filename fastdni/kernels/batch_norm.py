@@ -41,8 +41,9 @@ __all__ = ["batch_norm_act", "batch_norm_act_update_"]
 
 # (BLOCK_N, BLOCK_M, warps): a strip of BLOCK_N features in slabs of BLOCK_M rows, 8 elements per thread in a slab.
 # Compiled for sm_80/sm_90 with every flag combination (`python -m fastdni.kernels.aot --all`): 16 per thread
-# spilled (the update's gelu + Adam, ragged sizes), and so did BLOCK_M = 16 on sm_80 (8 bytes of stack).
-_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_M"), [(32, 32, 2), (64, 32, 4), (128, 32, 8)])
+# spilled (the update's gelu + Adam, ragged sizes), and so did BLOCK_M = 16 and 128 x 32 with 8 warps on sm_80
+# (8-24 bytes of stack, at 80-96 registers).
+_CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_M"), [(32, 32, 2), (64, 32, 4)])
 _KEY_FLAGS = ["IS_ADAM", "HAS_WD", "DECOUPLED", "HAS_BUF", "NESTEROV", "FIRST_STEP"]
 # Autotuning runs a launch once per config: the update's in-place outputs are restored after each run.
 _RESTORE = ["w_ptr", "b_ptr", "sw0_ptr", "sw1_ptr", "sb0_ptr", "sb1_ptr"]
@@ -97,17 +98,21 @@ def _batch_norm_act_kernel(
 
 
 @triton.jit
-def _dy(h_ptrs, xhat_ptrs, pred_ptrs, mask, gamma, beta, GRAD_SCALE, ACTIVATION: tl.constexpr):
-    """``(dy, xhat)`` of one slab, fp32, zero where ``mask`` is false: ``prediction / grad_scale * act'``, with
-    ``act'`` from ``h`` (or, for gelu, from ``y = gamma xhat + beta``, formed again here)."""
-    xhat = tl.load(xhat_ptrs, mask=mask, other=0.0).to(tl.float32)
-    pred = tl.load(pred_ptrs, mask=mask, other=0.0).to(tl.float32)
+def _dy_slab(m0, offs_m, offs_n, mask_n, M, h_ptr, xhat_ptr, pred_ptr, stride_hm, stride_hn, stride_xm, stride_xn,
+             stride_pm, stride_pn, gamma, beta, GRAD_SCALE, ACTIVATION: tl.constexpr):
+    """``(dy, xhat, rows, mask)`` of the slab of rows from ``m0``, fp32, zero outside the tensor:
+    ``prediction / grad_scale * act'``, with ``act'`` from ``h`` (or, for gelu, from ``y = gamma xhat + beta``, formed
+    again here)."""
+    rows = offs_m + m0
+    mask = (rows < M)[:, None] & mask_n[None, :]
+    xhat = tl.load(xhat_ptr + rows[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    pred = tl.load(pred_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
     if ACTIVATION == 3:
         q = xhat * gamma[None, :] + beta[None, :]
     else:
-        q = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
     dy = (pred / GRAD_SCALE) * activation_derivative(q, ACTIVATION)
-    return tl.where(mask, dy, 0.0), xhat
+    return tl.where(mask, dy, 0.0), xhat, rows, mask
 
 
 @triton.autotune(
@@ -139,33 +144,26 @@ def _batch_norm_act_update_kernel(
     grad_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum dy
     grad_weight = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum dy xhat
     for m0 in range(0, M, BLOCK_M):
-        rows = offs_m + m0
-        mask = (rows < M)[:, None] & mask_n[None, :]
-        dy, xhat = _dy(h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn,
-                       xhat_ptr + rows[:, None] * stride_xm + offs_n[None, :] * stride_xn,
-                       pred_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask, gamma, beta, GRAD_SCALE,
-                       ACTIVATION)
+        dy, xhat, _, _ = _dy_slab(m0, offs_m, offs_n, mask_n, M, h_ptr, xhat_ptr, pred_ptr, stride_hm, stride_hn,
+                                  stride_xm, stride_xn, stride_pm, stride_pn, gamma, beta, GRAD_SCALE, ACTIVATION)
         grad_bias += tl.sum(dy, axis=0)
         grad_weight += tl.sum(dy * xhat, axis=0)
     scale = gamma * invstd
     mean_dy, mean_dy_xhat = grad_bias / M, grad_weight / M
     for m0 in range(0, M, BLOCK_M):
-        rows = offs_m + m0
-        mask = (rows < M)[:, None] & mask_n[None, :]
-        dy, xhat = _dy(h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn,
-                       xhat_ptr + rows[:, None] * stride_xm + offs_n[None, :] * stride_xn,
-                       pred_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask, gamma, beta, GRAD_SCALE,
-                       ACTIVATION)
+        dy, xhat, rows, mask = _dy_slab(m0, offs_m, offs_n, mask_n, M, h_ptr, xhat_ptr, pred_ptr, stride_hm, stride_hn,
+                                        stride_xm, stride_xn, stride_pm, stride_pn, gamma, beta, GRAD_SCALE, ACTIVATION)
         grad_pre = scale[None, :] * (dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :])
         tl.store(grad_pre_ptr + rows[:, None] * N + offs_n[None, :], grad_pre.to(grad_pre_ptr.dtype.element_ty), mask=mask)
-    optimizer_epilogue(grad_weight, w_ptr + offs_n, sw0_ptr + offs_n, sw1_ptr + offs_n, mask_n,
-                       OPT_LR, OPT_WEIGHT_DECAY, OPT_BETA2, OPT_EPS, OPT_STEP_SIZE, OPT_BC2_SQRT, OPT_LERP_WEIGHT,
-                       OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
-                       IS_ADAM, HAS_WD, DECOUPLED, HAS_BUF, NESTEROV, FIRST_STEP)
-    optimizer_epilogue(grad_bias, b_ptr + offs_n, sb0_ptr + offs_n, sb1_ptr + offs_n, mask_n,
-                       OPT_LR, OPT_WEIGHT_DECAY, OPT_BETA2, OPT_EPS, OPT_STEP_SIZE, OPT_BC2_SQRT, OPT_LERP_WEIGHT,
-                       OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
-                       IS_ADAM, HAS_WD, DECOUPLED, HAS_BUF, NESTEROV, FIRST_STEP)
+    for which in tl.static_range(2):  # gamma, then beta (unrolled at compile time)
+        if which == 0:
+            grad, p_ptr, s0_ptr, s1_ptr = grad_weight, w_ptr, sw0_ptr, sw1_ptr
+        else:
+            grad, p_ptr, s0_ptr, s1_ptr = grad_bias, b_ptr, sb0_ptr, sb1_ptr
+        optimizer_epilogue(grad, p_ptr + offs_n, s0_ptr + offs_n, s1_ptr + offs_n, mask_n,
+                           OPT_LR, OPT_WEIGHT_DECAY, OPT_BETA2, OPT_EPS, OPT_STEP_SIZE, OPT_BC2_SQRT, OPT_LERP_WEIGHT,
+                           OPT_ONE_MINUS_BETA2, OPT_DECOUPLED_FACTOR, OPT_MOMENTUM, OPT_ONE_MINUS_DAMPENING,
+                           IS_ADAM, HAS_WD, DECOUPLED, HAS_BUF, NESTEROV, FIRST_STEP)
 
 
 # ---------------------------------------------------------------------------------------------------
