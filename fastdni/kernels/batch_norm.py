@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdni.contract import ACTIVATION_CODES, split_state, state_per_param
+from fastdni.contract import split_state, state_per_param
 from fastdni.reference.batch_norm import check_batch_norm, check_momentum_eps
 
 from ._checks import check_device, check_float, check_like
@@ -35,7 +35,7 @@ from ._launch import record_launch
 from ._tiling import INTERPRETED, gemm_configs, pruner
 from .grad_step import check_param_step
 from .optim import optimizer_epilogue
-from .prologue import activation_derivative, apply_activation
+from .prologue import activation_code, activation_derivative, apply_activation
 
 __all__ = ["batch_norm_act", "batch_norm_act_update_"]
 
@@ -47,6 +47,19 @@ _CONFIGS = gemm_configs(("BLOCK_N", "BLOCK_M"), [(32, 32, 2), (64, 32, 4)])
 _KEY_FLAGS = ["IS_ADAM", "HAS_WD", "DECOUPLED", "HAS_BUF", "NESTEROV", "FIRST_STEP"]
 # Autotuning runs a launch once per config: the update's in-place outputs are restored after each run.
 _RESTORE = ["w_ptr", "b_ptr", "sw0_ptr", "sw1_ptr", "sb0_ptr", "sb1_ptr"]
+
+
+@triton.jit
+def _slab_mask(m0, offs_m, mask_n, M):
+    """``(rows, mask)`` of the slab of rows from ``m0`` in a strip of features (``mask_n``)."""
+    rows = offs_m + m0
+    return rows, (rows < M)[:, None] & mask_n[None, :]
+
+
+@triton.jit
+def _load_slab(ptr, rows, offs_n, mask, stride_m, stride_n):
+    """The fp32 ``[BLOCK_M, BLOCK_N]`` block of a strided ``[M, N]`` tensor at ``rows`` x ``offs_n``, 0 outside."""
+    return tl.load(ptr + rows[:, None] * stride_m + offs_n[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "ACTIVATION"], prune_configs_by=pruner({"BLOCK_N": "N"}, "pre_ptr"))
@@ -67,16 +80,14 @@ def _batch_norm_act_kernel(
     # [BLOCK_M, BLOCK_N] partials (which spilled in the update's Adam epilogue, fastdni/kernels/aot.py).
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows = offs_m + m0
-        mask = (rows < M)[:, None] & mask_n[None, :]
-        p = tl.load(pre_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        rows, mask = _slab_mask(m0, offs_m, mask_n, M)
+        p = _load_slab(pre_ptr, rows, offs_n, mask, stride_pm, stride_pn)
         total += tl.sum(p, axis=0)
     mean = total / M
     squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows = offs_m + m0
-        mask = (rows < M)[:, None] & mask_n[None, :]
-        p = tl.load(pre_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        rows, mask = _slab_mask(m0, offs_m, mask_n, M)
+        p = _load_slab(pre_ptr, rows, offs_n, mask, stride_pm, stride_pn)
         d = tl.where(mask, p - mean[None, :], 0.0)
         squares += tl.sum(d * d, axis=0)
     var = squares / M
@@ -84,9 +95,8 @@ def _batch_norm_act_kernel(
     gamma = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     beta = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows = offs_m + m0
-        mask = (rows < M)[:, None] & mask_n[None, :]
-        p = tl.load(pre_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        rows, mask = _slab_mask(m0, offs_m, mask_n, M)
+        p = _load_slab(pre_ptr, rows, offs_n, mask, stride_pm, stride_pn)
         xhat = (p - mean[None, :]) * invstd[None, :]
         out = rows[:, None] * N + offs_n[None, :]  # xhat and h: new, contiguous [M, N]
         tl.store(xhat_ptr + out, xhat.to(xhat_ptr.dtype.element_ty), mask=mask)
@@ -103,14 +113,13 @@ def _dy_slab(m0, offs_m, offs_n, mask_n, M, h_ptr, xhat_ptr, pred_ptr, stride_hm
     """``(dy, xhat, rows, mask)`` of the slab of rows from ``m0``, fp32, zero outside the tensor:
     ``prediction / grad_scale * act'``, with ``act'`` from ``h`` (or, for gelu, from ``y = gamma xhat + beta``, formed
     again here)."""
-    rows = offs_m + m0
-    mask = (rows < M)[:, None] & mask_n[None, :]
-    xhat = tl.load(xhat_ptr + rows[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-    pred = tl.load(pred_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
+    rows, mask = _slab_mask(m0, offs_m, mask_n, M)
+    xhat = _load_slab(xhat_ptr, rows, offs_n, mask, stride_xm, stride_xn)
+    pred = _load_slab(pred_ptr, rows, offs_n, mask, stride_pm, stride_pn)
     if ACTIVATION == 3:
         q = xhat * gamma[None, :] + beta[None, :]
     else:
-        q = tl.load(h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
+        q = _load_slab(h_ptr, rows, offs_n, mask, stride_hm, stride_hn)
     dy = (pred / GRAD_SCALE) * activation_derivative(q, ACTIVATION)
     return tl.where(mask, dy, 0.0), xhat, rows, mask
 
@@ -186,8 +195,7 @@ def batch_norm_act(pre: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
     pre = _check_input("pre", pre)
     check_batch_norm(pre, weight, bias, running_mean, running_var)
     check_momentum_eps(float(momentum), float(eps))
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation: expected one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
+    code = activation_code(activation)
     rows, features = pre.shape
     h, xhat = torch.empty_like(pre, memory_format=torch.contiguous_format), torch.empty_like(pre, memory_format=torch.contiguous_format)
     mean = torch.empty(features, dtype=torch.float32, device=pre.device)
@@ -197,7 +205,7 @@ def batch_norm_act(pre: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
         record_launch("batch_norm_act")
         _batch_norm_act_kernel[_grid(features)](
             pre, weight.contiguous(), bias.contiguous(), h, xhat, mean, var, invstd, rows, features,
-            pre.stride(0), pre.stride(1), float(eps), ACTIVATION=ACTIVATION_CODES[activation])
+            pre.stride(0), pre.stride(1), float(eps), ACTIVATION=code)
     # The running variance takes the unbiased batch variance, as nn.BatchNorm1d. [N]-sized: ATen's ops (2 launches).
     record_launch("running_stats")
     new_mean = running_mean * (1.0 - momentum) + mean.to(pre.dtype) * momentum
@@ -219,8 +227,7 @@ def batch_norm_act_update_(h: Tensor, xhat: Tensor, invstd: Tensor, prediction: 
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
         check_like(name, t, h, "h")
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation: expected one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
+    code = activation_code(activation)
     if not grad_scale > 0:
         raise ValueError(f"grad_scale: expected a positive value, got {grad_scale!r}")
     weight_state, bias_state = split_state(list(state), 2, state_per_param(optimizer, hyper))
@@ -232,7 +239,7 @@ def batch_norm_act_update_(h: Tensor, xhat: Tensor, invstd: Tensor, prediction: 
         _batch_norm_act_update_kernel[_grid(features)](
             h, xhat, invstd, prediction, weight, bias, sw0, sw1, sb0, sb1, grad_pre, rows, features,
             h.stride(0), h.stride(1), xhat.stride(0), xhat.stride(1), prediction.stride(0), prediction.stride(1),
-            invstd.stride(0), float(grad_scale), **scalars, ACTIVATION=ACTIVATION_CODES[activation], **constexprs)
+            invstd.stride(0), float(grad_scale), **scalars, ACTIVATION=code, **constexprs)
     return grad_pre
 
 

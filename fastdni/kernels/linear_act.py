@@ -22,7 +22,7 @@ from fastdni.contract import LABEL_DTYPES, NEEDS_PRE, check_label_range
 from ._checks import check_device, check_float, check_like
 from ._launch import record_launch
 from ._tiling import INTERPRETED, gemm_configs, grouped_tile, pruner
-from .prologue import ACTIVATION_CODES, GradSource, activation_derivative, apply_activation, gradient_tile
+from .prologue import ACTIVATION_CODES, GradSource, activation_code, activation_derivative, apply_activation, gradient_tile
 
 __all__ = ["linear_act", "check_labels", "ACTIVATION_CODES"]
 
@@ -169,8 +169,7 @@ def linear_act(
     tensors of a gradient source, ``addend`` and ``z``, which are made contiguous. Accumulation is in fp32.
     Raises ``TypeError``/``ValueError`` naming the offending argument.
     """
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation: expected one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
+    code = activation_code(activation)
     if save_pre is None:
         save_pre = activation in NEEDS_PRE
     elif not isinstance(save_pre, bool):
@@ -224,7 +223,7 @@ def linear_act(
         labels.stride(0) if has_labels else 0,
         out.stride(0), out.stride(1),
         float(source.scale), grad_args.pop("GRAD_TARGET_SCALE"),
-        ACTIVATION=ACTIVATION_CODES[activation],
+        ACTIVATION=code,
         HAS_BIAS=bias is not None,
         HAS_LABELS=has_labels,
         HAS_ADDEND=addend is not None,

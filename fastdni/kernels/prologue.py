@@ -26,6 +26,14 @@ from fastdni.contract import ACTIVATION_CODES
 
 LEAKY_RELU_SLOPE = tl.constexpr(contract.LEAKY_RELU_SLOPE)  #: a compile-time constant of the kernels
 
+
+def activation_code(activation: str) -> int:
+    """The kernels' constexpr code of ``activation`` (``fastdni.contract.ACTIVATION_CODES``); a ``ValueError``
+    naming the argument for an unknown one."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation: expected one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
+    return ACTIVATION_CODES[activation]
+
 __all__ = ["GradSource", "gradient_tile", "activation_derivative", "STORED", "DELTA", "ERROR"]
 
 STORED, DELTA, ERROR = 0, 1, 2  # GradSource.mode, a tl.constexpr of the kernels
@@ -78,8 +86,7 @@ class GradSource:
         """Contiguous operands of one shape, dtype and device (``secondary`` is read at ``primary``'s offsets)."""
         if self.mode not in (STORED, DELTA, ERROR):
             raise ValueError(f"mode: expected STORED, DELTA or ERROR, got {self.mode!r}")
-        if self.activation not in ACTIVATION_CODES:
-            raise ValueError(f"activation: expected one of {tuple(ACTIVATION_CODES)}, got {self.activation!r}")
+        activation_code(self.activation)
         if self.mode == STORED:
             return self
         s = self.secondary
