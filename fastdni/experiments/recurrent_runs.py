@@ -15,8 +15,8 @@ agree in fp64): per window of ``T`` steps,
 * the segment's backward pass starts from ``L``, ``sg_scale * M(s_end) / B`` at its end state and, for
   DNI+Aux, ``aux_weight * mean_{j,b} ||P(o_j) - M(s_end)||^2``;
 * ``M`` at the start boundary is regressed onto ``B`` times the gradient arriving there, with its bootstrap
-  term weighted ``bootstrap`` instead of ``sg_scale`` (a second, state-only backward pass), and without the aux
-  loss's part (another state-only pass; ``aux_in_target=True`` keeps it, see ``TruncationDNI``).
+  term weighted ``bootstrap`` instead of ``sg_scale`` and without the aux loss's part (``aux_in_target=True``
+  keeps it, see ``TruncationDNI``): one second, state-only backward pass for both.
 """
 from __future__ import annotations
 
@@ -183,23 +183,27 @@ class RunGroup(nn.Module):
             aux_loss = aux_weight * (pred - m_end[:, None]).pow(2).sum((1, 2, 3)) / (steps * batch)
             terms.append(aux_loss.sum())
             grads.append(None)
-        corrections = []
+        # What M's target differs by from the gradient arriving at the start, in one state-only backward pass:
+        # it bootstraps from bootstrap * M(s_end) where the segment learns from sg_scale * M(s_end), and it models
+        # the task's future gradient, without the aux loss's part (left in, the aux loss, whose size is M's, feeds
+        # M's target back into itself: docs/recurrent.md).
+        off_target, off_grads = [], []
         if not final:
             terms.append(end)
             grads.append(m_end * scale / batch)
-            # M's target bootstraps from bootstrap * M(s_end), the segment from sg_scale * M(s_end).
             extra = m_end * (end.new_tensor(self.bootstraps)[:, None, None] - scale) / batch
             if bool(extra.any()):
-                corrections.append(torch.autograd.grad(end, (h0, c0), extra, retain_graph=True))
+                off_target.append(end)
+                off_grads.append(extra)
         if any(self.aux_weights) and not self.aux_in_target:
-            # M models the task's future gradient: the aux loss's part of what arrives is taken out of its target
-            # (left in, the aux loss, whose size is M's, feeds M's target back into itself: docs/recurrent.md).
-            aux_part = torch.autograd.grad(aux_loss.sum(), (h0, c0), retain_graph=True, allow_unused=True)
-            corrections.append(tuple(-g if g is not None else torch.zeros_like(h0) for g in aux_part))
+            off_target.append(aux_loss.sum())
+            off_grads.append(aux_loss.new_tensor(-1.0))
+        correction = (torch.autograd.grad(off_target, (h0, c0), off_grads, retain_graph=True, allow_unused=True)
+                      if off_target else ())
         torch.autograd.backward(terms, grads)
         arriving = torch.cat([h0.grad, c0.grad], dim=-1)
-        for correction in corrections:
-            arriving = arriving + torch.cat(correction, dim=-1)
+        if any(g is not None for g in correction):
+            arriving = arriving + torch.cat([g if g is not None else torch.zeros_like(h0) for g in correction], dim=-1)
         target = batch * arriving
         sg_loss = self._regress(torch.cat([h0, c0], dim=-1).detach(), target)
         target_norm = target.pow(2).sum((1, 2)) / batch

@@ -145,7 +145,7 @@ class TruncationDNI(FusedSG, nn.Module):
         self.aux_in_target = bool(aux_in_target)
         self.last_sg_loss: Optional[Tensor] = None
         self._segment_start: Optional[Tensor] = None  # the flattened state the open segment consumed
-        self._bootstrap_correction = _Correction()
+        self._target_correction = _Correction()
         self.last_aux_loss: Optional[Tensor] = None
 
     def _predict(self, flat: Tensor) -> Tensor:
@@ -170,8 +170,8 @@ class TruncationDNI(FusedSG, nn.Module):
                                                              None, self.gradient_scale)
             else:
                 flat = _RegressOnArrivingGradient.apply(flat, self._predict(flat), self)
-            # The target M regresses onto: what arrives here plus the bootstrap correction of end_segment.
-            flat = _AddToArrivingGradient.apply(flat, self._bootstrap_correction)
+            # The target M regresses onto: what arrives here plus the correction of end_segment (_correction_at).
+            flat = _AddToArrivingGradient.apply(flat, self._target_correction)
             self._segment_start = flat
         else:  # nothing to train (e.g. an oracle SG): just cut the graph
             flat = flat.requires_grad_()
@@ -195,16 +195,9 @@ class TruncationDNI(FusedSG, nn.Module):
                 prediction = self._predict(flat.detach())
         synthetic = prediction * (self.sg_scale / self.gradient_scale)
         tensors, grads = ([], []) if final else ([flat], [synthetic])
-        self._bootstrap_correction.value = None
+        self._target_correction.value = None
         start = self._segment_start
         self._segment_start = None
-        if not final and self.bootstrap != self.sg_scale and start is not None and flat.requires_grad:
-            # The segment learns from sg_scale * M, but M's target bootstraps from bootstrap * M: the
-            # difference, pushed back through the segment (a second, state-only backward pass).
-            (correction,) = torch.autograd.grad(
-                flat, start, prediction * ((self.bootstrap - self.sg_scale) / self.gradient_scale),
-                retain_graph=True, allow_unused=True)
-            self._bootstrap_correction.value = correction
         if loss is not None:
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError(f"loss: expected a scalar tensor or None, got {loss!r}")
@@ -214,17 +207,31 @@ class TruncationDNI(FusedSG, nn.Module):
         if aux_loss is not None:
             tensors.append(aux_loss)
             grads.append(None)
-            if not self.aux_in_target and start is not None and aux_loss.requires_grad:
-                # M's target without the aux loss's part: what it adds at the start, taken off again there
-                (aux_part,) = torch.autograd.grad(aux_loss, start, retain_graph=True, allow_unused=True)
-                if aux_part is not None:
-                    earlier = self._bootstrap_correction.value
-                    self._bootstrap_correction.value = -aux_part if earlier is None else earlier - aux_part
+        if start is not None:
+            self._target_correction.value = self._correction_at(start, flat, prediction, final, aux_loss)
         live = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
         if live:
             torch.autograd.backward([t for t, _ in live], [g for _, g in live])
-        self._bootstrap_correction.value = None
+        self._target_correction.value = None
         return synthetic
+
+    def _correction_at(self, start: Tensor, flat: Tensor, prediction: Tensor, final: bool,
+                       aux_loss: Optional[Tensor]) -> Optional[Tensor]:
+        """What ``M``'s target at the segment's ``start`` differs by from the gradient the segment's pass brings there,
+        in one state-only backward pass (None: nothing): the segment learns from ``sg_scale * M`` but ``M``'s target
+        bootstraps from ``bootstrap * M`` (their difference, pushed back), and it leaves out the aux loss's part
+        unless ``aux_in_target``."""
+        outputs, grads = [], []
+        if not final and self.bootstrap != self.sg_scale and flat.requires_grad:
+            outputs.append(flat)
+            grads.append(prediction * ((self.bootstrap - self.sg_scale) / self.gradient_scale))
+        if aux_loss is not None and not self.aux_in_target and aux_loss.requires_grad:
+            outputs.append(aux_loss)
+            grads.append(torch.full_like(aux_loss, -1.0))
+        if not outputs:
+            return None
+        (correction,) = torch.autograd.grad(outputs, start, grads, retain_graph=True, allow_unused=True)
+        return correction
 
     def _aux_loss(self, aux_inputs: Optional[StepOutputs], target: Tensor) -> Optional[Tensor]:
         """DNI+Aux: ``aux_weight * mean_{j,b} ||P(o_{j,b}) - target_b||^2``; None without an aux predictor
@@ -261,7 +268,7 @@ class TruncationDNI(FusedSG, nn.Module):
 
 
 class _Correction:
-    """A slot for the bootstrap correction of the open segment (None: nothing to add)."""
+    """A slot for the correction of the open segment's SG target (TruncationDNI._correction_at; None: nothing to add)."""
 
     value: Optional[Tensor] = None
 
