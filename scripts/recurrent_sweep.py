@@ -33,6 +33,7 @@ def main() -> None:
                    help="added to every run's initial forget-gate bias (a run's 5th --runs field overrides it)")
     p.add_argument("--rls-decay", type=float, default=0.999, help="method suffix +rls: the SG's least-squares forgetting")
     p.add_argument("--rls-ridge", type=float, default=1e-3, help="method suffix +rls: ridge, relative to the mean diagonal")
+    p.add_argument("--calibration-decay", type=float, default=0.99, help="method suffix +cal: running-mean decay")
     p.add_argument("--max-repeats", type=int, default=0, help="0: copy; R >= 1: repeat copy")
     p.add_argument("--error-unit", choices=("bit", "step"), default="bit")
     p.add_argument("--stream", action="store_true", help="continuous stream (default: episodes reset the state)")
@@ -44,6 +45,8 @@ def main() -> None:
     if a.ptb:
         return sweep_ptb(a)
     methods, sg_scale, bootstrap, seeds, forget = _specs(a)
+    calibrate = ["+cal" in m for m in methods]
+    methods = [m.replace("+cal", "") for m in methods]
     solvers = ["rls" if m.endswith("+rls") else "adam" for m in methods]
     methods = [m.removesuffix("+rls") for m in methods]
     oracle = torch.tensor([m == "oracle" for m in methods])
@@ -51,7 +54,8 @@ def main() -> None:
     streams = CopyStreams(len(methods), a.batch_size, max_repeats=a.max_repeats, seed=100)
     group = RunGroup(methods, seeds, streams.input_channels, a.hidden, streams.output_channels, sg_scale=sg_scale,
                      aux_weight=a.aux_weight, aux_in_target=a.aux_in_target, bootstrap=bootstrap, forget_bias=forget,
-                     sg_solver=solvers, rls_decay=a.rls_decay, rls_ridge=a.rls_ridge)
+                     sg_solver=solvers, rls_decay=a.rls_decay, rls_ridge=a.rls_ridge, calibrate=calibrate,
+                     calibration_decay=a.calibration_decay)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=a.lr), torch.optim.Adam(group.sg_parameters(), lr=a.sg_lr)]
     curriculum = StreamCurriculum(len(methods), a.batch_size, streams.output_channels, per=a.error_unit)
     state, sg_loss, cosines, began = group.initial_state(a.batch_size), torch.zeros(len(methods)), [], time.time()
@@ -98,7 +102,8 @@ def main() -> None:
             cosines.clear()
             print(f"{step} {time.time() - began:.0f}s length {curriculum.lengths.tolist()} "
                   f"err {[f'{e:.2f}' for e in curriculum.last_error.tolist()]} "
-                  f"sg_loss/target {[f'{x:.2f}' for x in (sg_loss / sg_norm).tolist()]} cos {[f'{x:.2f}' for x in cos.tolist()]}",
+                  f"sg_loss/target {[f'{x:.2f}' for x in (sg_loss / sg_norm).tolist()]} "
+                  f"gain {[f'{x:.2f}' for x in group.sg_gain().tolist()]} cos {[f'{x:.2f}' for x in cos.tolist()]}",
                   flush=True)
     print("max length reached", curriculum.max_length_reached.tolist(), f"{time.time() - began:.0f}s")
 

@@ -71,6 +71,7 @@ class GroupConfig:
     sg_scale: float = 1.0  #: the segment receives sg_scale * M(s_end) / B
     bootstrap: float = 1.0  #: M's target bootstraps from bootstrap * M(s_end) / B
     sg_hidden: int = 0  #: 0: a linear SG (the paper's); else one ReLU hidden layer of this width
+    sg_ops: bool = True  #: the SG's regression and Adam step on the fused ops (RunGroup.use_fused_sg); else autograd
     episodic: bool = True  #: copy tasks: zero the state at every episode start (else one continuous stream)
     threshold: float = 0.15  #: copy tasks: the curriculum's error threshold
     error_unit: str = "bit"  #: copy tasks: the threshold's unit, bits per output bit or per step
@@ -92,6 +93,10 @@ def build_group(config: GroupConfig, in_features: int, out_features: int) -> tup
                      aux_weight=config.aux_weight, bootstrap=config.bootstrap, sg_hidden=config.sg_hidden)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=config.lr),
                   torch.optim.Adam(group.sg_parameters(), lr=config.sg_lr)]
+    if config.sg_ops:
+        reason = group.use_fused_sg(optimizers[1])
+        if reason is not None:
+            print(f"note: the SG runs on autograd ({reason})", file=sys.stderr)
     return group, optimizers
 
 
@@ -99,6 +104,9 @@ def step_optimizers(optimizers: list) -> None:
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+CHECKPOINT_FORMAT = 2  #: 2: RunGroup's SG weights stored [R, out, in] (1, unmarked: [R, in, out])
 
 
 class GroupRun:
@@ -113,6 +121,10 @@ class GroupRun:
         self.restored: Optional[dict] = None
         if resume and self.checkpoint_path.exists():
             state = load_checkpoint(self.checkpoint_path)
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(
+                    f"checkpoint: {self.checkpoint_path} has format {state.get('format')}, this version reads "
+                    f"{CHECKPOINT_FORMAT} (the SG's weights are stored differently); start it again without --resume")
             if state.get("config") != dataclasses.asdict(config):
                 raise CheckpointError(
                     f"checkpoint: {self.checkpoint_path} was written for a different run ({state.get('config')}), "
@@ -141,7 +153,7 @@ class GroupRun:
                 write_log(self.out / f"{self.config.run_name(method, seed)}.csv", history)
         if self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.config.steps):
             save_checkpoint(self.checkpoint_path, {
-                "step": done, "history": self.history, "train_seconds": self.train_seconds,
+                "format": CHECKPOINT_FORMAT, "step": done, "history": self.history, "train_seconds": self.train_seconds,
                 "config": dataclasses.asdict(self.config), **extra_state()})
         self.bar.update(1)
 
@@ -495,6 +507,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "ptb 0.1)")
     p.add_argument("--sg-hidden", type=int, default=0,
                    help="0: a linear SG over (h, c), the paper's (default); N: one ReLU hidden layer of N units")
+    p.add_argument("--sg-autograd", action="store_true",
+                   help="the SG's regression and Adam step on autograd and torch.optim (default: the fused ops)")
     p.add_argument("--stream", action="store_true",
                    help="copy tasks: one continuous stream, the state never reset (default: reset at each episode)")
     p.add_argument("--threshold", type=_positive("--threshold", float), default=0.15,
@@ -555,7 +569,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             task=args.task, truncation=truncation, methods=tuple(args.methods), seeds=tuple(args.seeds),
             steps=steps, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, sg_lr=args.sg_lr,
             aux_weight=args.aux_weight, sg_scale=args.sg_scale, bootstrap=args.bootstrap, sg_hidden=args.sg_hidden,
-            episodic=not args.stream,
+            sg_ops=not args.sg_autograd, episodic=not args.stream,
             threshold=args.threshold, error_unit=args.error_unit, bits=args.bits, max_repeats=args.max_repeats,
             data_seed=args.data_seed)
         try:

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..nn.recurrent import alignment_of
+from ..reference import SGParams
 
 METHODS = ("bptt", "dni", "dni-aux")
 
@@ -63,7 +65,8 @@ class RunGroup(nn.Module):
     def __init__(self, methods: Sequence[str], seeds: Sequence[int], in_features: int, hidden: int,
                  out_features: int, *, sg_scale: PerRun = 0.1, aux_weight: PerRun = 0.1, bootstrap: PerRun = 1.0,
                  sg_hidden: int = 0, forget_bias: PerRun = 0.0, sg_solver: Union[str, Sequence[str]] = "adam",
-                 rls_decay: float = 0.999, rls_ridge: float = 1e-3, rls_every: int = 10, aux_in_target: bool = False):
+                 rls_decay: float = 0.999, rls_ridge: float = 1e-3, rls_every: int = 10, aux_in_target: bool = False,
+                 calibrate: Union[bool, Sequence[bool]] = False, calibration_decay: float = 0.99):
         super().__init__()
         if len(methods) != len(seeds) or not methods:
             raise ValueError(f"methods/seeds: expected equal, non-zero lengths, got {len(methods)} and {len(seeds)}")
@@ -87,13 +90,15 @@ class RunGroup(nn.Module):
         self.b_out = _stack([m.bias[None] for m in readouts])
         runs, state = len(methods), 2 * hidden
         # The SG: linear (the paper's), or with one ReLU hidden layer of sg_hidden units (nn.Linear's default
-        # init from a generator of its own per run, not the core's stream); the output layer at zero.
+        # init from a generator of its own per run, not the core's stream); the output layer at zero. Its weights
+        # are stored as nn.Linear's ([R, out, in], unlike the core's): each run's slice is then the fused ops'
+        # operand in place (use_fused_sg).
         if sg_hidden:
             bound = 1.0 / state ** 0.5
             gens = [torch.Generator().manual_seed(10_000 + seed) for seed in seeds]
-            self.sg_w1 = _stack([torch.rand(state, sg_hidden, generator=g) * 2 * bound - bound for g in gens])
+            self.sg_w1 = _stack([(torch.rand(state, sg_hidden, generator=g) * 2 * bound - bound).t() for g in gens])
             self.sg_b1 = _stack([torch.rand(1, sg_hidden, generator=g) * 2 * bound - bound for g in gens])
-        self.sg_w = nn.Parameter(torch.zeros(runs, sg_hidden or state, state))
+        self.sg_w = nn.Parameter(torch.zeros(runs, state, sg_hidden or state))
         self.sg_b = nn.Parameter(torch.zeros(runs, 1, state))
         self.aux_w = nn.Parameter(torch.zeros(runs, hidden, state))
         self.aux_b = nn.Parameter(torch.zeros(runs, 1, state))
@@ -113,6 +118,18 @@ class RunGroup(nn.Module):
             self.register_buffer("rls_a", torch.zeros(runs, state + 1, state + 1, dtype=torch.float64))
             self.register_buffer("rls_c", torch.zeros(runs, state + 1, state, dtype=torch.float64))
             self.rls_decay, self.rls_ridge, self.rls_every, self.rls_count = rls_decay, rls_ridge, rls_every, 0
+        # Calibration: M's output is used as alpha * M, alpha the least-squares scale of its targets on its
+        # predictions (<M, t> / <M, M>, running means over the windows, clamped to [0, 1]): 0 where M predicts
+        # nothing of its target (the run is then BPTT), 1 where it is unbiased (see TruncationDNI's calibrate).
+        calibrated = [bool(calibrate)] * runs if isinstance(calibrate, bool) else [bool(x) for x in calibrate]
+        if len(calibrated) != runs or not 0.0 <= calibration_decay < 1.0:
+            raise ValueError(f"calibrate/calibration_decay: expected a bool or one per run and a decay in [0, 1), "
+                             f"got {calibrate!r} and {calibration_decay!r}")
+        self.register_buffer("calibrated", torch.tensor(calibrated))
+        self.register_buffer("calibration", torch.zeros(runs, 2, dtype=torch.float64))  # running <M, t>, <M, M>
+        self.calibration_decay = calibration_decay
+        self.sg_optimizer: Optional[torch.optim.Optimizer] = None  # set by use_fused_sg
+        self.backend = "auto"
 
     @property
     def runs(self) -> int:
@@ -151,11 +168,51 @@ class RunGroup(nn.Module):
         logits = torch.baddbmm(self.b_out, out.view(runs, steps * batch, -1), self.w_out).view(runs, steps, batch, -1)
         return logits.transpose(0, 1), out.transpose(0, 1), (h, c)
 
+    def sg_gain(self) -> Tensor:
+        """``[R]``: the factor each run's ``M`` is used with (1 unless calibrated)."""
+        product, square = self.calibration.unbind(1)
+        alpha = torch.where(square > 0, product / square.clamp(min=1e-300), torch.zeros_like(square)).clamp(0.0, 1.0)
+        return torch.where(self.calibrated, alpha, torch.ones_like(alpha))
+
+    def sg_layers(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """The SG's ``(weight [R, out, in], bias [R, 1, out])`` per layer, input first."""
+        return ([(self.sg_w1, self.sg_b1)] if hasattr(self, "sg_w1") else []) + [(self.sg_w, self.sg_b)]
+
     def predict(self, flat: Tensor) -> Tensor:
         """``M(s)`` of every run: ``[R, B, 2H]``."""
-        if hasattr(self, "sg_w1"):
-            flat = torch.relu(torch.baddbmm(self.sg_b1, flat, self.sg_w1))
-        return torch.baddbmm(self.sg_b, flat, self.sg_w)
+        return self._sg_forward(flat)[-1]
+
+    def _sg_forward(self, flat: Tensor) -> list[Tensor]:
+        """The SG's hidden activations, then its prediction, every run's (``[R, B, *]`` each)."""
+        out = []
+        for i, (w, b) in enumerate(self.sg_layers()):
+            flat = torch.baddbmm(b, flat, w.transpose(1, 2))
+            if i < len(self.sg_layers()) - 1:
+                flat = torch.relu(flat)
+            out.append(flat)
+        return out
+
+    def use_fused_sg(self, optimizer: torch.optim.Optimizer, backend: str = "auto") -> Optional[str]:
+        """Run each run's SG regression and ``optimizer``'s step on it as one fused op
+        (:func:`fastdni.ops.sg_regression_`, the optimizer in its epilogue) instead of accumulating ``.grad`` for
+        ``optimizer.step()``; the SG parameters then get no ``.grad`` (the caller's step skips them) and their state
+        stays in ``optimizer`` (checkpoints unchanged). Returns why it cannot (and then changes nothing), else None.
+        The aux predictor stays on ``optimizer.step()``."""
+        like = self.sg_w
+        reason = ops.fused_backend_blocker(backend, like.device, like.dtype)
+        if reason is None and bool(self.rls_runs.any()):
+            reason = "the rls solver sets the SG's weights itself"
+        if reason is None:
+            try:
+                ops.check_fusable_optimizer(optimizer, self._sg_ordered())
+            except (TypeError, ValueError) as error:
+                reason = str(error)
+        if reason is None:
+            self.sg_optimizer, self.backend = optimizer, backend
+        return reason
+
+    def _sg_ordered(self) -> list[nn.Parameter]:
+        return [t for layer in self.sg_layers() for t in layer]  # the ops' order: W_1, b_1, ..., W_L, b_L
 
     def train_window(self, x: Tensor, loss_fn, state: tuple[Tensor, Tensor], *, resets: Optional[Tensor] = None,
                      final: bool = False, oracle: Optional[Tensor] = None):
@@ -172,6 +229,8 @@ class RunGroup(nn.Module):
         end = torch.cat([h1, c1], dim=-1)
         with torch.no_grad():
             m_end = torch.zeros_like(end) if final else self.predict(end) if oracle is None else oracle * batch
+            if oracle is None and bool(self.calibrated.any()):
+                m_end = m_end * self.sg_gain().to(end.dtype)[:, None, None]
         scale = end.new_tensor(self.sg_scales)[:, None, None]
         aux_weight = end.new_tensor(self.aux_weights)
         terms, grads = [loss.sum()], [None]
@@ -211,24 +270,60 @@ class RunGroup(nn.Module):
                                                                          aux_loss.detach())
 
     def _regress(self, start: Tensor, target: Tensor) -> Tensor:
-        """Accumulate the gradient of ``mean_b ||M(s) - target||^2`` into the SG; returns it per run."""
+        """Accumulate the gradient of ``mean_b ||M(s) - target||^2`` into the SG (with :meth:`use_fused_sg`: step the
+        SG on it); returns it per run."""
         batch = start.shape[1]
+        if self.sg_optimizer is not None:
+            return self._regress_fused(start, target)
         if hasattr(self, "sg_w1"):  # an MLP SG: its gradient by autograd
             with torch.enable_grad():
                 prediction = self.predict(start)
+                self._calibrate(prediction.detach(), target)
                 error = prediction.detach() - target
                 prediction.backward(error * (2.0 / batch))
             return error.pow(2).sum((1, 2)) / batch
         with torch.no_grad():
-            error = self.predict(start) - target
+            prediction = self.predict(start)
+            self._calibrate(prediction, target)
+            error = prediction - target
             if hasattr(self, "rls_a"):
                 self._rls_update(start, target)
-            for p, g in ((self.sg_w, torch.bmm(start.transpose(1, 2), error) * (2.0 / batch)),
+            for p, g in ((self.sg_w, torch.bmm(error.transpose(1, 2), start) * (2.0 / batch)),
                          (self.sg_b, error.sum(1, keepdim=True) * (2.0 / batch))):
                 if hasattr(self, "rls_a"):
                     g = g * (~self.rls_runs).to(g.dtype)[:, None, None]
                 p.grad = g if p.grad is None else p.grad + g
             return error.pow(2).sum((1, 2)) / batch
+
+    def _regress_fused(self, start: Tensor, target: Tensor) -> Tensor:
+        """:meth:`_regress` on the ops: the prediction (all runs, one batched GEMM per layer), then per run one
+        ``sg_regression_`` on views of the stacked parameters and optimizer state."""
+        with torch.no_grad():
+            *hidden, prediction = self._sg_forward(start)
+        self._calibrate(prediction, target)
+        stacked = self._sg_ordered()
+        name, hyper, state = ops.fused_optimizer_args(self.sg_optimizer, stacked)
+        per = len(state) // len(stacked)
+        losses = []
+        for r in range(self.runs):
+            # a bias [R, 1, out] and its state: the run's [out]; a weight [R, out, in]: the run's [out, in]
+            views = [t[r, 0] if i % 2 else t[r] for i, t in enumerate(stacked)]
+            run_state = [s[r, 0] if (i // per) % 2 else s[r] for i, s in enumerate(state)]
+            params = SGParams(tuple(views[0::2]), tuple(views[1::2]), None)
+            predicted = ops.Prediction(start[r], prediction[r], [z[r] for z in hidden])
+            losses.append(ops.sg_regression_(predicted, target[r], params, name, hyper, run_state,
+                                             backend=self.backend))
+        ops.advance(self.sg_optimizer, stacked)
+        return torch.stack(losses)
+
+    def _calibrate(self, prediction: Tensor, target: Tensor) -> None:
+        """Fold this boundary's ``<M, t>`` and ``<M, M>`` (per stream, per run) into the running means; ``M`` here is
+        the prediction before it is fitted to ``t``, so the ratio is measured out of sample."""
+        if not bool(self.calibrated.any()):
+            return
+        batch = prediction.shape[1]
+        moments = torch.stack([(prediction * target).sum((1, 2)), prediction.pow(2).sum((1, 2))], 1).double() / batch
+        self.calibration.mul_(self.calibration_decay).add_(moments, alpha=1.0 - self.calibration_decay)
 
     def _rls_update(self, start: Tensor, target: Tensor) -> None:
         z = torch.cat([start, torch.ones_like(start[..., :1])], -1).double()
@@ -241,7 +336,7 @@ class RunGroup(nn.Module):
         ridge = self.rls_ridge * self.rls_a.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
         solution = torch.linalg.solve(self.rls_a + ridge[:, None, None] * torch.eye(dim, dtype=torch.float64), self.rls_c)
         rls = self.rls_runs[:, None, None]
-        self.sg_w.copy_(torch.where(rls, solution[:, :-1].to(self.sg_w.dtype), self.sg_w))
+        self.sg_w.copy_(torch.where(rls, solution[:, :-1].transpose(1, 2).to(self.sg_w.dtype), self.sg_w))
         self.sg_b.copy_(torch.where(rls, solution[:, -1:].to(self.sg_b.dtype), self.sg_b))
 
     def alignment(self, state: tuple[Tensor, Tensor], future_loss) -> tuple[Tensor, Tensor]:

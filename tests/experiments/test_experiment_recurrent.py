@@ -1,5 +1,6 @@
 """The recurrent CLI (copy, repeat copy, character-level PTB) end to end at a tiny budget, and its errors."""
 import csv
+import dataclasses
 import json
 import math
 
@@ -74,6 +75,21 @@ def test_resume_continues_exactly_and_refuses_another_config(tmp_path, capsys):
         assert a["curve"] == b["curve"]
     assert recurrent.main(args + ["--out", str(tmp_path / "whole"), "--resume", "--sg-lr", "0.5"]) == 2
     assert "different run" in capsys.readouterr().err
+    old = torch.load(tmp_path / "whole" / "T2.pt", weights_only=False)
+    del old["format"]  # written before the SG's weights were stored [R, out, in]: refused, not read transposed
+    torch.save(old, tmp_path / "whole" / "T2.pt")
+    assert recurrent.main(args + ["--out", str(tmp_path / "whole"), "--resume"]) == 2
+    assert "format None" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("fastdni.ops", fromlist=["x"]).HAS_CPU_KERNELS, reason="no fastdni._C")
+def test_the_sg_runs_on_the_fused_ops_by_default():
+    config = recurrent.GroupConfig(task="copy", truncation=2, methods=("dni",), seeds=(0,), steps=1, hidden=4,
+                                   batch_size=2, lr=1e-3, sg_lr=1e-2)
+    group, optimizers = recurrent.build_group(config, 10, 9)
+    assert group.sg_optimizer is optimizers[1]
+    group, _ = recurrent.build_group(dataclasses.replace(config, sg_ops=False), 10, 9)
+    assert group.sg_optimizer is None
 
 
 def test_ptb_reports_bits_per_character(tmp_path, capsys):

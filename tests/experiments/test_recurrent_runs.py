@@ -44,7 +44,7 @@ def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden):
         if boundary is not None:
             with torch.no_grad():
                 for layer, (w, b) in zip(boundary.synthetic_gradient.layers, sg_layers):
-                    layer.weight.copy_(getattr(group, w)[r].t())
+                    layer.weight.copy_(getattr(group, w)[r])
                     layer.bias.copy_(getattr(group, b)[r, 0])
                 if boundary.aux_predictor is not None:
                     boundary.aux_predictor.weight.copy_(group.aux_w[r].t())
@@ -74,7 +74,7 @@ def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden):
                  (group.b_out.grad[r, 0], readout.bias.grad)]
         if boundary is not None:
             for layer, (w, b) in zip(boundary.synthetic_gradient.layers, sg_layers):
-                pairs += [(getattr(group, w).grad[r], layer.weight.grad.t()), (getattr(group, b).grad[r, 0], layer.bias.grad)]
+                pairs += [(getattr(group, w).grad[r], layer.weight.grad), (getattr(group, b).grad[r, 0], layer.bias.grad)]
             torch.testing.assert_close(stats.sg_loss[r], boundary.last_sg_loss, rtol=1e-10, atol=1e-12)
             if boundary.aux_predictor is not None:
                 pairs += [(group.aux_w.grad[r], boundary.aux_predictor.weight.grad.t())]
@@ -147,7 +147,7 @@ def test_alignment_of_a_perfect_sg_is_one_and_matches_the_library_diagnostic():
     # The library's diagnostic on TruncationDNI agrees with the engine's on the same SG and future.
     sg = SyntheticGradient(2 * HIDDEN).double()
     with torch.no_grad():
-        sg.layers[0].weight.copy_(group.sg_w[0].t())
+        sg.layers[0].weight.copy_(group.sg_w[0])
         sg.layers[0].bias.copy_(group.sg_b[0, 0])
     boundary = TruncationDNI(sg, gradient_scale=BATCH)
     lib = sg_alignment(boundary, (state[0][0], state[1][0]),
@@ -176,12 +176,13 @@ def test_sweep_script_runs_variants_and_the_oracle(capsys, monkeypatch):
     assert out.count("length [") == 2 and "max length reached [" in out
 
 
+@pytest.mark.skipif(not __import__("fastdni.ops", fromlist=["x"]).HAS_CPU_KERNELS, reason="no fastdni._C")
 def test_recurrent_runs_benchmark_prints_its_ratio_table(capsys, monkeypatch):
     out = _run_script(ROOT / "benchmarks" / "bench_recurrent_runs.py",
                       ["--runs", "2", "--hidden", "8", "--batch-size", "4", "--windows", "2", "--repeats", "1"],
                       capsys, monkeypatch)
-    assert "| sg_scale | bootstrap | separate TruncationDNI loops | stacked RunGroup | speed-up |" in out
-    assert out.count("x |") == 2
+    assert "| sg_scale | bootstrap | separate | separate fused | stacked | stacked fused | stacked fused vs separate |" in out
+    assert out.count("x |") == 4
 
 
 def test_forget_bias_shifts_only_the_forget_gate_of_its_run():
@@ -202,7 +203,7 @@ def test_rls_solver_fits_a_linear_target_and_leaves_adam_runs_alone():
     for _ in range(8):
         start = torch.randn(1, 40, 2 * HIDDEN, generator=gen, dtype=F64).expand(2, -1, -1)
         loss = group._regress(start, start @ true_w + true_b)
-    torch.testing.assert_close(group.sg_w[1].detach(), true_w)
+    torch.testing.assert_close(group.sg_w[1].detach(), true_w.t())
     torch.testing.assert_close(group.sg_b[1].detach(), true_b)
     assert loss[1] < 1e-12 < loss[0]
     # The adam run got its usual regression gradient; the rls run none (its Adam step is zero).
@@ -219,3 +220,93 @@ def test_copy_streams_follow_the_default_dtype():
     finally:
         torch.set_default_dtype(old)
     assert window.inputs.dtype == window.targets.dtype == torch.float64 and window.inputs.abs().sum() > 0
+
+
+FUSED_BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    not __import__("fastdni.ops", fromlist=["HAS_CPU_KERNELS"]).HAS_CPU_KERNELS, reason="no fastdni._C"))]
+
+
+def _train(group, optimizers, windows, lengths, same_data=False):
+    """``windows`` windows of 3 steps on copy streams of ``lengths`` (fixed; ``same_data``: every run the first
+    run's streams), both optimizers stepped after each."""
+    streams = CopyStreams(1 if same_data else group.runs, BATCH, bits=OUT, seed=4)
+    streams.set_lengths(torch.tensor(lengths[:1] if same_data else lengths))
+    state = tuple(s.double() for s in group.initial_state(BATCH))
+    losses = []
+    for _ in range(windows):
+        w = streams.window(3)
+        if same_data:
+            w = type(w)(*(t.expand(t.shape[0], group.runs, *t.shape[2:]) if t.dim() >= 3 else t for t in w))
+        _, state, stats = group.train_window(w.inputs.double(), lambda lg: masked_bce(lg, w.targets.double(), w.mask),
+                                             state, resets=w.starts)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(torch.stack([stats.loss, stats.sg_loss]))
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("sg_hidden, calibrate", [(0, False), (7, False), (0, True)], ids=["linear", "mlp", "calibrated"])
+def test_fused_sg_trains_as_the_autograd_sg(backend, sg_hidden, calibrate):
+    """use_fused_sg (the experiments' default): 300 windows of every method give the same learning curve (task and
+    SG losses per window) and parameters as the SG stepped by torch.optim.Adam on autograd-style gradients (fp64)."""
+    groups, optimizers = [], []
+    for fused in (False, True):
+        group = RunGroup(["bptt", "dni", "dni-aux"], [0, 1, 2], IN, HIDDEN, OUT, sg_scale=1.0, aux_weight=0.3,
+                         sg_hidden=sg_hidden, calibrate=calibrate).double()
+        opts = [torch.optim.Adam(group.core_parameters(), lr=1e-2), torch.optim.Adam(group.sg_parameters(), lr=1e-2)]
+        if fused:
+            assert group.use_fused_sg(opts[1], backend) is None
+        groups.append(group)
+        optimizers.append(opts)
+    curves = [_train(g, o, 300, [2, 3, 2]) for g, o in zip(groups, optimizers)]
+    torch.testing.assert_close(curves[1], curves[0], rtol=1e-9, atol=1e-12)
+    assert groups[1].sg_w.grad is None and float(groups[1].sg_w.detach().abs().max()) > 0  # stepped by the op, not by .grad
+    for a, b in zip(groups[0].parameters(), groups[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    sg_state = [optimizers[k][1].state[groups[k].sg_w] for k in (0, 1)]
+    assert float(sg_state[1]["step"]) == float(sg_state[0]["step"]) == 300
+    torch.testing.assert_close(sg_state[1]["exp_avg_sq"], sg_state[0]["exp_avg_sq"], rtol=1e-9, atol=1e-15)
+
+
+def test_use_fused_sg_says_why_it_cannot():
+    group = RunGroup(["dni"], [0], IN, HIDDEN, OUT, sg_solver="rls")
+    assert "rls" in group.use_fused_sg(torch.optim.Adam(group.sg_parameters()))
+    group = RunGroup(["dni"], [0], IN, HIDDEN, OUT)
+    assert "optimizer" in group.use_fused_sg(torch.optim.RMSprop(group.sg_parameters()))
+    assert "amsgrad" in group.use_fused_sg(torch.optim.Adam(group.sg_parameters(), amsgrad=True))
+    assert group.sg_optimizer is None
+
+
+def test_calibration_gain_is_the_least_squares_scale_of_the_targets_on_the_predictions():
+    group = RunGroup(["dni", "dni", "dni"], [0, 0, 0], IN, HIDDEN, OUT, calibrate=[True, True, False],
+                     calibration_decay=0.0).double()
+    assert group.sg_gain().tolist() == [0.0, 0.0, 1.0]  # nothing measured yet: a calibrated run starts as BPTT
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        group.sg_w.copy_(torch.randn(group.sg_w.shape, generator=gen, dtype=F64))
+    start = torch.randn(3, 40, 2 * HIDDEN, generator=gen, dtype=F64)
+    prediction = group.predict(start)
+    noise = torch.randn(prediction.shape, generator=gen, dtype=F64)
+    # noise orthogonal to each run's prediction: the least-squares scale is then exactly 0.4 (run 0), 0 (run 1:
+    # the target opposes the prediction, clamped) and 1 for the uncalibrated run whatever its targets
+    noise -= prediction * (noise * prediction).sum((1, 2), keepdim=True) / prediction.pow(2).sum((1, 2), keepdim=True)
+    target = prediction * torch.tensor([0.4, -2.0, 0.4], dtype=F64)[:, None, None] + noise
+    group._regress(start, target)
+    torch.testing.assert_close(group.sg_gain(), torch.tensor([0.4, 0.0, 1.0], dtype=F64))
+
+
+def test_a_calibrated_run_with_gain_zero_trains_its_core_as_bptt():
+    """A gain of 0 (an SG that predicts nothing of its targets) hands the segment no synthetic gradient: the core's
+    gradients are truncated BPTT's exactly, though the SG itself is non-zero."""
+    group = RunGroup(["bptt", "dni", "dni"], [0, 0, 0], IN, HIDDEN, OUT, sg_scale=1.0, calibrate=[False, True, False],
+                     calibration_decay=1.0 - 1e-12).double()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        group.sg_w.copy_(0.3 * torch.randn(group.sg_w.shape, generator=gen, dtype=F64))
+        group.calibration[1] = torch.tensor([-1.0, 1.0], dtype=F64)  # a negative <M, t>: gain 0
+    _train(group, [], 4, [2], same_data=True)
+    for p in group.core_parameters():
+        torch.testing.assert_close(p.grad[1], p.grad[0], rtol=1e-12, atol=1e-14)
+    assert (group.w_hh.grad[2] - group.w_hh.grad[0]).abs().max() > 1e-6  # the uncalibrated DNI run's SG reaches its core
