@@ -340,11 +340,12 @@ class RunGroup(nn.Module):
         self.sg_b.copy_(torch.where(rls, solution[:, -1:].to(self.sg_b.dtype), self.sg_b))
 
     def alignment(self, state: tuple[Tensor, Tensor], future_loss) -> tuple[Tensor, Tensor]:
-        """Per run: cosine and norm ratio between ``M(s) / B`` and :func:`dropped_gradient`, the gradient
+        """Per run: cosine and norm ratio between ``gain * M(s) / B`` (:meth:`sg_gain`) and :func:`dropped_gradient`, the gradient
         truncation drops at ``s``. Parameters' ``.grad`` are left alone."""
         dropped = dropped_gradient(state, future_loss)
         with torch.no_grad():
-            synthetic = self.predict(torch.cat(state, -1).detach()) / state[0].shape[1]
+            gain = self.sg_gain().to(state[0].dtype)[:, None, None]
+            synthetic = self.predict(torch.cat(state, -1).detach()) * gain / state[0].shape[1]
         a = alignment_of(synthetic, dropped, dims=(1, 2))
         return a.cosine, a.norm_ratio
 

@@ -60,6 +60,7 @@ class _RegressOnArrivingGradient(torch.autograd.Function):
         squared = (error * error).sum().detach()
         interface.last_sg_loss = interface.loss_weight * squared / batch
         _watch_divergence(interface, squared, (scaled * scaled).sum().detach())
+        _observe(interface, prediction, scaled, 1.0)
         return None, error * (2.0 * interface.loss_weight / batch), None, None
 
 
@@ -80,12 +81,21 @@ class _RegressFusedOnArrivingGradient(torch.autograd.Function):
         interface, predicted = ctx.interface, ctx.predicted
         ctx.predicted = None  # one regression per prediction; free it now
         flat = target.reshape(predicted.h.shape)  # a view where the arriving gradient is contiguous
+        _observe(interface, predicted.prediction, flat, ctx.scale)  # before the op: it may reuse the prediction
         loss = interface._fused_regression(predicted, flat, ctx.context, ctx.scale)
         interface.last_sg_loss = loss
         batch = flat.shape[0]
         # The watch's sums, as the autograd path forms them: ||M - s t||^2 from the op's loss, ||s t||^2 one reduction.
         _watch_divergence(interface, loss * (batch / interface.loss_weight), (flat * flat).sum() * ctx.scale ** 2)
         return None, None, None, None, None
+
+
+def _observe(interface: nn.Module, prediction: Tensor, target: Tensor, scale: float) -> None:
+    """Hand a regression's prediction and its target ``scale * target`` to an interface that calibrates its SG
+    (TruncationDNI's ``calibrate``)."""
+    if getattr(interface, "calibrate", False):
+        with torch.no_grad():
+            interface._observe_regression(prediction.detach(), target.detach() * scale)
 
 
 def _watch_divergence(interface: nn.Module, squared_error: Tensor, squared_target: Tensor) -> None:

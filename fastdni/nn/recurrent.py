@@ -109,6 +109,13 @@ class TruncationDNI(FusedSG, nn.Module):
     value. The SG and aux parameters, both in :meth:`parameters`, are stepped by the caller's optimizer.
     ``aux_in_target``: keep the aux loss's gradient in ``M``'s target (see the module docstring; default off).
 
+    ``calibrate``: use ``alpha * M`` wherever ``M`` is used (the synthetic gradient, the bootstrap, DNI+Aux's
+    target), ``alpha`` the least-squares scale of ``M``'s regression targets on its predictions, ``<M, t> / <M, M>``
+    over the boundaries seen (running means, ``calibration_decay``; each prediction measured before it is fitted to
+    its target), clamped to ``[0, 1]``; 0 until measured. An SG that predicts nothing of its target (on short
+    windows, whose bootstrapped targets are mostly noise: docs/recurrent.md) is then turned down to truncated BPTT
+    instead of injecting that noise; one that predicts its target is used as is. :meth:`sg_gain` is ``alpha``.
+
     With ``optimizer`` (the SG's, or a factory of it) and a :class:`~fastdni.nn.SyntheticGradient`, the SG side runs
     on the fused ops as in :class:`~fastdni.nn.DNI`: :func:`fastdni.ops.sg_predict` at each boundary (and for the
     bootstrap prediction of :meth:`end_segment`), and :func:`fastdni.ops.sg_regression_` (regression and the
@@ -129,6 +136,8 @@ class TruncationDNI(FusedSG, nn.Module):
         sg_scale: float = 1.0,
         bootstrap: float = 1.0,
         aux_in_target: bool = False,
+        calibrate: bool = False,
+        calibration_decay: float = 0.99,
         optimizer: Optional[SGOptimizer] = None,
         backend: str = "auto",
     ):
@@ -143,10 +152,32 @@ class TruncationDNI(FusedSG, nn.Module):
         self.sg_scale = check_positive("sg_scale", float(sg_scale))
         self.bootstrap = check_positive("bootstrap", float(bootstrap), allow_zero=True)
         self.aux_in_target = bool(aux_in_target)
+        self.calibrate = bool(calibrate)
+        if not (isinstance(calibration_decay, (int, float)) and 0.0 <= calibration_decay < 1.0):
+            raise ValueError(f"calibration_decay: expected a float in [0, 1), got {calibration_decay!r}")
+        self.calibration_decay = float(calibration_decay)
+        # running <M, t> and <M, M> per stream (float64: sums of squares of gradients)
+        self.register_buffer("calibration", torch.zeros(2, dtype=torch.float64))
         self.last_sg_loss: Optional[Tensor] = None
         self._segment_start: Optional[Tensor] = None  # the flattened state the open segment consumed
         self._target_correction = _Correction()
         self.last_aux_loss: Optional[Tensor] = None
+
+    def sg_gain(self) -> Tensor:
+        """The factor ``M`` is used with: ``alpha`` of ``calibrate`` (a 0-d float64 tensor), else 1."""
+        if not self.calibrate:
+            return torch.ones((), dtype=torch.float64, device=self.calibration.device)
+        product, square = self.calibration.unbind()
+        return torch.where(square > 0, product / square.clamp(min=1e-300), torch.zeros_like(square)).clamp(0.0, 1.0)
+
+    def _observe_regression(self, prediction: Tensor, target: Tensor) -> None:
+        """Called by the regression with ``M``'s prediction at a boundary and the (scaled) target it is fitted to."""
+        if not self.calibrate:
+            return
+        batch = prediction.shape[0]
+        moments = torch.stack([(prediction * target).sum(), (prediction * prediction).sum()]).double() / batch
+        self.calibration.mul_(self.calibration_decay).add_(moments.to(self.calibration.device),
+                                                           alpha=1.0 - self.calibration_decay)
 
     def _predict(self, flat: Tensor) -> Tensor:
         prediction = self.synthetic_gradient(flat)
@@ -193,6 +224,8 @@ class TruncationDNI(FusedSG, nn.Module):
                 prediction = self._predict_fused(flat.detach(), None).prediction
             else:
                 prediction = self._predict(flat.detach())
+            if self.calibrate:
+                prediction = prediction * self.sg_gain().to(prediction.dtype)
         synthetic = prediction * (self.sg_scale / self.gradient_scale)
         tensors, grads = ([], []) if final else ([flat], [synthetic])
         self._target_correction.value = None
@@ -263,8 +296,9 @@ class TruncationDNI(FusedSG, nn.Module):
     def extra_repr(self) -> str:
         aux = (f", aux_weight={self.aux_weight}{', aux_in_target=True' if self.aux_in_target else ''}"
                if self.aux_predictor is not None else "")
+        calibrate = f", calibrate=True, calibration_decay={self.calibration_decay}" if self.calibrate else ""
         return (f"batch_dim={self.batch_dim}, loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}, "
-                f"sg_scale={self.sg_scale}, bootstrap={self.bootstrap}{aux}{self._fused_extra_repr()}")
+                f"sg_scale={self.sg_scale}, bootstrap={self.bootstrap}{aux}{calibrate}{self._fused_extra_repr()}")
 
 
 class _Correction:
@@ -301,7 +335,7 @@ def sg_alignment(boundary: TruncationDNI, state: State, future_loss: Callable[[S
     ``future_loss(state)`` runs the core on from ``state`` over what follows the boundary (the rest of the
     sequence, or a horizon of it) and returns that loss; its gradient with respect to ``state`` by full
     BPTT is what truncated BPTT drops. It is compared with the SG's estimate of it, ``M(state) /
-    gradient_scale``; the segment itself is handed ``sg_scale`` times this. Nothing is stepped or
+    gradient_scale`` (times :meth:`TruncationDNI.sg_gain`); the segment itself is handed ``sg_scale`` times this. Nothing is stepped or
     accumulated (parameters' ``.grad`` are left as they are)."""
     flat = flatten_state(state, boundary.batch_dim).detach().requires_grad_()
     with torch.enable_grad():
@@ -312,7 +346,7 @@ def sg_alignment(boundary: TruncationDNI, state: State, future_loss: Callable[[S
     if dropped is None:
         dropped = torch.zeros_like(flat)
     with torch.no_grad():
-        synthetic = boundary._predict(flat.detach()) / boundary.gradient_scale
+        synthetic = boundary._predict(flat.detach()) * (boundary.sg_gain().to(flat.dtype) / boundary.gradient_scale)
         return alignment_of(synthetic, dropped)
 
 

@@ -11,7 +11,7 @@ F64 = torch.float64
 IN, HIDDEN, OUT, BATCH = 9, 6, 8, 5
 
 
-def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap, sg_hidden=0):
+def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap, sg_hidden=0, calibrate=False):
     """The per-run model of the experiments (nn.LSTM + readout), with the boundary of its method."""
     torch.manual_seed(seed)
     lstm, readout = nn.LSTM(IN, HIDDEN).double(), nn.Linear(HIDDEN, OUT).double()
@@ -24,21 +24,23 @@ def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap, sg_hidden=0
             nn.init.zeros_(aux.bias)
         sg = SyntheticGradient(2 * HIDDEN, hidden=(sg_hidden,) if sg_hidden else ()).double()
         boundary = TruncationDNI(sg, batch_dim=1, aux_predictor=aux,
-                                 aux_weight=aux_weight, sg_scale=sg_scale, gradient_scale=BATCH, bootstrap=bootstrap)
+                                 aux_weight=aux_weight, sg_scale=sg_scale, gradient_scale=BATCH, bootstrap=bootstrap,
+                                 calibrate=calibrate)
     return lstm, readout, boundary
 
 
-@pytest.mark.parametrize("bootstrap, sg_hidden", [(1.0, 0), (0.1, 0), (0.5, 0), (1.0, 7)])
-def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden):
+@pytest.mark.parametrize("bootstrap, sg_hidden, calibrate", [(1.0, 0, False), (0.1, 0, False), (0.5, 0, False),
+                                                              (1.0, 7, False), (0.5, 0, True)])
+def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden, calibrate):
     methods, seeds = ["bptt", "dni", "dni-aux"], [0, 1, 2]
     group = RunGroup(methods, seeds, IN, HIDDEN, OUT, sg_scale=0.1, aux_weight=0.3, bootstrap=bootstrap,
-                     sg_hidden=sg_hidden).double()
+                     sg_hidden=sg_hidden, calibrate=calibrate).double()
     # Give the zero-initialised SG and aux predictor non-zero weights so that every term is exercised.
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in group.sg_parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=F64))
-    refs = [per_run_reference(m, s, 0.1, 0.3, bootstrap, sg_hidden) for m, s in zip(methods, seeds)]
+    refs = [per_run_reference(m, s, 0.1, 0.3, bootstrap, sg_hidden, calibrate) for m, s in zip(methods, seeds)]
     sg_layers = [("sg_w1", "sg_b1"), ("sg_w", "sg_b")] if sg_hidden else [("sg_w", "sg_b")]
     for r, (_, _, boundary) in enumerate(refs):
         if boundary is not None:
@@ -46,6 +48,8 @@ def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden):
                 for layer, (w, b) in zip(boundary.synthetic_gradient.layers, sg_layers):
                     layer.weight.copy_(getattr(group, w)[r])
                     layer.bias.copy_(getattr(group, b)[r, 0])
+                if calibrate:  # a measured gain of 1/2 to start from, so that every window's SG is scaled
+                    group.calibration[r] = boundary.calibration.copy_(torch.tensor([0.5, 1.0], dtype=F64))
                 if boundary.aux_predictor is not None:
                     boundary.aux_predictor.weight.copy_(group.aux_w[r].t())
                     boundary.aux_predictor.bias.copy_(group.aux_b[r, 0])
@@ -76,6 +80,8 @@ def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden):
             for layer, (w, b) in zip(boundary.synthetic_gradient.layers, sg_layers):
                 pairs += [(getattr(group, w).grad[r], layer.weight.grad), (getattr(group, b).grad[r, 0], layer.bias.grad)]
             torch.testing.assert_close(stats.sg_loss[r], boundary.last_sg_loss, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(group.sg_gain()[r], boundary.sg_gain(), rtol=1e-10, atol=1e-12)
+            assert not calibrate or 0.1 < float(boundary.sg_gain()) < 1  # calibrated: a gain between its bounds
             if boundary.aux_predictor is not None:
                 pairs += [(group.aux_w.grad[r], boundary.aux_predictor.weight.grad.t())]
         for got, want in pairs:

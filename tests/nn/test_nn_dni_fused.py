@@ -418,6 +418,57 @@ def test_truncation_dni_follows_a_parameter_frozen_between_segments(backend):
     assert sg.layers[0].weight.grad is not None and sg.layers[0].bias.grad is None  # the second regression: autograd
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_calibrated_truncation_dni_is_fused_as_on_autograd(backend):
+    """calibrate=True: the gain's running moments come from the regression on either path; 8 segments in fp64 give
+    the same gains, SG and core parameters."""
+    if backend == "auto" and not ops.HAS_CPU_KERNELS:
+        pytest.skip("no C++ kernels: 'auto' falls back to autograd")
+    inputs, targets = sequence(24)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        core = randomise_(StepCore(), 0.5)
+        sg = randomise_(SyntheticGradient(2 * HIDDEN).double(), 0.2)
+        sg_opt = torch.optim.Adam(sg.parameters(), lr=1e-2)
+        boundary = TruncationDNI(sg, calibrate=True, optimizer=sg_opt if fused else None, backend=backend)
+        boundary.calibration.copy_(torch.tensor([0.5, 1.0]))  # a gain of 1/2 measured before: every segment scaled
+        core_opt = torch.optim.SGD(core.parameters(), lr=0.1)
+        state, gains = initial_state(), []
+        for start in range(0, 24, 3):
+            state = boundary.begin_segment(state)
+            assert boundary.fused == fused
+            loss, state, _ = core(inputs[start:start + 3], targets[start:start + 3], state)
+            boundary.end_segment(loss, state)
+            for opt in [core_opt] + ([] if fused else [sg_opt]):
+                opt.step()
+                opt.zero_grad()
+            gains.append(boundary.sg_gain())
+        results.append((torch.stack(gains), [p.detach().clone() for p in [*sg.parameters(), *core.parameters()]]))
+    (want_gains, want), (got_gains, got) = results
+    assert 0 < float(want_gains.min()) and float(want_gains.max()) < 1 and len(set(want_gains.tolist())) > 1
+    torch.testing.assert_close(got_gains, want_gains, rtol=1e-10, atol=1e-12)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_calibration_gain_of_truncation_dni():
+    """The gain is <M, t> / <M, M> over the regressions seen (decay 0: the last one), clamped to [0, 1]; 0 before any,
+    1 without calibrate; bad decays are named."""
+    sg = randomise_(SyntheticGradient(6).double(), 0.5)
+    boundary = TruncationDNI(sg, calibrate=True, calibration_decay=0.0)
+    assert float(boundary.sg_gain()) == 0.0
+    assert float(TruncationDNI(sg).sg_gain()) == 1.0
+    prediction = torch.randn(5, 6, dtype=F64)
+    noise = torch.randn(5, 6, dtype=F64)
+    noise -= prediction * (noise * prediction).sum() / prediction.pow(2).sum()  # orthogonal to the prediction
+    for scale, gain in ((0.3, 0.3), (2.0, 1.0), (-1.0, 0.0)):
+        boundary._observe_regression(prediction, scale * prediction + noise)
+        assert float(boundary.sg_gain()) == pytest.approx(gain, abs=1e-12)
+    with pytest.raises(ValueError, match="^calibration_decay"):
+        TruncationDNI(sg, calibrate=True, calibration_decay=1.0)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused"])
 def test_an_inplace_change_of_h_before_the_gradient_arrives_is_an_error(fused):
     """The regression reads h: changed in place after the interface ran, it is the same error on both paths (the
