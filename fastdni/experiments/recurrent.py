@@ -51,7 +51,7 @@ DEMO = {
 }
 PAPER_HIDDEN = {"copy": 256, "repeat-copy": 256, "ptb": 1024}  # the paper's LSTM sizes; the rest stays ours
 LOG_FIELDS = ("step", "length", "max_length", "train_bits", "valid_bpc", "sg_loss", "sg_loss_normalised", "aux_loss",
-              "sg_cosine", "sg_norm_ratio", "train_seconds")
+              "sg_cosine", "sg_norm_ratio", "sg_gain", "train_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,7 @@ class GroupConfig:
     bootstrap: float = 1.0  #: M's target bootstraps from bootstrap * M(s_end) / B
     sg_hidden: int = 0  #: 0: a linear SG (the paper's); else one ReLU hidden layer of this width
     sg_ops: bool = True  #: the SG's regression and Adam step on the fused ops (RunGroup.use_fused_sg); else autograd
+    calibrate: bool = False  #: dni, dni-aux: M used as alpha * M (TruncationDNI's calibrate)
     episodic: bool = True  #: copy tasks: zero the state at every episode start (else one continuous stream)
     threshold: float = 0.15  #: copy tasks: the curriculum's error threshold
     error_unit: str = "bit"  #: copy tasks: the threshold's unit, bits per output bit or per step
@@ -90,7 +91,8 @@ class GroupConfig:
 def build_group(config: GroupConfig, in_features: int, out_features: int) -> tuple[RunGroup, list]:
     methods, seeds = zip(*config.runs)
     group = RunGroup(methods, seeds, in_features, config.hidden, out_features, sg_scale=config.sg_scale,
-                     aux_weight=config.aux_weight, bootstrap=config.bootstrap, sg_hidden=config.sg_hidden)
+                     aux_weight=config.aux_weight, bootstrap=config.bootstrap, sg_hidden=config.sg_hidden,
+                     calibrate=config.calibrate)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=config.lr),
                   torch.optim.Adam(group.sg_parameters(), lr=config.sg_lr)]
     if config.sg_ops:
@@ -194,13 +196,15 @@ def run_copy(config: GroupConfig, out: Path, **run_options) -> list[dict]:
         # fork of the stream, long enough to hold the rest of the longest episode.
         horizon = int(streams.episode_steps(curriculum.lengths.max(), torch.tensor(max(repeats, 1)))) + 1
         cosine, ratio = group.alignment(state, future_loss(streams.fork().window(horizon)))
+        gain = group.sg_gain()
         sg, aux, err = _mean(sg_losses, runs), _mean(aux_losses, runs), _mean(errors, runs)
         normalised = sg / _mean(sg_targets, runs)
         sg_losses.clear(), sg_targets.clear(), aux_losses.clear(), errors.clear()
         return [dict(length=int(curriculum.lengths[r]), max_length=int(curriculum.max_length_reached[r]),
                      train_bits=float(err[r]), sg_loss=float(sg[r]), sg_loss_normalised=float(normalised[r]),
                      aux_loss=float(aux[r]) if group.aux_weights[r]
-                     else float("nan"), sg_cosine=float(cosine[r]), sg_norm_ratio=float(ratio[r]))
+                     else float("nan"), sg_cosine=float(cosine[r]), sg_norm_ratio=float(ratio[r]),
+                     sg_gain=float(gain[r]))
                 for r in range(runs)]
 
     def extra_state() -> dict:
@@ -318,7 +322,7 @@ def run_ptb(config: GroupConfig, data, out: Path, *, eval_chars: int = 0, **run_
             cosine, ratio = group.alignment(state, lambda s: _ce_per_run(
                 group(_one_hot(future[:-1], vocab, runs), s)[0], future[1:]))
         return [dict(valid_bpc=float(valid[r]), sg_loss=float(sg[r]), sg_loss_normalised=float(normalised[r]),
-                     sg_cosine=float(cosine[r]),
+                     sg_cosine=float(cosine[r]), sg_gain=float(group.sg_gain()[r]),
                      sg_norm_ratio=float(ratio[r]), train_bits=float(nats[r]) / config.truncation / math.log(2.0),
                      aux_loss=float(aux[r]) if group.aux_weights[r] else float("nan")) for r in range(runs)]
 
@@ -507,6 +511,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "ptb 0.1)")
     p.add_argument("--sg-hidden", type=int, default=0,
                    help="0: a linear SG over (h, c), the paper's (default); N: one ReLU hidden layer of N units")
+    p.add_argument("--calibrate", action="store_true",
+                   help="dni, dni-aux: scale M by the least-squares fit of its targets on its predictions "
+                        "(TruncationDNI's calibrate)")
     p.add_argument("--sg-autograd", action="store_true",
                    help="the SG's regression and Adam step on autograd and torch.optim (default: the fused ops)")
     p.add_argument("--stream", action="store_true",
@@ -569,7 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             task=args.task, truncation=truncation, methods=tuple(args.methods), seeds=tuple(args.seeds),
             steps=steps, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, sg_lr=args.sg_lr,
             aux_weight=args.aux_weight, sg_scale=args.sg_scale, bootstrap=args.bootstrap, sg_hidden=args.sg_hidden,
-            sg_ops=not args.sg_autograd, episodic=not args.stream,
+            sg_ops=not args.sg_autograd, calibrate=args.calibrate, episodic=not args.stream,
             threshold=args.threshold, error_unit=args.error_unit, bits=args.bits, max_repeats=args.max_repeats,
             data_seed=args.data_seed)
         try:

@@ -36,6 +36,7 @@ def test_copy_grid_writes_tables_plot_logs_checkpoints(tmp_path, capsys):
     assert float(log[-1]["sg_loss"]) >= 0 and float(log[-1]["aux_loss"]) >= 0  # both losses ran
     assert -1 <= float(log[-1]["sg_cosine"]) <= 1 or math.isnan(float(log[-1]["sg_cosine"]))
     assert all(r["aux_loss"] == "nan" for r in _log(tmp_path / "dni-T2-s0.csv"))  # no aux loss without aux
+    assert float(log[-1]["sg_gain"]) == 1.0  # not calibrated
     assert torch.load(tmp_path / "T3.pt", weights_only=False)["step"] == 6
 
 
