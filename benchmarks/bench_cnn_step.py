@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_cnn_step.py --quick               # B 64, cdni, fp32
     python benchmarks/bench_cnn_step.py --threads 1 --markdown docs/benchmarks/cnn_step_cpu.md   # B 64/256 x modes
+    python benchmarks/bench_cnn_step.py --device cuda --json out.json --markdown out.md          # the same on a GPU
 
 The model is ``fastdni.experiments.mnist``'s (``build_model``): ``1x28x28 -> [Conv5x5 -> BatchNorm2d -> ReLU ->
 MaxPool2 -> conv SG] x (32, 64 channels) -> Linear -> 10``, Adam (lr 1e-3) everywhere, ``gradient_scale = B``; dni
@@ -31,13 +32,18 @@ against ``fused``'s, relative to the largest update (``CHECK_TOL``). Times: medi
 (``benchmarks/dni_step.py``'s ``time_interleaved``); memory: the peak c10 allocation of one step on top of what it
 started with (``benchmarks/common.py``'s ``peak_alloc_bytes``, from ``torch.profiler``), plus, for the fused
 variants, the unfold workspace they keep between steps.
+
+``--device cuda`` (``benchmarks/gpu.sh``): as ``benchmarks/fcn_bn_step.py``'s: the models (built on the CPU) and the
+data on the GPU, ``fused`` and ``fused_gemm`` on ``backend="auto"`` there (``common.prepare_whole_step``), fp32 IEEE
+in every variant (TF32 off, cuDNN's convolutions included), the same fp32 check at ``CHECK_TOL``, times from
+``triton.testing.do_bench``, memory from ``torch.cuda.max_memory_allocated`` (``common.peak_step_bytes``; the fused
+variants' workspace added as on the CPU). ``--json`` writes the title and the rows.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import itertools
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -48,7 +54,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
-import dni_step  # noqa: E402
 from fastdni.experiments import mnist  # noqa: E402
 from fastdni.nn import DecoupledCNN  # noqa: E402
 
@@ -67,11 +72,12 @@ class Variant:
     step: Callable[[], object]
 
 
-def build(batch: int, mode: str, backend: str, weight_grad: str = "aten") -> torch.nn.Module:
-    """``--model cnn``'s model for ``mode`` (``backend="autograd"``: DecoupledSequential), mid-training."""
+def build(batch: int, mode: str, backend: str, device: torch.device, weight_grad: str = "aten") -> torch.nn.Module:
+    """``--model cnn``'s model for ``mode`` (``backend="autograd"``: DecoupledSequential), built on the CPU (the same
+    values on any device), moved to ``device``, mid-training."""
     config = mnist.RunConfig(mode=mode, steps=1, lr=1e-3, sg_lr=1e-3, lr_schedule="constant", model="cnn",
                              batch_size=batch, sg_hidden=(64,) if mode == "dni" else (), backend=backend)
-    model = mnist.build_model(config)
+    model = mnist.build_model(config).to(device)
     if isinstance(model, DecoupledCNN):
         model.weight_grad = weight_grad
     _mid_training(model)
@@ -93,7 +99,8 @@ def _all_params(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def _mid_training(model: torch.nn.Module) -> None:
-    """Zero SG convs to ``0.01 * randn`` and Adam at step 10 with small random moments, seeded per parameter index."""
+    """Zero SG convs to ``0.01 * randn`` and Adam at step 10 with small random moments, seeded per parameter index
+    (drawn on the CPU: the same values on any device; ``step`` stays a CPU tensor, as Adam keeps it)."""
     optimizers = [o for o in (*model.optimizers, *model.sg_optimizers) if o is not None]
     sg_params = {id(p) for p in _sg_params(model)}
     for i, p in enumerate(_all_params(model)):
@@ -102,24 +109,24 @@ def _mid_training(model: torch.nn.Module) -> None:
             if id(p) in sg_params and not p.any():
                 p.copy_(0.01 * torch.randn(p.shape, generator=gen))
         opt = next(o for o in optimizers if any(q is p for g in o.param_groups for q in g["params"]))
-        opt.state[p] = {"step": torch.tensor(10.0), "exp_avg": 1e-3 * torch.randn(p.shape, generator=gen),
-                        "exp_avg_sq": 1e-6 * torch.rand(p.shape, generator=gen)}
+        opt.state[p] = {"step": torch.tensor(10.0), "exp_avg": (1e-3 * torch.randn(p.shape, generator=gen)).to(p.device),
+                        "exp_avg_sq": (1e-6 * torch.rand(p.shape, generator=gen)).to(p.device)}
 
 
-def make_variants(batch: int, mode: str, skip: set[str], notes: list[str]) -> dict[str, Variant]:
+def make_variants(batch: int, mode: str, skip: set[str], notes: list[str], device: torch.device) -> dict[str, Variant]:
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
+    x = torch.rand(batch, 1, 28, 28, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     context = y if mode == "cdni" else None
-    fused, fused_gemm = build(batch, mode, "auto"), build(batch, mode, "auto", "gemm")
-    eager = build(batch, mode, "autograd")
+    fused, fused_gemm = build(batch, mode, "auto", device), build(batch, mode, "auto", device, "gemm")
+    eager = build(batch, mode, "autograd", device)
     variants = {"fused": Variant("fused", fused, lambda: fused.train_step(x, y, F.cross_entropy, context)),
                 "fused_gemm": Variant("fused_gemm", fused_gemm,
                                       lambda: fused_gemm.train_step(x, y, F.cross_entropy, context)),
                 "eager": Variant("eager", eager, lambda: eager.train_step(x, y, F.cross_entropy, context))}
     if "compiled" not in skip:
         torch._dynamo.reset()  # each row compiles new modules: without it the recompile limit drops later rows to eager
-        compiled = build(batch, mode, "autograd")
+        compiled = build(batch, mode, "autograd", device)
         try:
             for i, block in enumerate(compiled.blocks):
                 compiled.blocks[i] = torch.compile(block, dynamic=False)
@@ -155,13 +162,13 @@ def check_equal_step(variants: dict[str, Variant]) -> dict:
     return out
 
 
-def run_row(batch: int, mode: str, opts: argparse.Namespace) -> dict:
+def run_row(batch: int, mode: str, opts: argparse.Namespace, device: torch.device) -> dict:
     row = dict(batch=batch, mode=mode, notes=[])
-    variants = make_variants(batch, mode, set(opts.skip), row["notes"])
+    variants = make_variants(batch, mode, set(opts.skip), row["notes"], device)
     row["check"] = check_equal_step(variants)  # also the warm-up (and the compilation) of every variant
-    samples = dni_step.time_interleaved({name: v.step for name, v in variants.items()}, opts.reps, 0.05, opts.budget)
-    row["ms"] = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
-    row["memory"] = {name: common.peak_alloc_bytes(v.step) for name, v in variants.items()}
+    row["ms"] = common.step_times_ms({name: v.step for name, v in variants.items()}, device, opts.reps, 0.05,
+                                     opts.budget)
+    row["memory"] = {name: common.peak_step_bytes(v.step, device) for name, v in variants.items()}
     for name, v in variants.items():  # the unfold's workspace is kept between steps, but is the step's scratch
         if row["memory"].get(name) is not None and isinstance(v.model, DecoupledCNN):
             row["memory"][name] += v.model.workspace.nbytes
@@ -183,22 +190,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--mode", choices=MODES, action="append")
     parser.add_argument("--skip", choices=("compiled",), action="append", default=[])
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per variant (default 7)")
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds of timing per row at most (reps >= 5)")
+    parser.add_argument("--budget", type=float, default=30.0,
+                        help="seconds of timing per row at most on the CPU (reps >= 5)")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     parser.add_argument("--markdown", metavar="PATH")
+    common.add_whole_step_args(parser)
     opts = parser.parse_args(argv)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    device = common.bench_device(opts, "bench_cnn_step.py")
+    if device is None:
+        return 2
+    notes = common.prepare_whole_step(device)
+    title = f"cnn training step on {common.device_name(device)}, torch {torch.__version__}"
     rows = []
+    for note in notes:  # none on the CPU
+        print(note)
     print(" | ".join(HEADER))
     for mode, batch in itertools.product(opts.mode or (QUICK["mode"] if opts.quick else MODES),
                                          opts.batch or (QUICK["batch"] if opts.quick else BATCHES)):
-        rows.append(run_row(batch, mode, opts))
+        rows.append(run_row(batch, mode, opts, device))
         print(" | ".join(format_row(rows[-1])), *rows[-1]["notes"], flush=True)
-    if opts.markdown:
-        title = f"# cnn training step on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
-        common.write_markdown_table(opts.markdown, title, HEADER, [format_row(r) for r in rows],
-                                    [n for r in rows for n in r["notes"]])
+        common.write_step_tables(opts, title, HEADER, rows, format_row, notes)  # every row: a stopped run keeps them
     return 0 if all(all(c["ok"] for c in r["check"].values()) for r in rows) else 1
 
 

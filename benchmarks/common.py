@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor
 
 import fastdni.ops as ops
+from fastdni.ops.schema import TRITON_ONLY_OPS
 from fastdni.reference import SGParams, init_sg_params, layer_backward, sg_backward
 
 SG_KINDS = ("linear", "mlp")
@@ -414,6 +417,86 @@ def bench_device(opts, script: str) -> Optional[torch.device]:
         print(f"{script}: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return None
     return device
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole training step on the CPU or on CUDA (fcn_bn_step.py, bench_cnn_step.py)
+
+
+def add_whole_step_args(parser) -> None:
+    """``--device`` and ``--json``, the options a whole-step benchmark adds for ``benchmarks/gpu.sh``."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default) or cuda: the models and data there, fused on backend 'auto'")
+    parser.add_argument("--json", metavar="PATH", help="write the title and the rows as JSON")
+
+
+def device_name(device: torch.device) -> str:
+    """What a table's title says the step ran on: ``CPU (n threads)`` or the GPU's name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+DO_BENCH = dict(warmup=25, rep=100)  #: ``triton.testing.do_bench``'s arguments in step_times_ms (dni_sg_step.py's)
+
+
+def prepare_whole_step(device: torch.device) -> list[str]:
+    """Prepares ``device`` for a whole-step benchmark; the lines that say how it measures there. Nothing on the CPU.
+
+    On CUDA: a RuntimeError where ``backend="auto"`` would not run fp32 fused kernels (``fused_backend_blocker``: the
+    ``fused`` column would time the reference ops); fp32 as IEEE products in every variant, TF32 off for cuBLAS and
+    cuDNN (the ops' fp32 GEMMs are IEEE; cuDNN's convolutions default to TF32)."""
+    if device.type != "cuda":
+        return []
+    blocker = ops.fused_backend_blocker("auto", device, torch.float32)
+    if blocker is not None:
+        raise RuntimeError(f"fused: backend 'auto' would not run fused kernels on {device}: {blocker}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    kernels = (f"the CUDA C++ kernels, Triton's for {', '.join(TRITON_ONLY_OPS)}" if ops.HAS_CUDA_KERNELS
+               else "the Triton kernels")
+    return [f"fused: backend 'auto' on CUDA: {kernels}",
+            "fp32 IEEE in every variant (torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32 off)",
+            f"times: triton.testing.do_bench (mean ms, warmup {DO_BENCH['warmup']} ms, rep {DO_BENCH['rep']} ms); "
+            "memory: the peak of torch.cuda's allocator over one step above what was allocated before it"]
+
+
+def step_times_ms(steps: dict[str, Callable[[], object]], device: torch.device, reps: int, min_block_s: float,
+                  budget_s: float) -> dict[str, float]:
+    """Milliseconds per call of each of ``steps``: ``triton.testing.do_bench`` (mean; CUDA events, synchronised) on
+    CUDA, else the median of ``dni_step.time_interleaved``'s samples (``reps``, ``min_block_s``, ``budget_s``: its)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return {name: float(do_bench(step, **DO_BENCH)) for name, step in steps.items()}
+    import dni_step  # here: it imports this module
+
+    samples = dni_step.time_interleaved(steps, reps, min_block_s, budget_s)
+    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+
+
+def peak_step_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes that ``fn()`` holds allocated at once above what was allocated before it, its outputs included: on
+    the CPU :func:`peak_alloc_bytes`; on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``."""
+    if device.type != "cuda":
+        return peak_alloc_bytes(fn)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = fn()
+    del out
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def write_step_tables(opts, title: str, header: list[str], rows: list[dict], format_row: Callable[[dict], list[str]],
+                      notes: list[str]) -> None:
+    """A whole-step benchmark's ``--markdown`` (``# title``, the table, the rows' and the run's ``notes``) and
+    ``--json`` (``title`` and ``rows``, as ``dni_sg_step.py`` and ``bench_copy_lstm_step.py`` write them)."""
+    if opts.markdown:
+        write_markdown_table(opts.markdown, f"# {title}", header, [format_row(r) for r in rows],
+                             [*notes, *(n for r in rows for n in r["notes"])])
+    if opts.json:
+        with open(opts.json, "w") as f:
+            f.write(json.dumps(dict(title=title, notes=notes, rows=rows), indent=1))
 
 
 def write_markdown_table(path: str, title: str, header: list[str], cells: list[list[str]], notes: list[str]) -> None:

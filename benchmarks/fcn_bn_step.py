@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/fcn_bn_step.py --quick                 # B 256, width 256, dni (MLP SG), fp32
     python benchmarks/fcn_bn_step.py --markdown out.md       # B 64/256 x width 256/1024 x dni/cdni
+    python benchmarks/fcn_bn_step.py --device cuda --json out.json --markdown out.md   # the same grid on a GPU
 
 The model is ``fastdni.experiments.mnist``'s: ``784 -> [Linear -> BatchNorm1d -> ReLU -> SG] x 3 -> Linear -> 10``,
 Adam (lr 1e-3) on every block and SG, ``gradient_scale = B``; dni with an MLP SG (one hidden layer as wide as the layer),
@@ -25,15 +26,21 @@ Each row is checked first (one step of each variant from the same state): the lo
 against ``fused``'s, relative to the largest update (``CHECK_TOL``). (From a fresh Adam state the check would be
 moot: the Linears' biases before a BatchNorm have a true gradient of 0, and Adam's first step turns each variant's
 rounding noise into a step of ~lr; docs/performance.md.)
-Times: the median over interleaved repetitions (``benchmarks/dni_step.py``'s ``time_interleaved``).
+Times: the median over interleaved repetitions (``benchmarks/dni_step.py``'s ``time_interleaved``); memory: the peak
+bytes of one step above what it started with (``common.peak_alloc_bytes``, the c10 CPU allocator).
+
+``--device cuda`` (``benchmarks/gpu.sh``): the models (built on the CPU, the same values) and the data on the GPU,
+``fused`` on ``backend="auto"`` there (the CUDA C++ kernels where built, Triton's for the BatchNorm ops and where
+not: ``common.prepare_whole_step``, which refuses a GPU without them), fp32 IEEE in every variant (TF32 off). The
+check is the same fp32 one at ``CHECK_TOL`` (as on the CPU, and as ``bench_copy_lstm_step.py``'s fp32 check where the
+CUDA kernels have no fp64); times: ``triton.testing.do_bench``; memory: ``torch.cuda.max_memory_allocated`` over one
+step above what was allocated before it (``common.peak_step_bytes``). ``--json`` writes the title and the rows.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import itertools
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,7 +53,6 @@ import torch._functorch.config  # noqa: E402  (donated_buffer, below)
 import torch._inductor.config  # noqa: E402  (inplace_buffers, below)
 
 import common  # noqa: E402
-import dni_step  # noqa: E402
 from fastdni.experiments import mnist  # noqa: E402
 
 BATCHES = (64, 256)
@@ -64,18 +70,21 @@ class Variant:
     step: Callable[[], object]
 
 
-def make_models(batch: int, width: int, mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The fused and the autograd fcn-bn, same initialisation (``build_model`` with the same seed), mid-training."""
+def make_models(batch: int, width: int, mode: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The fused and the autograd fcn-bn, same initialisation (``build_model`` with the same seed, on the CPU), moved
+    to ``device``, mid-training."""
     config = mnist.RunConfig(mode=mode, steps=1, lr=1e-3, sg_lr=1e-3, lr_schedule="constant", model="fcn-bn", width=width,
                              batch_size=batch, sg_hidden=(width,) if mode == "dni" else ())
-    models = mnist.build_model(config), mnist.build_model(dataclasses.replace(config, backend="autograd"))
+    models = (mnist.build_model(config).to(device),
+              mnist.build_model(dataclasses.replace(config, backend="autograd")).to(device))
     for model in models:
         _mid_training(model)
     return models
 
 
 def _mid_training(model: torch.nn.Module) -> None:
-    """Zero SG layers to ``0.01 * randn`` and Adam at step 10 with small random moments, seeded per parameter index."""
+    """Zero SG layers to ``0.01 * randn`` and Adam at step 10 with small random moments, seeded per parameter index
+    (drawn on the CPU: the same values on any device; ``step`` stays a CPU tensor, as Adam keeps it)."""
     optimizers = [o for o in (*model.optimizers, *model.sg_optimizers) if o is not None]
     sg_params = set(id(p) for p in _all_params(model)[-len(_sg_params(model)):])
     for i, p in enumerate(_all_params(model)):
@@ -84,16 +93,17 @@ def _mid_training(model: torch.nn.Module) -> None:
             if id(p) in sg_params and not p.any():
                 p.copy_(0.01 * torch.randn(p.shape, generator=gen))
         opt = next(o for o in optimizers if any(q is p for g in o.param_groups for q in g["params"]))
-        opt.state[p] = {"step": torch.tensor(10.0), "exp_avg": 1e-3 * torch.randn(p.shape, generator=gen),
-                        "exp_avg_sq": 1e-6 * torch.rand(p.shape, generator=gen)}
+        opt.state[p] = {"step": torch.tensor(10.0), "exp_avg": (1e-3 * torch.randn(p.shape, generator=gen)).to(p.device),
+                        "exp_avg_sq": (1e-6 * torch.rand(p.shape, generator=gen)).to(p.device)}
 
 
-def make_variants(batch: int, width: int, mode: str, skip: set[str], notes: list[str]) -> tuple[dict[str, Variant], tuple]:
+def make_variants(batch: int, width: int, mode: str, skip: set[str], notes: list[str],
+                  device: torch.device) -> tuple[dict[str, Variant], tuple]:
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 784, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
+    x = torch.rand(batch, 784, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     context = y if mode == "cdni" else None
-    fused, eager = make_models(batch, width, mode)
+    fused, eager = make_models(batch, width, mode, device)
     variants = {"fused": Variant("fused", fused, lambda: fused.train_step(x, y, F.cross_entropy, context)),
                 "eager": Variant("eager", eager, lambda: eager.train_step(x, y, F.cross_entropy, context))}
     if "compiled" not in skip:
@@ -105,7 +115,7 @@ def make_variants(batch: int, width: int, mode: str, skip: set[str], notes: list
         # 85-450 % (repro in docs/performance.md). inplace_buffers=False keeps them intact.
         torch._functorch.config.donated_buffer = False
         torch._inductor.config.inplace_buffers = False
-        compiled = make_models(batch, width, mode)[1]
+        compiled = make_models(batch, width, mode, device)[1]
         try:
             for i, block in enumerate(compiled.blocks):
                 compiled.blocks[i] = torch.compile(block, dynamic=False)
@@ -146,13 +156,12 @@ def check_equal_step(variants: dict[str, Variant]) -> dict:
     return out
 
 
-def run_row(batch: int, width: int, mode: str, opts: argparse.Namespace) -> dict:
+def run_row(batch: int, width: int, mode: str, opts: argparse.Namespace, device: torch.device) -> dict:
     row = dict(batch=batch, width=width, mode=mode, notes=[])
-    variants, _ = make_variants(batch, width, mode, set(opts.skip), row["notes"])
+    variants, _ = make_variants(batch, width, mode, set(opts.skip), row["notes"], device)
     row["check"] = check_equal_step(variants)
-    samples = dni_step.time_interleaved({name: v.step for name, v in variants.items()}, opts.reps, 0.05, 20.0)
-    row["ms"] = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
-    row["memory"] = {name: common.peak_alloc_bytes(v.step) for name, v in variants.items()}
+    row["ms"] = common.step_times_ms({name: v.step for name, v in variants.items()}, device, opts.reps, 0.05, 20.0)
+    row["memory"] = {name: common.peak_step_bytes(v.step, device) for name, v in variants.items()}
     return row
 
 
@@ -174,20 +183,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per variant (default 7)")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     parser.add_argument("--markdown", metavar="PATH")
+    common.add_whole_step_args(parser)
     opts = parser.parse_args(argv)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    device = common.bench_device(opts, "fcn_bn_step.py")
+    if device is None:
+        return 2
+    notes = common.prepare_whole_step(device)
+    title = f"fcn-bn training step on {common.device_name(device)}, torch {torch.__version__}"
     rows = []
+    for note in notes:  # none on the CPU
+        print(note)
     print(" | ".join(HEADER))
     for mode, width, batch in itertools.product(opts.mode or (QUICK["mode"] if opts.quick else MODES),
                                                 opts.width or (QUICK["width"] if opts.quick else WIDTHS),
                                                 opts.batch or (QUICK["batch"] if opts.quick else BATCHES)):
-        rows.append(run_row(batch, width, mode, opts))
+        rows.append(run_row(batch, width, mode, opts, device))
         print(" | ".join(format_row(rows[-1])), *rows[-1]["notes"], flush=True)
-    if opts.markdown:
-        title = f"# fcn-bn training step on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
-        common.write_markdown_table(opts.markdown, title, HEADER, [format_row(r) for r in rows],
-                                    [n for r in rows for n in r["notes"]])
+        common.write_step_tables(opts, title, HEADER, rows, format_row, notes)  # every row: a stopped run keeps them
     return 0 if all(all(c["ok"] for c in r["check"].values()) for r in rows) else 1
 
 

@@ -2,14 +2,17 @@
 # One command for a GPU machine: set up .venv, run the Triton and CUDA C++ suites on the GPU, then the
 # step benchmark (Triton and, where fastdni._C has its CUDA kernels, the CUDA backend beside it), then the SG step of
 # fastdni.nn.DNI on a user's activation (sg_predict + sg_regression_ against autograd DNI and torch.compile), then the
-# copy-task LSTM's whole training step with TruncationDNI (benchmarks/bench_copy_lstm_step.py).
+# copy-task LSTM's whole training step with TruncationDNI (benchmarks/bench_copy_lstm_step.py), then the whole training
+# steps of the MNIST FCN with BatchNorm (benchmarks/fcn_bn_step.py) and of the MNIST CNN (benchmarks/bench_cnn_step.py).
 #
 #   benchmarks/gpu.sh                       # full grids -> docs/benchmarks/gpu_step.{json,md}, dni_sg_step_gpu.{json,md},
-#                                           #   copy_lstm_step_gpu.{json,md}
+#                                           #   copy_lstm_step_gpu.{json,md}, fcn_bn_step_gpu.{json,md}, cnn_step_gpu.{json,md}
 #   benchmarks/gpu.sh --dtype bf16 --sg mlp # extra arguments go to benchmarks/gpu_step.py
 #   SKIP_TESTS=1 benchmarks/gpu.sh --quick  # benchmark only (SKIP_BENCH=1: tests only; SKIP_BUILD=1: use the install as is)
 #   SKIP_DNI=1 benchmarks/gpu.sh            # without the DNI SG-step grid (DNI_ARGS: its own arguments, e.g. "--quick")
 #   SKIP_LSTM=1 benchmarks/gpu.sh           # without the copy-task LSTM step (LSTM_ARGS: its own arguments, e.g. "--quick")
+#   SKIP_FCN_BN=1 benchmarks/gpu.sh         # without the fcn-bn step (FCN_BN_ARGS: its own arguments, e.g. "--quick")
+#   SKIP_CNN=1 benchmarks/gpu.sh            # without the CNN step (CNN_ARGS: its own arguments, e.g. "--quick")
 #
 # Tests: tests/interpreted with FASTDNI_TEST_DEVICE=cuda (the Triton kernels' suite, which CI runs under the
 # interpreter, here on the compiled kernels; see tests/interpreted/conftest.py) and tests/gpu (the CUDA C++ backend
@@ -75,19 +78,26 @@ mkdir -p docs/benchmarks
 bench_failed=0
 "$PY" benchmarks/gpu_step.py --device cuda \
   --json docs/benchmarks/gpu_step.json --markdown docs/benchmarks/gpu_step.md "$@" || bench_failed=1
-if [ "${SKIP_DNI:-0}" != 1 ]; then
-  # fastdni.nn.DNI's SG step: fused (auto: the CUDA C++ kernels where built, else Triton; fused_triton beside them)
-  # against autograd DNI and torch.compile; rows fail their equal-work check -> non-zero exit.
-  echo "== benchmark: benchmarks/dni_sg_step.py --device cuda ${DNI_ARGS:-}"
-  "$PY" benchmarks/dni_sg_step.py --device cuda ${DNI_ARGS:-} \
-    --json docs/benchmarks/dni_sg_step_gpu.json --markdown docs/benchmarks/dni_sg_step_gpu.md || bench_failed=1
-fi
-if [ "${SKIP_LSTM:-0}" != 1 ]; then
-  # The copy-task LSTM + TruncationDNI training step: TruncationDNI on the fused SG ops against autograd and
-  # torch.compile of the same step; a row failing its equal-work check -> non-zero exit.
-  echo "== benchmark: benchmarks/bench_copy_lstm_step.py --device cuda ${LSTM_ARGS:-}"
-  "$PY" benchmarks/bench_copy_lstm_step.py --device cuda ${LSTM_ARGS:-} \
-    --json docs/benchmarks/copy_lstm_step_gpu.json --markdown docs/benchmarks/copy_lstm_step_gpu.md || bench_failed=1
-fi
+# run_cuda_bench SKIP ARGS SCRIPT OUT: benchmarks/SCRIPT --device cuda $ARGS -> docs/benchmarks/OUT.{json,md}, unless
+# $SKIP is 1 (SKIP and ARGS: the names of the variables); a failure (a row failing its equal-work check: exit 1) sets
+# bench_failed.
+run_cuda_bench() {
+  local skip=$1 args=$2 script=benchmarks/$3 out=docs/benchmarks/$4
+  [ "${!skip:-0}" = 1 ] && return 0
+  echo "== benchmark: $script --device cuda ${!args:-}"
+  "$PY" "$script" --device cuda ${!args:-} --json "$out.json" --markdown "$out.md" || bench_failed=1
+}
+# fastdni.nn.DNI's SG step: fused (auto: the CUDA C++ kernels where built, else Triton; fused_triton beside them)
+# against autograd DNI and torch.compile.
+run_cuda_bench SKIP_DNI DNI_ARGS dni_sg_step.py dni_sg_step_gpu
+# The copy-task LSTM + TruncationDNI training step: TruncationDNI on the fused SG ops against autograd and
+# torch.compile of the same step.
+run_cuda_bench SKIP_LSTM LSTM_ARGS bench_copy_lstm_step.py copy_lstm_step_gpu
+# The MNIST FCN with BatchNorm's whole DNI/cDNI training step: DecoupledMLP on the fused ops (auto: the CUDA C++
+# kernels where built, Triton's for the BatchNorm ops and where not) against autograd and torch.compile; fp32 IEEE.
+run_cuda_bench SKIP_FCN_BN FCN_BN_ARGS fcn_bn_step.py fcn_bn_step_gpu
+# The MNIST CNN's whole training step: DecoupledCNN on the fused ops (ATen's conv weight step and the ops' GEMM one)
+# against autograd and torch.compile; fp32 IEEE (cuDNN's TF32 off).
+run_cuda_bench SKIP_CNN CNN_ARGS bench_cnn_step.py cnn_step_gpu
 [ "$bench_failed" = 0 ] || exit 1
 exit "$tests_failed"

@@ -141,20 +141,46 @@ def test_copy_lstm_step_check_catches_other_work():
     assert bench.max_rel_diff(eager, fused, start) > bench.CHECK_TOL
 
 
-@pytest.mark.parametrize("script, args, row_start", [
-    ("fcn_bn_step", ["--batch", "16", "--width", "32", "--mode", "cdni"], "16 | 32 | cdni |"),
-    ("bench_cnn_step", ["--batch", "4", "--mode", "dni", "--budget", "0"], "4 | dni |"),
+@pytest.mark.parametrize("script, args, row_start, title", [
+    ("fcn_bn_step", ["--batch", "16", "--width", "32", "--mode", "cdni"], "16 | 32 | cdni |", "fcn-bn training step"),
+    ("bench_cnn_step", ["--batch", "4", "--mode", "dni", "--budget", "0"], "4 | dni |", "cnn training step"),
 ])
-def test_whole_step_benchmarks_print_checked_times_and_memory(script, args, row_start, capsys, tmp_path):
-    """One small row of ``fcn_bn_step.py`` and ``bench_cnn_step.py`` (no torch.compile): every variant agrees with
-    ``fused`` after one step, and the row has a time and a peak memory per variant under the shared header."""
+def test_whole_step_benchmarks_print_checked_times_and_memory(script, args, row_start, title, capsys, tmp_path):
+    """One small row of ``fcn_bn_step.py`` and ``bench_cnn_step.py`` (no torch.compile), ``--device cpu`` (the device
+    the internal functions take; ``--device cuda`` runs the same path there, in benchmarks/gpu.sh): every variant
+    agrees with ``fused`` after one step, and the row has a time and a peak memory per variant under the shared
+    header, in the printed table, the markdown and the JSON."""
+    import json
+
     bench = __import__(script)
-    markdown = tmp_path / "table.md"
-    assert bench.main([*args, "--skip", "compiled", "--reps", "1", "--markdown", str(markdown)]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(row_start))
+    markdown, report = tmp_path / "table.md", tmp_path / "rows.json"
+    assert bench.main([*args, "--device", "cpu", "--skip", "compiled", "--reps", "1", "--markdown", str(markdown), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(" | ".join(bench.HEADER) + "\n")  # no device lines before the header on the CPU
+    line = next(ln for ln in out.splitlines() if ln.startswith(row_start))
     cells = line.split(" | ")
     assert len(cells) == len(bench.HEADER) and cells[-1] == "ok"
     for name in ("fused", "eager"):
         assert float(cells[bench.HEADER.index(f"{name} ms")]) > 0
         assert float(cells[bench.HEADER.index(f"mem {name} MB")]) > 0
     assert cells[bench.HEADER.index("compiled ms")] == "-" and "mem eager/fused" in markdown.read_text()
+    title = f"{title} on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    assert markdown.read_text().startswith(f"# {title}\n")
+    written = json.loads(report.read_text())
+    assert written["title"] == title and written["notes"] == []
+    (row,) = written["rows"]
+    assert bench.format_row(row) == cells  # the JSON row is the printed one
+    assert "compiled" not in row["ms"] and all(row["ms"][n] > 0 and row["memory"][n] > 0 for n in ("fused", "eager"))
+
+
+def test_fcn_bn_and_cnn_step_device_helpers_on_the_cpu():
+    """The device-dependent pieces of the whole-step benchmarks (``common.py``) on the CPU: nothing to prepare, the
+    title's ``CPU (n threads)``, times from ``time_interleaved`` and the c10 CPU allocator's peak."""
+    device = torch.device("cpu")
+    assert common.prepare_whole_step(device) == []
+    assert common.device_name(device) == f"CPU ({torch.get_num_threads()} threads)"
+    x = torch.ones(1000)
+    ms = common.step_times_ms({"mul": lambda: x * 2, "add": lambda: x + 1}, device, 1, 0.0, 0.0)
+    assert set(ms) == {"mul", "add"} and all(t > 0 for t in ms.values())
+    peak = common.peak_step_bytes(lambda: x * 2, device)
+    assert peak is None or peak >= x.nbytes
