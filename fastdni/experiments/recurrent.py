@@ -72,7 +72,7 @@ class GroupConfig:
     bootstrap: float = 1.0  #: M's target bootstraps from bootstrap * M(s_end) / B
     sg_hidden: int = 0  #: 0: a linear SG (the paper's); else one ReLU hidden layer of this width
     sg_ops: bool = True  #: the SG's regression and Adam step on the fused ops (RunGroup.use_fused_sg); else autograd
-    calibrate: bool = False  #: dni, dni-aux: M used as alpha * M (TruncationDNI's calibrate)
+    calibrate: bool = True  #: dni, dni-aux: M used as alpha * M (TruncationDNI's calibrate; False: the paper's M)
     episodic: bool = True  #: copy tasks: zero the state at every episode start (else one continuous stream)
     threshold: float = 0.15  #: copy tasks: the curriculum's error threshold
     error_unit: str = "bit"  #: copy tasks: the threshold's unit, bits per output bit or per step
@@ -511,9 +511,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "ptb 0.1)")
     p.add_argument("--sg-hidden", type=int, default=0,
                    help="0: a linear SG over (h, c), the paper's (default); N: one ReLU hidden layer of N units")
-    p.add_argument("--calibrate", action="store_true",
-                   help="dni, dni-aux: scale M by the least-squares fit of its targets on its predictions "
-                        "(TruncationDNI's calibrate)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="dni, dni-aux: use M as the paper does (default: calibrated, M scaled by the least-squares "
+                        "fit of its targets on its predictions, TruncationDNI's calibrate)")
     p.add_argument("--sg-autograd", action="store_true",
                    help="the SG's regression and Adam step on autograd and torch.optim (default: the fused ops)")
     p.add_argument("--stream", action="store_true",
@@ -576,7 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             task=args.task, truncation=truncation, methods=tuple(args.methods), seeds=tuple(args.seeds),
             steps=steps, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, sg_lr=args.sg_lr,
             aux_weight=args.aux_weight, sg_scale=args.sg_scale, bootstrap=args.bootstrap, sg_hidden=args.sg_hidden,
-            sg_ops=not args.sg_autograd, calibrate=args.calibrate, episodic=not args.stream,
+            sg_ops=not args.sg_autograd, calibrate=not args.no_calibrate, episodic=not args.stream,
             threshold=args.threshold, error_unit=args.error_unit, bits=args.bits, max_repeats=args.max_repeats,
             data_seed=args.data_seed)
         try:

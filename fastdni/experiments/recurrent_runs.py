@@ -66,7 +66,7 @@ class RunGroup(nn.Module):
                  out_features: int, *, sg_scale: PerRun = 0.1, aux_weight: PerRun = 0.1, bootstrap: PerRun = 1.0,
                  sg_hidden: int = 0, forget_bias: PerRun = 0.0, sg_solver: Union[str, Sequence[str]] = "adam",
                  rls_decay: float = 0.999, rls_ridge: float = 1e-3, rls_every: int = 10, aux_in_target: bool = False,
-                 calibrate: Union[bool, Sequence[bool]] = False, calibration_decay: float = 0.99):
+                 calibrate: Union[bool, Sequence[bool]] = True, calibration_decay: float = 0.99):
         super().__init__()
         if len(methods) != len(seeds) or not methods:
             raise ValueError(f"methods/seeds: expected equal, non-zero lengths, got {len(methods)} and {len(seeds)}")
@@ -118,9 +118,10 @@ class RunGroup(nn.Module):
             self.register_buffer("rls_a", torch.zeros(runs, state + 1, state + 1, dtype=torch.float64))
             self.register_buffer("rls_c", torch.zeros(runs, state + 1, state, dtype=torch.float64))
             self.rls_decay, self.rls_ridge, self.rls_every, self.rls_count = rls_decay, rls_ridge, rls_every, 0
-        # Calibration: M's output is used as alpha * M, alpha the least-squares scale of its targets on its
-        # predictions (<M, t> / <M, M>, running means over the windows, clamped to [0, 1]): 0 where M predicts
-        # nothing of its target (the run is then BPTT), 1 where it is unbiased (see TruncationDNI's calibrate).
+        # Calibration (TruncationDNI's default; False: the paper's method): M's output is used as alpha * M, alpha
+        # the least-squares scale of its targets on its predictions (<M, t> / <M, M>, running means over the
+        # windows, clamped to [0, 1]): 0 where M predicts nothing of its target (the run is then BPTT), 1 where it
+        # is unbiased (see TruncationDNI's calibrate).
         calibrated = [bool(calibrate)] * runs if isinstance(calibrate, bool) else [bool(x) for x in calibrate]
         if len(calibrated) != runs or not 0.0 <= calibration_decay < 1.0:
             raise ValueError(f"calibrate/calibration_decay: expected a bool or one per run and a decay in [0, 1), "

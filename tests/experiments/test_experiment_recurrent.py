@@ -36,7 +36,8 @@ def test_copy_grid_writes_tables_plot_logs_checkpoints(tmp_path, capsys):
     assert float(log[-1]["sg_loss"]) >= 0 and float(log[-1]["aux_loss"]) >= 0  # both losses ran
     assert -1 <= float(log[-1]["sg_cosine"]) <= 1 or math.isnan(float(log[-1]["sg_cosine"]))
     assert all(r["aux_loss"] == "nan" for r in _log(tmp_path / "dni-T2-s0.csv"))  # no aux loss without aux
-    assert float(log[-1]["sg_gain"]) == 1.0  # not calibrated
+    assert 0 <= float(log[-1]["sg_gain"]) <= 1  # calibrated by default
+    assert float(_log(tmp_path / "bptt-T2-s0.csv")[-1]["sg_gain"]) >= 0
     assert torch.load(tmp_path / "T3.pt", weights_only=False)["step"] == 6
 
 
@@ -151,3 +152,10 @@ def test_bad_arguments_are_named(argv, message, capsys):
 def test_batchify_rejects_too_many_streams():
     with pytest.raises(ValueError, match="--batch-size"):
         recurrent.batchify(torch.arange(10), 8)
+
+
+def test_no_calibrate_runs_the_papers_sg(tmp_path, capsys):
+    args = ["copy", "--methods", "dni", "--seeds", "0", "--truncation", "2", *TINY, "--out", str(tmp_path)]
+    assert recurrent.main(args + ["--no-calibrate"]) == 0
+    assert all(float(r["sg_gain"]) == 1.0 for r in _log(tmp_path / "dni-T2-s0.csv"))
+    assert json.loads((tmp_path / "results.json").read_text())[0]["config"]["calibrate"] is False

@@ -126,7 +126,7 @@ def test_repeat_copy_streams_repeat_and_mark_the_end():
 
 def test_alignment_of_a_perfect_sg_is_one_and_matches_the_library_diagnostic():
     torch.manual_seed(0)
-    group = RunGroup(["dni"], [0], IN, HIDDEN, OUT).double()
+    group = RunGroup(["dni"], [0], IN, HIDDEN, OUT, calibrate=False).double()
     streams = CopyStreams(1, BATCH, bits=OUT, seed=2)
     state = tuple(s.double() + 0.1 for s in group.initial_state(BATCH))
     future = streams.window(6)
@@ -155,7 +155,7 @@ def test_alignment_of_a_perfect_sg_is_one_and_matches_the_library_diagnostic():
     with torch.no_grad():
         sg.layers[0].weight.copy_(group.sg_w[0])
         sg.layers[0].bias.copy_(group.sg_b[0, 0])
-    boundary = TruncationDNI(sg, gradient_scale=BATCH)
+    boundary = TruncationDNI(sg, gradient_scale=BATCH, calibrate=False)  # the group's run is not calibrated
     lib = sg_alignment(boundary, (state[0][0], state[1][0]),
                        lambda st: future_loss((st[0][None], st[1][None]))[0])
     assert lib.cosine == pytest.approx(float(cos[0]), rel=1e-10)

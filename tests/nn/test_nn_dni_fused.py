@@ -458,7 +458,9 @@ def test_calibration_gain_of_truncation_dni():
     sg = randomise_(SyntheticGradient(6).double(), 0.5)
     boundary = TruncationDNI(sg, calibrate=True, calibration_decay=0.0)
     assert float(boundary.sg_gain()) == 0.0
-    assert float(TruncationDNI(sg).sg_gain()) == 1.0
+    assert float(TruncationDNI(sg, calibrate=False).sg_gain()) == 1.0
+    frozen = SyntheticGradient(6).double().requires_grad_(False)  # never regressed: used as is
+    assert float(TruncationDNI(frozen).sg_gain()) == 1.0
     prediction = torch.randn(5, 6, dtype=F64)
     noise = torch.randn(5, 6, dtype=F64)
     noise -= prediction * (noise * prediction).sum() / prediction.pow(2).sum()  # orthogonal to the prediction

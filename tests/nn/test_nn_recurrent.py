@@ -179,7 +179,7 @@ def aux_boundary(aux_weight, seed=1, **kwargs):
     torch.manual_seed(seed)
     sg = randomise_(SyntheticGradient(2 * HIDDEN).double(), 0.2)
     aux = randomise_(nn.Linear(HIDDEN, 2 * HIDDEN).double(), 0.2)
-    return TruncationDNI(sg, aux_predictor=aux, aux_weight=aux_weight, **kwargs)
+    return TruncationDNI(sg, aux_predictor=aux, aux_weight=aux_weight, **{"calibrate": False, **kwargs})
 
 
 def train_segments(core, boundary, windows=((0, 3), (3, 6), (6, 8)), aux=True):
@@ -344,15 +344,18 @@ def test_bad_aux_inputs_are_named():
         TruncationDNI(SyntheticGradient(4), sg_scale=0)
 
 
-def test_sg_alignment_rises_when_the_future_gradient_is_predictable():
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_sg_alignment_rises_when_the_future_gradient_is_predictable(calibrate):
     """A frozen tanh RNN whose only loss is at the end of each episode, 6 steps after the middle boundary:
     the gradient truncation drops there is a smooth function of the state (the future inputs are noise
     independent of it), so a linear SG regressed by TruncationDNI learns it: the diagnostic's cosine goes
-    from undefined (M = 0) to well above 0, and the norm ratio towards 1."""
+    from undefined (M = 0) to well above 0, and the norm ratio towards 1 (the paper's SG). Calibrated, the
+    direction is the same and the norm is the gain's share of it (< 1: the zero-state boundary's bootstrapped
+    targets are the calibrated prediction, a discounted future)."""
     torch.manual_seed(0)
     cell = nn.RNNCell(3, 8).double().requires_grad_(False)
     readout = nn.Linear(8, 2).double().requires_grad_(False)
-    boundary = TruncationDNI(SyntheticGradient(8).double(), gradient_scale=32)
+    boundary = TruncationDNI(SyntheticGradient(8).double(), gradient_scale=32, calibrate=calibrate)
     optimizer = torch.optim.Adam(boundary.parameters(), lr=3e-2)
     gen = torch.Generator().manual_seed(1)
 
@@ -386,4 +389,4 @@ def test_sg_alignment_rises_when_the_future_gradient_is_predictable():
         optimizer.zero_grad()
     after = middle_alignment()
     assert math.isnan(before.cosine) and before.norm_ratio == 0
-    assert after.cosine > 0.6 and 0.3 < after.norm_ratio < 1.5
+    assert after.cosine > 0.6 and (0.1 if calibrate else 0.3) < after.norm_ratio < (1.0 if calibrate else 1.5)
