@@ -1,7 +1,9 @@
 """Variants of the copy tasks' recurrent DNI side by side in one process (one stacked group of runs): how the
 settings of docs/recurrent.md were chosen. Each ``--runs`` entry is ``method[:sg_scale[:bootstrap[:seed[:forget_bias]]]]``;
 ``oracle`` as the method is DNI handed the true dropped gradient (looked ahead by full BPTT) instead of M: the
-ceiling of a perfect SG. Prints, per run, the curriculum length, its error, the SG loss and the SG alignment.
+ceiling of a perfect SG. Method suffixes: ``+cal`` calibrates the run's SG (the library's default since 2026-12-04;
+without it a run here uses the paper's M, so that old sweeps read the same), ``+rls`` fits it by least squares.
+Prints, per run, the curriculum length, its error, the SG loss, the calibration gain and the SG alignment.
 
     python scripts/recurrent_sweep.py --runs bptt dni:1:1 dni:0.1:1 dni:0.1:0.1 oracle -T 3 --steps 12000
 """
