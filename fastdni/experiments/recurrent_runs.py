@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn.recurrent import alignment_of
+from ..nn.recurrent import alignment_of, calibration_gain, fold_calibration_
 from ..reference import SGParams
 
 METHODS = ("bptt", "dni", "dni-aux")
@@ -171,8 +171,7 @@ class RunGroup(nn.Module):
 
     def sg_gain(self) -> Tensor:
         """``[R]``: the factor each run's ``M`` is used with (1 unless calibrated)."""
-        product, square = self.calibration.unbind(1)
-        alpha = torch.where(square > 0, product / square.clamp(min=1e-300), torch.zeros_like(square)).clamp(0.0, 1.0)
+        alpha = calibration_gain(self.calibration)
         return torch.where(self.calibrated, alpha, torch.ones_like(alpha))
 
     def sg_layers(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
@@ -185,10 +184,10 @@ class RunGroup(nn.Module):
 
     def _sg_forward(self, flat: Tensor) -> list[Tensor]:
         """The SG's hidden activations, then its prediction, every run's (``[R, B, *]`` each)."""
-        out = []
-        for i, (w, b) in enumerate(self.sg_layers()):
+        out, layers = [], self.sg_layers()
+        for i, (w, b) in enumerate(layers):
             flat = torch.baddbmm(b, flat, w.transpose(1, 2))
-            if i < len(self.sg_layers()) - 1:
+            if i < len(layers) - 1:
                 flat = torch.relu(flat)
             out.append(flat)
         return out
@@ -318,13 +317,9 @@ class RunGroup(nn.Module):
         return torch.stack(losses)
 
     def _calibrate(self, prediction: Tensor, target: Tensor) -> None:
-        """Fold this boundary's ``<M, t>`` and ``<M, M>`` (per stream, per run) into the running means; ``M`` here is
-        the prediction before it is fitted to ``t``, so the ratio is measured out of sample."""
-        if not bool(self.calibrated.any()):
-            return
-        batch = prediction.shape[1]
-        moments = torch.stack([(prediction * target).sum((1, 2)), prediction.pow(2).sum((1, 2))], 1).double() / batch
-        self.calibration.mul_(self.calibration_decay).add_(moments, alpha=1.0 - self.calibration_decay)
+        """Fold this boundary's moments into the calibrated runs' running means (:func:`fold_calibration_`)."""
+        if bool(self.calibrated.any()):
+            fold_calibration_(self.calibration, prediction, target, self.calibration_decay, dims=(1, 2))
 
     def _rls_update(self, start: Tensor, target: Tensor) -> None:
         z = torch.cat([start, torch.ones_like(start[..., :1])], -1).double()

@@ -54,6 +54,22 @@ State = Union[Tensor, tuple[Tensor, ...]]
 StepOutputs = Union[Tensor, Sequence[Tensor]]
 
 
+def calibration_gain(moments: Tensor) -> Tensor:
+    """``alpha`` of the calibrated SG from running moments ``[..., 2]`` (``<M, t>``, ``<M, M>``): their ratio, clamped
+    to ``[0, 1]``; 0 where nothing was measured yet."""
+    product, square = moments.unbind(-1)
+    return torch.where(square > 0, product / square.clamp(min=1e-300), torch.zeros_like(square)).clamp(0.0, 1.0)
+
+
+def fold_calibration_(moments: Tensor, prediction: Tensor, target: Tensor, decay: float, dims: tuple[int, int]) -> None:
+    """Fold one boundary's ``<M, t>`` and ``<M, M>`` per stream (summed over ``dims``, the batch dim first) into the
+    running ``moments`` (float64), in place; ``M`` is the prediction before it is fitted to ``t``, so the ratio is
+    measured out of sample."""
+    batch = prediction.shape[dims[0]]
+    new = torch.stack([(prediction * target).sum(dims), (prediction * prediction).sum(dims)], -1).double() / batch
+    moments.mul_(decay).add_(new.to(moments.device), alpha=1.0 - decay)
+
+
 def truncation_windows(steps: int, truncation: int) -> list[slice]:
     """The segments of truncated BPTT over a sequence of ``steps`` steps: windows of ``truncation`` steps
     (the last one shorter when ``truncation`` does not divide ``steps``)."""
@@ -169,17 +185,12 @@ class TruncationDNI(FusedSG, nn.Module):
         """The factor ``M`` is used with: ``alpha`` of ``calibrate`` (a 0-d float64 tensor), else 1."""
         if not self.calibrate or not has_trainable_params(self.synthetic_gradient):
             return torch.ones((), dtype=torch.float64, device=self.calibration.device)
-        product, square = self.calibration.unbind()
-        return torch.where(square > 0, product / square.clamp(min=1e-300), torch.zeros_like(square)).clamp(0.0, 1.0)
+        return calibration_gain(self.calibration)
 
     def _observe_regression(self, prediction: Tensor, target: Tensor) -> None:
-        """Called by the regression with ``M``'s prediction at a boundary and the (scaled) target it is fitted to."""
-        if not self.calibrate:
-            return
-        batch = prediction.shape[0]
-        moments = torch.stack([(prediction * target).sum(), (prediction * prediction).sum()]).double() / batch
-        self.calibration.mul_(self.calibration_decay).add_(moments.to(self.calibration.device),
-                                                           alpha=1.0 - self.calibration_decay)
+        """Called by the regression of a calibrated boundary with ``M``'s prediction there and the (scaled) target it
+        is fitted to."""
+        fold_calibration_(self.calibration, prediction, target, self.calibration_decay, dims=(0, 1))
 
     def _predict(self, flat: Tensor) -> Tensor:
         prediction = self.synthetic_gradient(flat)
