@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sg-lr", type=float, default=1e-2)
+    p.add_argument("--sg-lambda", type=float, default=0.0, help="lambda of the SG's two-window targets (RunGroup's sg_lambda; 0: one window, the paper's)")
+    p.add_argument("--sg-hidden", type=int, default=0, help="0: a linear SG; N: one ReLU hidden layer of N units")
     p.add_argument("--aux-weight", type=float, default=0.1)
     p.add_argument("--aux-in-target", action="store_true",
                    help="keep the aux loss's gradient in M's regression target (before 2026-12-04: it diverged)")
@@ -56,8 +58,8 @@ def main() -> None:
     streams = CopyStreams(len(methods), a.batch_size, max_repeats=a.max_repeats, seed=100)
     group = RunGroup(methods, seeds, streams.input_channels, a.hidden, streams.output_channels, sg_scale=sg_scale,
                      aux_weight=a.aux_weight, aux_in_target=a.aux_in_target, bootstrap=bootstrap, forget_bias=forget,
-                     sg_solver=solvers, rls_decay=a.rls_decay, rls_ridge=a.rls_ridge, calibrate=calibrate,
-                     calibration_decay=a.calibration_decay)
+                     sg_solver=solvers, sg_hidden=a.sg_hidden, sg_lambda=a.sg_lambda, rls_decay=a.rls_decay,
+                     rls_ridge=a.rls_ridge, calibrate=calibrate, calibration_decay=a.calibration_decay)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=a.lr), torch.optim.Adam(group.sg_parameters(), lr=a.sg_lr)]
     curriculum = StreamCurriculum(len(methods), a.batch_size, streams.output_channels, per=a.error_unit)
     state, sg_loss, cosines, began = group.initial_state(a.batch_size), torch.zeros(len(methods)), [], time.time()

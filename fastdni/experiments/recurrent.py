@@ -41,14 +41,15 @@ TASKS = ("copy", "repeat-copy", "ptb")
 GRID_TRUNCATIONS = (2, 3, 4, 5)
 # Defaults: one command (3 methods x 3 seeds at one T) takes <= 20 minutes on 2 cores (docs/recurrent.md).
 DEMO = {
+    # sg_lambda 1: M's targets span two windows (T = 2 on repeat copy: DNI solved 3 where it solved 2 with one).
     "copy": dict(hidden=128, batch_size=32, steps=20_000, eval_every=1_000, lr=1e-3, sg_lr=1e-2, sg_scale=1.0,
-                 bootstrap=1.0),
+                 bootstrap=1.0, sg_lambda=1.0),
     "repeat-copy": dict(hidden=128, batch_size=32, steps=20_000, eval_every=1_000, lr=1e-3, sg_lr=1e-2, sg_scale=1.0,
-                        bootstrap=1.0),
+                        bootstrap=1.0, sg_lambda=1.0),
     # One continuous stream: an undiscounted bootstrap diverges there (docs/recurrent.md). steps: one epoch.
     # sg_scale 1 with the calibrated SG (0.1 was the paper-M setting; calibrated, 1 was better: docs/recurrent.md).
     "ptb": dict(hidden=128, batch_size=256, steps=None, eval_every=500, lr=2e-3, sg_lr=1e-2, sg_scale=1.0,
-                bootstrap=0.1),
+                bootstrap=0.1, sg_lambda=0.0),
 }
 PAPER_HIDDEN = {"copy": 256, "repeat-copy": 256, "ptb": 1024}  # the paper's LSTM sizes; the rest stays ours
 LOG_FIELDS = ("step", "length", "max_length", "train_bits", "valid_bpc", "sg_loss", "sg_loss_normalised", "aux_loss",
@@ -72,6 +73,7 @@ class GroupConfig:
     sg_scale: float = 1.0  #: the segment receives sg_scale * M(s_end) / B
     bootstrap: float = 1.0  #: M's target bootstraps from bootstrap * M(s_end) / B
     sg_hidden: int = 0  #: 0: a linear SG (the paper's); else one ReLU hidden layer of this width
+    sg_lambda: float = 0.0  #: M's targets: the lambda-return over two windows (0: one window, the paper's)
     sg_ops: bool = True  #: the SG's regression and Adam step on the fused ops (RunGroup.use_fused_sg); else autograd
     calibrate: bool = True  #: dni, dni-aux: M used as alpha * M (TruncationDNI's calibrate; False: the paper's M)
     episodic: bool = True  #: copy tasks: zero the state at every episode start (else one continuous stream)
@@ -93,7 +95,7 @@ def build_group(config: GroupConfig, in_features: int, out_features: int) -> tup
     methods, seeds = zip(*config.runs)
     group = RunGroup(methods, seeds, in_features, config.hidden, out_features, sg_scale=config.sg_scale,
                      aux_weight=config.aux_weight, bootstrap=config.bootstrap, sg_hidden=config.sg_hidden,
-                     calibrate=config.calibrate)
+                     calibrate=config.calibrate, sg_lambda=config.sg_lambda)
     optimizers = [torch.optim.Adam(group.core_parameters(), lr=config.lr),
                   torch.optim.Adam(group.sg_parameters(), lr=config.sg_lr)]
     if config.sg_ops:
@@ -210,7 +212,7 @@ def run_copy(config: GroupConfig, out: Path, **run_options) -> list[dict]:
 
     def extra_state() -> dict:
         return {"group": group.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                "streams": streams.state_dict(), "curriculum": curriculum.state_dict(), "state": list(state)}
+                "pending": group.pending_state(), "streams": streams.state_dict(), "curriculum": curriculum.state_dict(), "state": list(state)}
 
     for step in range(run.start, config.steps):
         window = streams.window(config.truncation)
@@ -249,6 +251,7 @@ def _summary(config: GroupConfig, r: int, run: GroupRun, **fields) -> dict:
 
 def _load(state: dict, group: RunGroup, optimizers: list) -> None:
     group.load_state_dict(state["group"])
+    group.load_pending_state(state.get("pending"))
     for opt, s in zip(optimizers, state["optimizers"]):
         opt.load_state_dict(s)
 
@@ -329,7 +332,7 @@ def run_ptb(config: GroupConfig, data, out: Path, *, eval_chars: int = 0, **run_
 
     def extra_state() -> dict:
         return {"group": group.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                "position": position, "state": list(state), "best": best}
+                "pending": group.pending_state(), "position": position, "state": list(state), "best": best}
 
     for step in range(run.start, config.steps):
         if position + config.truncation + 1 > text.shape[0]:  # a new epoch of the training text, from a zero state
@@ -462,28 +465,29 @@ def merge_results(path: Path, rows: Sequence[dict]) -> list[dict]:
     return sorted(kept + list(rows), key=lambda r: (METHODS.index(r["method"]), r["truncation"], r["seed"]))
 
 
-def _positive(name: str, kind=int):
+def _number(name: str, expected: str, holds, kind=float):
+    """An argparse type: ``kind(text)`` where ``holds(value)``, else an error naming ``name`` and ``expected``."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number > 0, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number > 0, got {value}")
+            raise argparse.ArgumentTypeError(f"{name}: expected a number {expected}, got {text!r}") from None
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"{name}: expected a number {expected}, got {value}")
         return value
     return parse
+
+
+def _positive(name: str, kind=int):
+    return _number(name, "> 0", lambda v: v > 0, kind)
 
 
 def _non_negative_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number >= 0, got {text!r}") from None
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number >= 0, got {value}")
-        return value
-    return parse
+    return _number(name, ">= 0", lambda v: v >= 0)
+
+
+def _unit_interval(name: str):
+    return _number(name, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -510,6 +514,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=_non_negative_float("--bootstrap"), default=None,
                    help="weight of the bootstrapped term of the SG's target (default: copy tasks 1, undiscounted; "
                         "ptb 0.1)")
+    p.add_argument("--sg-lambda", type=_unit_interval("--sg-lambda"), default=None,
+                   help="lambda of the SG's two-window lambda-return targets (default: copy tasks 1, ptb 0: one window, "
+                        "the paper's)")
     p.add_argument("--sg-hidden", type=int, default=0,
                    help="0: a linear SG over (h, c), the paper's (default); N: one ReLU hidden layer of N units")
     p.add_argument("--no-calibrate", action="store_true",
@@ -577,7 +584,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             task=args.task, truncation=truncation, methods=tuple(args.methods), seeds=tuple(args.seeds),
             steps=steps, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, sg_lr=args.sg_lr,
             aux_weight=args.aux_weight, sg_scale=args.sg_scale, bootstrap=args.bootstrap, sg_hidden=args.sg_hidden,
-            sg_ops=not args.sg_autograd, calibrate=not args.no_calibrate, episodic=not args.stream,
+            sg_lambda=args.sg_lambda, sg_ops=not args.sg_autograd, calibrate=not args.no_calibrate, episodic=not args.stream,
             threshold=args.threshold, error_unit=args.error_unit, bits=args.bits, max_repeats=args.max_repeats,
             data_seed=args.data_seed)
         try:

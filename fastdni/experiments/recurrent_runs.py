@@ -66,7 +66,8 @@ class RunGroup(nn.Module):
                  out_features: int, *, sg_scale: PerRun = 0.1, aux_weight: PerRun = 0.1, bootstrap: PerRun = 1.0,
                  sg_hidden: int = 0, forget_bias: PerRun = 0.0, sg_solver: Union[str, Sequence[str]] = "adam",
                  rls_decay: float = 0.999, rls_ridge: float = 1e-3, rls_every: int = 10, aux_in_target: bool = False,
-                 calibrate: Union[bool, Sequence[bool]] = True, calibration_decay: float = 0.99):
+                 calibrate: Union[bool, Sequence[bool]] = True, calibration_decay: float = 0.99,
+                 sg_lambda: PerRun = 0.0):
         super().__init__()
         if len(methods) != len(seeds) or not methods:
             raise ValueError(f"methods/seeds: expected equal, non-zero lengths, got {len(methods)} and {len(seeds)}")
@@ -129,6 +130,8 @@ class RunGroup(nn.Module):
         self.register_buffer("calibrated", torch.tensor(calibrated))
         self.register_buffer("calibration", torch.zeros(runs, 2, dtype=torch.float64))  # running <M, t>, <M, M>
         self.calibration_decay = calibration_decay
+        self.sg_lambdas = _per_run("sg_lambda", sg_lambda, runs)
+        self._pending = None  # sg_lambda: the window whose start M regresses at the next window
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None  # set by use_fused_sg
         self.backend = "auto"
 
@@ -264,10 +267,49 @@ class RunGroup(nn.Module):
         if any(g is not None for g in correction):
             arriving = arriving + torch.cat([g if g is not None else torch.zeros_like(h0) for g in correction], dim=-1)
         target = batch * arriving
-        sg_loss = self._regress(torch.cat([h0, c0], dim=-1).detach(), target)
-        target_norm = target.pow(2).sum((1, 2)) / batch
+        start = torch.cat([h0, c0], dim=-1).detach()
+        if any(self.sg_lambdas):  # M regresses one window late (TruncationDNI's sg_lambda)
+            bootstrap = m_end * end.new_tensor(self.bootstraps)[:, None, None]  # zero when final
+            regressions = self._regressions_due(x, resets, start, target, bootstrap, final)
+        else:
+            regressions = [(start, target)]
+        sg_loss = target_norm = torch.zeros_like(loss)
+        if regressions:  # two boundaries due (a final window) are regressed as one batch, as TruncationDNI does
+            start, target = (torch.cat(parts, dim=1) for parts in zip(*regressions))
+            sg_loss = self._regress(start, target)
+            target_norm = target.pow(2).sum((1, 2)) / start.shape[1]
         return logits.detach(), (h1.detach(), c1.detach()), WindowStats(loss.detach(), sg_loss, target_norm,
                                                                          aux_loss.detach())
+
+    def pending_state(self) -> Optional[list]:
+        """``sg_lambda``: the window whose start waits for its regression (inputs, resets, start, target, bootstrap),
+        for a checkpoint; None when none waits."""
+        return None if self._pending is None else list(self._pending)
+
+    def load_pending_state(self, pending: Optional[Sequence]) -> None:
+        self._pending = None if pending is None else tuple(pending)
+
+    def _regressions_due(self, x: Tensor, resets: Optional[Tensor], start: Tensor, target: Tensor, bootstrap: Tensor,
+                         final: bool) -> list[tuple[Tensor, Tensor]]:
+        """``sg_lambda``: the previous window's start ``a`` with its lambda-return target ``t(a) + lambda J_ab^T (t(b) -
+        bootstrap M(b))`` (``b``: this window's start, ``J_ab`` by running the previous window again from ``a`` with
+        the current weights); this window is kept for the next (after a ``final`` one: regressed at once onto
+        ``t(b)``, nothing follows)."""
+        pending, self._pending = self._pending, (x, resets, start, target, bootstrap)
+        due = []
+        if pending is not None:
+            x_a, resets_a, start_a, target_a, bootstrap_a = pending
+            delta = (target - bootstrap_a) * target.new_tensor(self.sg_lambdas)[:, None, None]
+            h, c = start_a.split(self.hidden, dim=-1)
+            h, c = h.clone().requires_grad_(), c.clone().requires_grad_()
+            with torch.enable_grad():
+                _, _, end = self(x_a, (h, c), resets_a)
+                pushed = torch.autograd.grad(torch.cat(end, dim=-1), (h, c), delta)
+            due.append((start_a, target_a + torch.cat(pushed, dim=-1)))
+        if final:
+            self._pending = None
+            due.append((start, target))
+        return due
 
     def _regress(self, start: Tensor, target: Tensor) -> Tensor:
         """Accumulate the gradient of ``mean_b ||M(s) - target||^2`` into the SG (with :meth:`use_fused_sg`: step the

@@ -39,6 +39,24 @@ of a ``T``-step segment predicts it ``T - j`` steps ahead (``T - 1`` down to 0).
     boundary = TruncationDNI(SyntheticGradient(2 * hidden), aux_predictor=nn.Linear(hidden, 2 * hidden))
     outputs, state = lstm(inputs, state)                        # outputs [T, B, hidden]: every step's h
     boundary.end_segment(loss, state, aux_inputs=outputs)
+
+Two-window targets (``sg_lambda``, beyond the paper, in the spirit of TD(lambda) and BP(lambda), Pemberton and
+Costa, TMLR 2024): ``M`` at a boundary ``a`` is regressed one segment later, onto the lambda-return over the two
+segments that follow it,
+
+    G(a) = t(a) + sg_lambda * J_ab^T (t(b) - bootstrap * M(b))      (b: the next boundary)
+
+``t`` the one-segment target above and ``J_ab`` the Jacobian of the segment from ``a`` to ``b``: with
+``sg_lambda=1``, the true gradient of two segments plus the bootstrap at the second's end. ``M``'s error then
+compounds over half as many bootstrap links (at ``T = 2`` on repeat copy, DNI solved 3 where it solved 2 with
+one-segment targets: docs/recurrent.md). ``J_ab^T`` is a backward pass through the segment run again from ``a``
+with the current weights, so :meth:`end_segment` then needs ``segment``, the segment's core as a function of its
+start state, and a segment costs one more forward and backward of the core:
+
+    boundary = TruncationDNI(SyntheticGradient(2 * hidden), sg_lambda=1.0, batch_dim=1)
+    state = boundary.begin_segment(state)
+    outputs, end = lstm(inputs, state)
+    boundary.end_segment(loss, end, segment=lambda s: lstm(inputs, s)[1])
 """
 from __future__ import annotations
 
@@ -156,6 +174,7 @@ class TruncationDNI(FusedSG, nn.Module):
         aux_in_target: bool = False,
         calibrate: bool = True,
         calibration_decay: float = 0.99,
+        sg_lambda: float = 0.0,
         optimizer: Optional[SGOptimizer] = None,
         backend: str = "auto",
     ):
@@ -174,6 +193,12 @@ class TruncationDNI(FusedSG, nn.Module):
         if not (isinstance(calibration_decay, (int, float)) and 0.0 <= calibration_decay < 1.0):
             raise ValueError(f"calibration_decay: expected a float in [0, 1), got {calibration_decay!r}")
         self.calibration_decay = float(calibration_decay)
+        if not (isinstance(sg_lambda, (int, float)) and 0.0 <= sg_lambda <= 1.0):
+            raise ValueError(f"sg_lambda: expected a float in [0, 1], got {sg_lambda!r}")
+        self.sg_lambda = float(sg_lambda)
+        self._arrived = _Correction()  # sg_lambda: the one-segment target t(a) captured at the open segment's start
+        self._pending: Optional[_PendingBoundary] = None  # sg_lambda: the boundary M regresses one segment late
+        self._start_like: Optional[State] = None  # the open segment's start state as begin_segment was given it
         # running <M, t> and <M, M> per stream (float64: sums of squares of gradients)
         self.register_buffer("calibration", torch.zeros(2, dtype=torch.float64))
         self.last_sg_loss: Optional[Tensor] = None
@@ -207,28 +232,44 @@ class TruncationDNI(FusedSG, nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return state
         flat = flatten_state(state, self.batch_dim).detach()
-        self.fused = self.fusion_blocker(flat) is None
-        if self.fused or has_trainable_params(self.synthetic_gradient):  # fused implies trainable SG parameters
-            if self.fused:
-                flat = _RegressFusedOnArrivingGradient.apply(flat.requires_grad_(), self, self._predict_fused(flat, None),
-                                                             None, self.gradient_scale)
+        if has_trainable_params(self.synthetic_gradient):
+            if self.sg_lambda:  # M regresses here one segment later (_regress_pending): only keep what arrives
+                self._arrived.value = None
+                flat = _CaptureArrivingGradient.apply(flat.requires_grad_(), self._arrived)
             else:
-                flat = _RegressOnArrivingGradient.apply(flat, self._predict(flat), self)
+                flat = self._wire_regression(flat)
             # The target M regresses onto: what arrives here plus the correction of end_segment (_correction_at).
             flat = _AddToArrivingGradient.apply(flat, self._target_correction)
             self._segment_start = flat
+            self._start_like = state.detach() if isinstance(state, Tensor) else tuple(p.detach() for p in state)
         else:  # nothing to train (e.g. an oracle SG): just cut the graph
             flat = flat.requires_grad_()
             self._segment_start = None
         return unflatten_state(flat, state, self.batch_dim)
 
+    def _wire_regression(self, flat: Tensor) -> Tensor:
+        """``flat`` (detached) wired so that the gradient arriving for it regresses ``M`` there (with the current
+        parameters): on the fused ops where they run, else by autograd."""
+        self.fused = self.fusion_blocker(flat) is None
+        if self.fused:
+            return _RegressFusedOnArrivingGradient.apply(flat.requires_grad_(), self, self._predict_fused(flat, None),
+                                                         None, self.gradient_scale)
+        return _RegressOnArrivingGradient.apply(flat, self._predict(flat), self)
+
     def end_segment(
-        self, loss: Optional[Tensor], state: State, *, aux_inputs: Optional[StepOutputs] = None, final: bool = False
+        self, loss: Optional[Tensor], state: State, *, aux_inputs: Optional[StepOutputs] = None, final: bool = False,
+        segment: Optional[Callable[[State], State]] = None,
     ) -> Tensor:
         """Backpropagate ``loss``, the synthetic gradient ``M(state) / gradient_scale`` (none when ``final``)
         and, for DNI+Aux, the auxiliary loss on ``aux_inputs`` (the segment's per-step core outputs,
         time-major ``[steps, B, *]`` or a list of ``[B, *]``) through the segment in one pass; returns the
-        synthetic gradient given to ``state`` (flattened, detached; zero when ``final``)."""
+        synthetic gradient given to ``state`` (flattened, detached; zero when ``final``). With ``sg_lambda``,
+        ``segment`` maps the segment's start state (as :meth:`begin_segment` returned it) to its end state: the
+        next segment's target is pushed back through it (see the module docstring)."""
+        capturing = self._segment_start is not None and self.sg_lambda > 0
+        if capturing and not callable(segment):
+            raise ValueError("segment: this boundary has sg_lambda > 0; pass the segment's core as a function of its "
+                             f"start state (e.g. segment=lambda s: lstm(inputs, s)[1]), got {segment!r}")
         flat = flatten_state(state, self.batch_dim)
         with torch.no_grad():
             if final:
@@ -259,7 +300,35 @@ class TruncationDNI(FusedSG, nn.Module):
         if live:
             torch.autograd.backward([t for t, _ in live], [g for _, g in live])
         self._target_correction.value = None
+        if capturing:
+            self._regress_pending(start.detach(), segment, prediction * (self.bootstrap / self.gradient_scale),
+                                  final)
         return synthetic
+
+    def _regress_pending(self, start: Tensor, segment: Callable[[State], State], bootstrap: Tensor,
+                         final: bool) -> None:
+        """``sg_lambda``: regress ``M`` at the previous boundary ``a`` onto ``t(a) + lambda J_ab^T (t(b) - bootstrap
+        M(b))``, ``b`` this segment's start, then keep ``b`` for the next segment (after a ``final`` one, regress it
+        at once, in the same batch as ``a``: nothing follows, its target is ``t(b)``)."""
+        arrived = self._arrived.value
+        self._arrived.value = None
+        arrived = torch.zeros_like(start) if arrived is None else arrived.detach()
+        pending, self._pending = self._pending, _PendingBoundary(start, arrived, bootstrap, segment, self._start_like)
+        starts, targets = [], []
+        if pending is not None:
+            flat = pending.start.clone().requires_grad_()
+            with torch.enable_grad():
+                end = flatten_state(pending.segment(unflatten_state(flat, pending.like, self.batch_dim)), self.batch_dim)
+                (pushed,) = torch.autograd.grad(end, flat, (arrived - pending.bootstrap) * self.sg_lambda,
+                                                allow_unused=True)
+            starts.append(pending.start)
+            targets.append(pending.target if pushed is None else pending.target + pushed)
+        if final:
+            self._pending = None
+            starts.append(start)
+            targets.append(arrived)
+        if starts:  # two boundaries due (a final segment) are regressed as one batch: one step of a fused optimizer
+            self._wire_regression(torch.cat(starts)).backward(torch.cat(targets))
 
     def _correction_at(self, start: Tensor, flat: Tensor, prediction: Tensor, final: bool,
                        aux_loss: Optional[Tensor]) -> Optional[Tensor]:
@@ -311,7 +380,32 @@ class TruncationDNI(FusedSG, nn.Module):
                if self.aux_predictor is not None else "")
         calibrate = f", calibration_decay={self.calibration_decay}" if self.calibrate else ", calibrate=False"
         return (f"batch_dim={self.batch_dim}, loss_weight={self.loss_weight}, gradient_scale={self.gradient_scale}, "
-                f"sg_scale={self.sg_scale}, bootstrap={self.bootstrap}{aux}{calibrate}{self._fused_extra_repr()}")
+                f"sg_scale={self.sg_scale}, bootstrap={self.bootstrap}{aux}{calibrate}"
+                f"{f', sg_lambda={self.sg_lambda}' if self.sg_lambda else ''}{self._fused_extra_repr()}")
+
+
+class _PendingBoundary(NamedTuple):
+    """``sg_lambda``: a boundary whose regression waits for the next segment's target."""
+
+    start: Tensor  #: the flattened state at the boundary (detached)
+    target: Tensor  #: its one-segment target t(a) (gradient units)
+    bootstrap: Tensor  #: bootstrap * M(b) / gradient_scale, what t(a) bootstrapped from at the segment's end b
+    segment: Callable[[State], State]  #: the segment from a to b, as a function of its start state
+    like: State  #: the structure of the segment's start state
+
+
+class _CaptureArrivingGradient(torch.autograd.Function):
+    """Identity whose backward stores the gradient passing through in ``slot.value`` (added up)."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, slot: "_Correction") -> Tensor:
+        ctx.slot = slot
+        return flat.view_as(flat)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.slot.value = grad if ctx.slot.value is None else ctx.slot.value + grad
+        return None, None
 
 
 class _Correction:

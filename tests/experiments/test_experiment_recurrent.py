@@ -141,6 +141,7 @@ def test_stream_curriculum_grows_each_run_on_its_own_error():
     (["copy", "--bootstrap", "-1"], "--bootstrap"),
     (["copy", "--error-unit", "sequence"], "--error-unit"),
     (["ptb", "--sg-scale", "0"], "--sg-scale"),
+    (["copy", "--sg-lambda", "1.5"], "--sg-lambda"),
     (["tetris"], "task"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):

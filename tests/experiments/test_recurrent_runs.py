@@ -11,7 +11,7 @@ F64 = torch.float64
 IN, HIDDEN, OUT, BATCH = 9, 6, 8, 5
 
 
-def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap, sg_hidden=0, calibrate=False):
+def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap, sg_hidden=0, calibrate=False, sg_lambda=0.0):
     """The per-run model of the experiments (nn.LSTM + readout), with the boundary of its method."""
     torch.manual_seed(seed)
     lstm, readout = nn.LSTM(IN, HIDDEN).double(), nn.Linear(HIDDEN, OUT).double()
@@ -25,22 +25,25 @@ def per_run_reference(method, seed, sg_scale, aux_weight, bootstrap, sg_hidden=0
         sg = SyntheticGradient(2 * HIDDEN, hidden=(sg_hidden,) if sg_hidden else ()).double()
         boundary = TruncationDNI(sg, batch_dim=1, aux_predictor=aux,
                                  aux_weight=aux_weight, sg_scale=sg_scale, gradient_scale=BATCH, bootstrap=bootstrap,
-                                 calibrate=calibrate)
+                                 calibrate=calibrate, sg_lambda=sg_lambda)
     return lstm, readout, boundary
 
 
-@pytest.mark.parametrize("bootstrap, sg_hidden, calibrate", [(1.0, 0, False), (0.1, 0, False), (0.5, 0, False),
-                                                              (1.0, 7, False), (0.5, 0, True)])
-def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden, calibrate):
+@pytest.mark.parametrize("bootstrap, sg_hidden, calibrate, sg_lambda, final",
+                         [(1.0, 0, False, 0.0, False), (0.1, 0, False, 0.0, False), (0.5, 0, False, 0.0, False),
+                          (1.0, 7, False, 0.0, False), (0.5, 0, True, 0.0, False), (0.5, 0, True, 0.7, False),
+                          (1.0, 7, False, 1.0, True)])
+def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden, calibrate, sg_lambda, final):
     methods, seeds = ["bptt", "dni", "dni-aux"], [0, 1, 2]
     group = RunGroup(methods, seeds, IN, HIDDEN, OUT, sg_scale=0.1, aux_weight=0.3, bootstrap=bootstrap,
-                     sg_hidden=sg_hidden, calibrate=calibrate).double()
+                     sg_hidden=sg_hidden, calibrate=calibrate, sg_lambda=sg_lambda).double()
     # Give the zero-initialised SG and aux predictor non-zero weights so that every term is exercised.
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in group.sg_parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=F64))
-    refs = [per_run_reference(m, s, 0.1, 0.3, bootstrap, sg_hidden, calibrate) for m, s in zip(methods, seeds)]
+    refs = [per_run_reference(m, s, 0.1, 0.3, bootstrap, sg_hidden, calibrate, sg_lambda)
+            for m, s in zip(methods, seeds)]
     sg_layers = [("sg_w1", "sg_b1"), ("sg_w", "sg_b")] if sg_hidden else [("sg_w", "sg_b")]
     for r, (_, _, boundary) in enumerate(refs):
         if boundary is not None:
@@ -57,21 +60,25 @@ def test_stacked_runs_equal_per_run_truncation_dni(bootstrap, sg_hidden, calibra
     streams.set_lengths(torch.tensor([2, 3, 2]))
     windows = [streams.window(3) for _ in range(4)]
     state = tuple(s.double() for s in group.initial_state(BATCH))
-    for w in windows:
+    for i, w in enumerate(windows):
         x = w.inputs.double()
-        _, state, stats = group.train_window(x, lambda logits: masked_bce(logits, w.targets.double(), w.mask), state)
+        _, state, stats = group.train_window(x, lambda logits: masked_bce(logits, w.targets.double(), w.mask), state,
+                                             final=final and i == len(windows) - 1)
     ref_states = [(torch.zeros(1, BATCH, HIDDEN, dtype=F64),) * 2 for _ in refs]
     for r, (lstm, readout, boundary) in enumerate(refs):
         st = ref_states[r]
-        for w in windows:
+        for i, w in enumerate(windows):
             st = boundary.begin_segment(st) if boundary is not None else tuple(s.detach() for s in st)
-            out, st = lstm(w.inputs[:, r].double(), st)
+            x = w.inputs[:, r].double()
+            out, st = lstm(x, st)
             logits = readout(out)
             loss = masked_bce(logits[:, None], w.targets[:, r, None].double(), w.mask[:, r, None])[0]
             if boundary is None:
                 loss.backward()
             else:
-                boundary.end_segment(loss, st, aux_inputs=out if boundary.aux_predictor is not None else None)
+                boundary.end_segment(loss, st, aux_inputs=out if boundary.aux_predictor is not None else None,
+                                     final=final and i == len(windows) - 1,
+                                     segment=lambda s, x=x: lstm(x, s)[1])
         # Gradients accumulated over the 4 windows (no step in between) must agree.
         pairs = [(group.w_ih.grad[r], lstm.weight_ih_l0.grad.t()), (group.w_hh.grad[r], lstm.weight_hh_l0.grad.t()),
                  (group.b_ih.grad[r, 0], lstm.bias_ih_l0.grad), (group.w_out.grad[r], readout.weight.grad.t()),

@@ -572,11 +572,12 @@ def test_deepcopy_keeps_working():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bootstrap, aux", [(1.0, False), (0.5, True)], ids=["dni", "discounted-aux"])
 @pytest.mark.parametrize("sg_hidden", [(), (6,)], ids=["linear-sg", "mlp-sg"])
-def test_truncation_dni_fused_equals_autograd(sg_hidden, bootstrap, aux, backend):
+@pytest.mark.parametrize("sg_lambda", [0.0, 0.8], ids=["one-segment", "lambda"])
+def test_truncation_dni_fused_equals_autograd(sg_lambda, sg_hidden, bootstrap, aux, backend):
     """Two sequences of three segments each (an LSTMCell, its state [B, 2H] at every boundary): with its SG optimizer
     the boundary regresses and steps its SG in the fused ops, and trains the core, the SG and the aux predictor as
     autograd with the optimizer stepped after each segment; the bootstrap correction (bootstrap != sg_scale) and
-    DNI+Aux included."""
+    DNI+Aux included; with sg_lambda, each regression one segment late, the last two at the final segment."""
     if backend == "auto" and not ops.HAS_CPU_KERNELS:
         pytest.skip("no C++ kernels: 'auto' falls back to autograd")
     runs = []
@@ -588,7 +589,7 @@ def test_truncation_dni_fused_equals_autograd(sg_hidden, bootstrap, aux, backend
         start_sg = [p.detach().clone() for p in sg.parameters()]
         sg_opt = torch.optim.Adam(sg.parameters(), lr=1e-2)
         boundary = TruncationDNI(sg, gradient_scale=4.0, bootstrap=bootstrap, aux_predictor=aux_predictor, aux_weight=0.3,
-                                 optimizer=sg_opt if fused else None, backend=backend)
+                                 optimizer=sg_opt if fused else None, backend=backend, sg_lambda=sg_lambda)
         model_opt = torch.optim.SGD([*core.parameters(), *(aux_predictor.parameters() if aux else ())], lr=0.05)
         losses = []
         for _ in range(2):
@@ -596,9 +597,11 @@ def test_truncation_dni_fused_equals_autograd(sg_hidden, bootstrap, aux, backend
             state = initial_state()
             for start in (0, 3, 6):
                 state = boundary.begin_segment(state)
-                assert boundary.fused == fused
+                assert boundary.fused == fused or sg_lambda  # with sg_lambda: set where M regresses, one segment late
                 loss, state, outputs = core(inputs[start:start + 3], targets[start:start + 3], state)
-                boundary.end_segment(loss, state, aux_inputs=outputs if aux else None, final=start == 6)
+                boundary.end_segment(loss, state, aux_inputs=outputs if aux else None, final=start == 6,
+                                     segment=lambda s, x=inputs[start:start + 3], y=targets[start:start + 3]: core(x, y, s)[1])
+                assert boundary.fused == fused or boundary.last_sg_loss is None
                 model_opt.step()
                 model_opt.zero_grad()
                 if not fused:
@@ -610,7 +613,7 @@ def test_truncation_dni_fused_equals_autograd(sg_hidden, bootstrap, aux, backend
         assert all(not torch.equal(a, p) for a, p in zip(start_sg, sg.parameters())), "an SG parameter was never stepped"
         runs.append((losses, [p.detach().clone() for p in [*sg.parameters(), *core.parameters()]]))
     (want_losses, want), (got_losses, got) = runs
-    assert len(got_losses) == len(want_losses) == 6
+    assert len(got_losses) == len(want_losses) == (5 if sg_lambda else 6)
     torch.testing.assert_close(torch.tensor(got_losses, dtype=F64), torch.tensor(want_losses, dtype=F64), rtol=1e-10, atol=1e-12)
     for i, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, i=i: f"parameter {i}: {m}")

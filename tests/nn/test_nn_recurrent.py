@@ -116,6 +116,59 @@ def test_sg_is_regressed_onto_the_bootstrapped_target():
     torch.testing.assert_close(boundary.last_sg_loss, explicit.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("sg_lambda", [0.6, 1.0])
+def test_sg_lambda_regresses_onto_the_two_segment_return(sg_lambda):
+    """fp64: with sg_lambda, M at a boundary a is regressed one segment late onto the gradient of
+    L_ab + (1 - lambda) <beta(b), b> + lambda (L_bc + <beta(c), c>), beta = bootstrap * M / scale: the
+    lambda-return over the two segments that follow a (with lambda = 1, their true gradient plus the bootstrap)."""
+    inputs, targets = sequence(6)
+    core = randomise_(Core(), 0.5)
+    sg = randomise_(SyntheticGradient(2 * HIDDEN).double(), 0.2)
+    boundary = TruncationDNI(sg, gradient_scale=2.0, loss_weight=0.5, sg_scale=0.25, bootstrap=0.5, calibrate=False,
+                             sg_lambda=sg_lambda)
+    start = (torch.randn(BATCH, HIDDEN, dtype=F64), torch.randn(BATCH, HIDDEN, dtype=F64))
+    state = boundary.begin_segment(start)
+    loss, s1 = core(inputs[:3], targets[:3], state)
+    boundary.end_segment(loss, s1, segment=lambda s: core(inputs[:3], targets[:3], s)[1])
+    assert all(p.grad is None for p in sg.parameters())  # a's regression waits for the next segment
+    state = boundary.begin_segment(s1)
+    loss, s2 = core(inputs[3:], targets[3:], state)
+    boundary.end_segment(loss, s2, segment=lambda s: core(inputs[3:], targets[3:], s)[1])
+
+    leaf = flatten_state(start).detach().requires_grad_()
+    loss_ab, b = core(inputs[:3], targets[:3], unflatten_state(leaf, start))
+    loss_bc, c = core(inputs[3:], targets[3:], b)
+    beta = lambda s: 0.5 * sg(flatten_state(s).detach()).detach() / 2.0  # noqa: E731
+    surrogate = (loss_ab + (1 - sg_lambda) * (flatten_state(b) * beta(b)).sum()
+                 + sg_lambda * (loss_bc + (flatten_state(c) * beta(c)).sum()))
+    target = torch.autograd.grad(surrogate, leaf)[0]
+    explicit = 0.5 * (sg(leaf.detach()) - 2.0 * target).pow(2).sum(1).mean()
+    expected = torch.autograd.grad(explicit, list(sg.parameters()))
+    for got, want in zip([p.grad for p in sg.parameters()], expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(boundary.last_sg_loss, explicit.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_sg_lambda_needs_the_segment_and_flushes_at_a_final_segment():
+    inputs, targets = sequence(3)
+    core = randomise_(Core(), 0.5)
+    sg = randomise_(SyntheticGradient(2 * HIDDEN).double(), 0.2)
+    boundary = TruncationDNI(sg, calibrate=False, sg_lambda=1.0)
+    start = (torch.randn(BATCH, HIDDEN, dtype=F64), torch.randn(BATCH, HIDDEN, dtype=F64))
+    loss, end = core(inputs, targets, boundary.begin_segment(start))
+    with pytest.raises(ValueError, match="segment"):
+        boundary.end_segment(loss, end)
+    with pytest.raises(ValueError, match="sg_lambda"):
+        TruncationDNI(sg, sg_lambda=1.5)
+    # A final segment: nothing follows, so M at its start is regressed at once onto the segment's own gradient.
+    loss, end = core(inputs, targets, boundary.begin_segment(start))
+    boundary.end_segment(loss, end, final=True, segment=lambda s: core(inputs, targets, s)[1])
+    leaf = flatten_state(start).detach().requires_grad_()
+    target = torch.autograd.grad(core(inputs, targets, unflatten_state(leaf, start))[0], leaf)[0]
+    explicit = (sg(leaf.detach()) - target).pow(2).sum(1).mean()
+    torch.testing.assert_close(boundary.last_sg_loss, explicit.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_nn_lstm_states_with_batch_on_dim_1():
     lstm = nn.LSTM(FEATURES, HIDDEN, num_layers=2).double()
     sg = randomise_(SyntheticGradient(2 * 2 * HIDDEN).double(), 0.1)
