@@ -152,6 +152,10 @@ class TruncationDNI(FusedSG, nn.Module):
     tasks it reached lengths equal to or longer than the uncalibrated SG's at every ``T`` (docs/recurrent.md).
     :meth:`sg_gain` is ``alpha``; an SG with no trainable parameters (never regressed, e.g. an oracle) is used as is.
 
+    ``sg_lambda`` (default 0, the paper's one-segment target): regress ``M`` one segment late onto the lambda-return
+    over the two segments that follow its boundary (see the module docstring); :meth:`end_segment` then needs
+    ``segment``. The copy tasks' experiments use 1.
+
     With ``optimizer`` (the SG's, or a factory of it) and a :class:`~fastdni.nn.SyntheticGradient`, the SG side runs
     on the fused ops as in :class:`~fastdni.nn.DNI`: :func:`fastdni.ops.sg_predict` at each boundary (and for the
     bootstrap prediction of :meth:`end_segment`), and :func:`fastdni.ops.sg_regression_` (regression and the
