@@ -151,9 +151,10 @@ def test_bad_arguments_are_named(argv, message, capsys):
 
 
 def test_sg_lambda_defaults_by_task_and_window():
-    """Copy tasks: two-window SG targets (sg_lambda 1) at T <= 3, one window above; PTB and an explicit flag: as given."""
+    """Copy tasks: two-window SG targets, the second window at full weight (sg_lambda 1) at T <= 3 and at half weight
+    above; PTB (one window) and an explicit flag: as given."""
     assert recurrent.parse_args(["copy"]).sg_lambda is None
-    assert [recurrent.copy_sg_lambda(t) for t in (1, 2, 3, 4, 5)] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert [recurrent.copy_sg_lambda(t) for t in (1, 2, 3, 4, 5)] == [1.0, 1.0, 1.0, 0.5, 0.5]
     assert recurrent.parse_args(["ptb"]).sg_lambda == 0.0
     assert recurrent.parse_args(["repeat-copy", "--sg-lambda", "0.5"]).sg_lambda == 0.5
 
