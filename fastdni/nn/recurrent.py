@@ -154,7 +154,7 @@ class TruncationDNI(FusedSG, nn.Module):
 
     ``sg_lambda`` (default 0, the paper's one-segment target): regress ``M`` one segment late onto the lambda-return
     over the two segments that follow its boundary (see the module docstring); :meth:`end_segment` then needs
-    ``segment``. The copy tasks' experiments use 1.
+    ``segment``. The copy tasks' experiments use 1 at ``T <= 3`` and 0.5 above.
 
     With ``optimizer`` (the SG's, or a factory of it) and a :class:`~fastdni.nn.SyntheticGradient`, the SG side runs
     on the fused ops as in :class:`~fastdni.nn.DNI`: :func:`fastdni.ops.sg_predict` at each boundary (and for the
