@@ -28,7 +28,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sg-lr", type=float, default=1e-2)
-    p.add_argument("--sg-lambda", type=float, default=0.0, help="lambda of the SG's two-window targets (RunGroup's sg_lambda; 0: one window, the paper's)")
+    p.add_argument("--sg-lambda", type=float, default=0.0,
+                   help="lambda of the SG's two-window targets (RunGroup's sg_lambda; 0: one window, the paper's)")
     p.add_argument("--sg-hidden", type=int, default=0, help="0: a linear SG; N: one ReLU hidden layer of N units")
     p.add_argument("--aux-weight", type=float, default=0.1)
     p.add_argument("--aux-in-target", action="store_true",

@@ -226,7 +226,8 @@ def run_copy(config: GroupConfig, out: Path, **run_options) -> list[dict]:
 
     def extra_state() -> dict:
         return {"group": group.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                "pending": group.pending_state(), "streams": streams.state_dict(), "curriculum": curriculum.state_dict(), "state": list(state)}
+                "pending": group.pending_state(), "streams": streams.state_dict(), "curriculum": curriculum.state_dict(),
+                "state": list(state)}
 
     for step in range(run.start, config.steps):
         window = streams.window(config.truncation)

@@ -130,7 +130,11 @@ class RunGroup(nn.Module):
         self.register_buffer("calibrated", torch.tensor(calibrated))
         self.register_buffer("calibration", torch.zeros(runs, 2, dtype=torch.float64))  # running <M, t>, <M, M>
         self.calibration_decay = calibration_decay
+        # sg_lambda (TruncationDNI's): M regressed one window late onto the lambda-return over two windows; when any run
+        # has it, every run's regression waits a window (a run with 0 then regresses onto its one-window target).
         self.sg_lambdas = _per_run("sg_lambda", sg_lambda, runs)
+        if max(self.sg_lambdas) > 1.0:
+            raise ValueError(f"sg_lambda: expected a float in [0, 1] or one per run, got {sg_lambda!r}")
         self._pending = None  # sg_lambda: the window whose start M regresses at the next window
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None  # set by use_fused_sg
         self.backend = "auto"
@@ -295,7 +299,8 @@ class RunGroup(nn.Module):
         bootstrap M(b))`` (``b``: this window's start, ``J_ab`` by running the previous window again from ``a`` with
         the current weights); this window is kept for the next (after a ``final`` one: regressed at once onto
         ``t(b)``, nothing follows)."""
-        pending, self._pending = self._pending, (x, resets, start, target, bootstrap)
+        pending = self._pending
+        self._pending = None if final else (x, resets, start, target, bootstrap)
         due = []
         if pending is not None:
             x_a, resets_a, start_a, target_a, bootstrap_a = pending
@@ -307,7 +312,6 @@ class RunGroup(nn.Module):
                 pushed = torch.autograd.grad(torch.cat(end, dim=-1), (h, c), delta)
             due.append((start_a, target_a + torch.cat(pushed, dim=-1)))
         if final:
-            self._pending = None
             due.append((start, target))
         return due
 

@@ -248,6 +248,7 @@ class TruncationDNI(FusedSG, nn.Module):
             self._start_like = state.detach() if isinstance(state, Tensor) else tuple(p.detach() for p in state)
         else:  # nothing to train (e.g. an oracle SG): just cut the graph
             flat = flat.requires_grad_()
+            self.fused = False
             self._segment_start = None
         return unflatten_state(flat, state, self.batch_dim)
 
@@ -317,7 +318,8 @@ class TruncationDNI(FusedSG, nn.Module):
         arrived = self._arrived.value
         self._arrived.value = None
         arrived = torch.zeros_like(start) if arrived is None else arrived.detach()
-        pending, self._pending = self._pending, _PendingBoundary(start, arrived, bootstrap, segment, self._start_like)
+        pending = self._pending
+        self._pending = None if final else _PendingBoundary(start, arrived, bootstrap, segment, self._start_like)
         starts, targets = [], []
         if pending is not None:
             flat = pending.start.clone().requires_grad_()
@@ -328,7 +330,6 @@ class TruncationDNI(FusedSG, nn.Module):
             starts.append(pending.start)
             targets.append(pending.target if pushed is None else pending.target + pushed)
         if final:
-            self._pending = None
             starts.append(start)
             targets.append(arrived)
         if starts:  # two boundaries due (a final segment) are regressed as one batch: one step of a fused optimizer

@@ -225,6 +225,12 @@ def test_rls_solver_fits_a_linear_target_and_leaves_adam_runs_alone():
         RunGroup(["dni"], [0], IN, HIDDEN, OUT, sg_solver="sgd")
 
 
+def test_bad_sg_lambda_is_named():
+    for bad in (1.5, -0.1, [0.5, 0.5]):  # above 1, negative, one value too many for one run
+        with pytest.raises(ValueError, match="sg_lambda"):
+            RunGroup(["dni"], [0], IN, HIDDEN, OUT, sg_lambda=bad)
+
+
 def test_copy_streams_follow_the_default_dtype():
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
