@@ -154,10 +154,11 @@ class RunGroup(nn.Module):
         zeros = self.w_hh.new_zeros(self.runs, streams, self.hidden)
         return zeros, zeros.clone()
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], resets: Optional[Tensor] = None
-                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """``x`` ``[T, R, B, in]`` -> logits ``[T, R, B, out]``, outputs ``[T, R, B, hidden]``, final state.
-        ``resets`` ``[T, R, B]`` (bool): zero the state before those steps (episodes: no gradient crosses)."""
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], resets: Optional[Tensor] = None, *,
+                readout: bool = True) -> tuple[Optional[Tensor], Tensor, tuple[Tensor, Tensor]]:
+        """``x`` ``[T, R, B, in]`` -> logits ``[T, R, B, out]`` (None without ``readout``), outputs ``[T, R, B,
+        hidden]``, final state. ``resets`` ``[T, R, B]`` (bool): zero the state before those steps (episodes: no
+        gradient crosses)."""
         steps, runs, batch, _ = x.shape
         xw = torch.baddbmm(self.b_ih + self.b_hh, x.transpose(0, 1).reshape(runs, steps * batch, -1), self.w_ih)
         xw = xw.view(runs, steps, batch, -1)
@@ -173,6 +174,8 @@ class RunGroup(nn.Module):
             h = torch.sigmoid(o) * torch.tanh(c)
             outputs.append(h)
         out = torch.stack(outputs, dim=1)  # [R, T, B, H]
+        if not readout:
+            return None, out.transpose(0, 1), (h, c)
         logits = torch.baddbmm(self.b_out, out.view(runs, steps * batch, -1), self.w_out).view(runs, steps, batch, -1)
         return logits.transpose(0, 1), out.transpose(0, 1), (h, c)
 
@@ -308,7 +311,7 @@ class RunGroup(nn.Module):
             h, c = start_a.split(self.hidden, dim=-1)
             h, c = h.clone().requires_grad_(), c.clone().requires_grad_()
             with torch.enable_grad():
-                _, _, end = self(x_a, (h, c), resets_a)
+                _, _, end = self(x_a, (h, c), resets_a, readout=False)  # only the state's path matters
                 pushed = torch.autograd.grad(torch.cat(end, dim=-1), (h, c), delta)
             due.append((start_a, target_a + torch.cat(pushed, dim=-1)))
         if final:
