@@ -20,6 +20,7 @@ agree in fp64): per window of ``T`` steps,
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -43,11 +44,12 @@ class WindowStats(NamedTuple):
 PerRun = Union[float, Sequence[float]]
 
 
-def _per_run(name: str, value: PerRun, runs: int) -> list[float]:
-    """One float per run (a single float is shared); each >= 0."""
+def _per_run(name: str, value: PerRun, runs: int, maximum: Optional[float] = None) -> list[float]:
+    """One float per run (a single float is shared); each >= 0 (and <= ``maximum`` when given)."""
     values = [float(value)] * runs if isinstance(value, (int, float)) else [float(v) for v in value]
-    if len(values) != runs or not all(v >= 0 for v in values):
-        raise ValueError(f"{name}: expected a float >= 0 or {runs} of them (one per run), got {value!r}")
+    if len(values) != runs or not all(0 <= v <= (math.inf if maximum is None else maximum) for v in values):
+        bounds = ">= 0" if maximum is None else f"in [0, {maximum:g}]"
+        raise ValueError(f"{name}: expected a float {bounds} or {runs} of them (one per run), got {value!r}")
     return values
 
 
@@ -132,9 +134,7 @@ class RunGroup(nn.Module):
         self.calibration_decay = calibration_decay
         # sg_lambda (TruncationDNI's): M regressed one window late onto the lambda-return over two windows; when any run
         # has it, every run's regression waits a window (a run with 0 then regresses onto its one-window target).
-        self.sg_lambdas = _per_run("sg_lambda", sg_lambda, runs)
-        if max(self.sg_lambdas) > 1.0:
-            raise ValueError(f"sg_lambda: expected a float in [0, 1] or one per run, got {sg_lambda!r}")
+        self.sg_lambdas = _per_run("sg_lambda", sg_lambda, runs, maximum=1.0)
         self._pending = None  # sg_lambda: the window whose start M regresses at the next window
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None  # set by use_fused_sg
         self.backend = "auto"
